@@ -1,0 +1,72 @@
+"""The `covidtl` command: one click group, one sub-command per stage of the study.
+
+Commands only parse arguments and call the stage's module; DVC stages and MLproject entry points
+only call these commands. Each stage's commands live in their own file of this package.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from covidtl.config import Config, load_config, parse_override
+from covidtl.errors import UserError
+
+
+class CovidtlGroup(click.Group):
+    """Turns user errors into one line on stderr and exit status 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=CovidtlGroup)
+@click.option(
+    "--params",
+    "params_path",
+    default="params.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Parameter file holding every default.",
+)
+@click.option(
+    "-S",
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one parameter, e.g. -S train.batch_size=16 (repeatable).",
+)
+@click.version_option(package_name="covidtl")
+@click.pass_context
+def main(ctx: click.Context, params_path: str, overrides: tuple[str, ...]) -> None:
+    """Transfer learning for COVID-19 detection in chest X-rays and CT scans."""
+    ctx.ensure_object(dict)
+    ctx.obj["params_path"] = params_path
+    ctx.obj["overrides"] = dict(parse_override(o) for o in overrides)
+
+
+def config_from(ctx: click.Context, **extra: Any) -> Config:
+    """The resolved config: params file, then -S overrides, then command options (not None)."""
+    overrides = dict(ctx.obj.get("overrides", {}))
+    overrides.update({k: v for k, v in extra.items() if v is not None})
+    return load_config(ctx.obj.get("params_path"), overrides)
+
+
+def _register() -> None:
+    # Each file holds one stage's commands; TensorFlow is imported only inside commands, so
+    # `covidtl --help` stays fast.
+    from covidtl.cli import data, report, train, tune
+
+    for module in (data, train, tune, report):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

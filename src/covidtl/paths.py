@@ -1,0 +1,44 @@
+"""Where each stage reads and writes: one place, so stages never guess each other's files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from covidtl.config import Config
+
+# Class index order of the two-unit softmax head; COVID is the positive class.
+CLASSES = ("non_covid", "covid")
+POSITIVE = "covid"
+
+
+def dataset_dir(cfg: Config, dataset: str) -> Path:
+    return Path(cfg.data.workdir) / dataset
+
+
+def manifest_path(cfg: Config, dataset: str) -> Path:
+    return dataset_dir(cfg, dataset) / "manifest.csv"
+
+
+def quarantine_path(cfg: Config, dataset: str) -> Path:
+    return dataset_dir(cfg, dataset) / "quarantine.csv"
+
+
+def split_path(cfg: Config, dataset: str) -> Path:
+    return dataset_dir(cfg, dataset) / "split.csv"
+
+
+def leakage_path(cfg: Config, dataset: str) -> Path:
+    return dataset_dir(cfg, dataset) / "leakage.json"
+
+
+def augmented_dir(cfg: Config, dataset: str) -> Path:
+    return dataset_dir(cfg, dataset) / "augmented"
+
+
+def cell_name(model: str, init: str, dataset: str) -> str:
+    """The study-matrix cell name, as in `train@densenet121-imagenet-ct`."""
+    return f"{model}-{init}-{dataset}"
+
+
+def cell_dir(model: str, init: str, dataset: str, root: str | Path = "models") -> Path:
+    return Path(root) / cell_name(model, init, dataset)
