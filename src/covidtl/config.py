@@ -116,6 +116,12 @@ class TuneConfig:
     bounds: dict[str, list[float]] = field(default_factory=dict)
     search_batch_size: bool = False
     search_dropout: bool = False
+    init: str = "random"
+    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    min_epochs: int = 2
+    prune_after: int = 3
+    stale_after: int = 120
+    out: str = "tuned"
 
 
 @dataclass
@@ -293,6 +299,8 @@ def validate(cfg: Config) -> None:
         "tune.trials": cfg.tune.trials,
         "tune.epochs": cfg.tune.epochs,
         "tune.decades": cfg.tune.decades,
+        "tune.min_epochs": cfg.tune.min_epochs,
+        "tune.stale_after": cfg.tune.stale_after,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -302,6 +310,7 @@ def validate(cfg: Config) -> None:
         "augment.max_images": cfg.augment.max_images,
         "augment.rotation": cfg.augment.rotation,
         "ingest.near_duplicate_bits": cfg.ingest.near_duplicate_bits,
+        "tune.prune_after": cfg.tune.prune_after,
     }
     for key, value in non_negative.items():
         if value < 0:
