@@ -1,0 +1,129 @@
+"""The offline augmented training set: seeded copies of the training split, stored as uint8 arrays.
+
+`covidtl augment DATASET` writes, for every input size the study needs, one ``<size>/images.npy``
+(N x size x size x 3, uint8, memory-mapped when read) and one ``manifest.csv`` row per image
+(source path, label, copy, size, shard, offset) under ``data/<dataset>/augmented/``. A few large
+files instead of thousands of small ones is what DVC hashes quickly; same params, same bytes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidtl import paths
+from covidtl.config import Config
+from covidtl.errors import UserError
+
+MANIFEST = "manifest.csv"
+BATCH = 32
+
+
+def sizes_needed(cfg: Config) -> list[int]:
+    """Every distinct input size of the study's models (native, or train.image_size's override)."""
+    from covidtl.models.registry import get_spec, image_size_for
+
+    return sorted({image_size_for(get_spec(m), cfg.train) for m in cfg.study.models})
+
+
+def training_rows(cfg: Config, dataset: str) -> pd.DataFrame:
+    """The training split only: augmenting before splitting is the paper's leak we avoid."""
+    split = paths.split_path(cfg, dataset)
+    if not split.exists():
+        raise UserError(f"{split}: no split table; run `covidtl split {dataset}` first")
+    table = pd.read_csv(split)
+    missing = {"path", "label", "split"} - set(table.columns)
+    if missing:
+        raise UserError(f"{split}: missing column(s) {', '.join(sorted(missing))}; re-run `covidtl split {dataset}`")
+    return table[table["split"] == "train"].reset_index(drop=True)
+
+
+def augment(cfg: Config, dataset: str, sizes: list[int] | None = None) -> pd.DataFrame:
+    """Write the augmented set of `dataset` for each size; returns its manifest."""
+    from covidtl.data.pipeline import readable_rows
+
+    rows = readable_rows(training_rows(cfg, dataset)).reset_index(drop=True)
+    if rows.empty:
+        raise UserError(f"{paths.split_path(cfg, dataset)}: no readable training images to augment")
+    copies = cfg.augment.copies_per_image
+    total = len(rows) * copies
+    if cfg.augment.max_images:
+        total = min(total, cfg.augment.max_images)
+
+    out = paths.augmented_dir(cfg, dataset)
+    if out.exists():
+        shutil.rmtree(out)  # a stale size or a larger earlier set must not survive
+    out.mkdir(parents=True)
+    manifests = [_write_size(cfg, rows, size, total, out) for size in sizes or sizes_needed(cfg)]
+    manifest = pd.concat(manifests, ignore_index=True)
+    manifest.to_csv(out / MANIFEST, index=False)
+    return manifest
+
+
+def _write_size(cfg: Config, rows: pd.DataFrame, size: int, total: int, out: Path) -> pd.DataFrame:
+    """Copy-major order (every image once, then again...), so a cap keeps the copies balanced."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from covidtl.data.pipeline import augmentation_layers, decode_image
+
+    originals = np.stack([
+        np.asarray(tf.round(decode_image(tf.constant(p), size)), dtype=np.uint8) for p in rows["path"]
+    ])
+    # Fresh layers per size: their seeded generators restart, so every size gets the same draws.
+    layers = augmentation_layers(cfg.augment)
+    shard = f"{size}/images.npy"
+    (out / str(size)).mkdir()
+    images = np.lib.format.open_memmap(out / shard, mode="w+", dtype=np.uint8, shape=(total, size, size, 3))
+    order = [(copy, i) for copy in range(cfg.augment.copies_per_image) for i in range(len(rows))][:total]
+    for start in tqdm(range(0, total, BATCH), desc=f"augment {size}px", unit="batch"):
+        chunk = order[start : start + BATCH]
+        batch = tf.constant(originals[[i for _, i in chunk]], dtype=tf.float32)
+        augmented = layers(batch, training=True)
+        images[start : start + len(chunk)] = np.clip(np.round(np.asarray(augmented)), 0, 255).astype(np.uint8)
+    images.flush()
+    del images
+    return pd.DataFrame({
+        "source_path": [rows["path"][i] for _, i in order],
+        "label": [rows["label"][i] for _, i in order],
+        "copy": [copy for copy, _ in order],
+        "size": size,
+        "shard": shard,
+        "offset": range(total),
+    })
+
+
+def load_offline_dataset(cfg: Config, dataset: str, image_size: int):
+    """The stored set at `image_size` as an unbatched, shuffled tf.data.Dataset of (uint8 image, label index)."""
+    import tensorflow as tf
+
+    out = paths.augmented_dir(cfg, dataset)
+    manifest_path = out / MANIFEST
+    if not manifest_path.exists():
+        raise UserError(f"{manifest_path}: no augmented set; run `covidtl augment {dataset}` first")
+    manifest = pd.read_csv(manifest_path)
+    rows = manifest[manifest["size"] == image_size]
+    if rows.empty:
+        have = ", ".join(map(str, sorted(manifest["size"].unique())))
+        raise UserError(
+            f"{manifest_path}: no images at {image_size} px (has {have}); run `covidtl augment {dataset}` "
+            "with the same study.models and train.image_size as training"
+        )
+    labels = rows["label"].map({name: i for i, name in enumerate(paths.CLASSES)}).to_numpy("int32")
+    offsets = rows["offset"].to_numpy()
+    images = np.load(out / rows["shard"].iloc[0], mmap_mode="r")  # one shard per size
+
+    def generate():
+        for offset, label in zip(offsets, labels):
+            yield images[offset], label
+
+    signature = (
+        tf.TensorSpec((image_size, image_size, 3), tf.uint8),
+        tf.TensorSpec((), tf.int32),
+    )
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(len(rows)))
+    return ds.shuffle(min(len(rows), 4096), seed=cfg.train.seed, reshuffle_each_iteration=True)
