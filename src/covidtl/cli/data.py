@@ -2,26 +2,91 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
-COMMANDS: list[click.Command] = []
+from covidtl.cli import config_from
 
 
-# --- augment (owned by the study pipeline; keep this block when editing the commands above) ---
+@click.command()
+@click.option("--out", default=None, help="Folder to write (default: synth.out).")
+@click.pass_context
+def synth(ctx: click.Context, out: str | None) -> None:
+    """Write the embedded synthetic CT-like and X-ray-like datasets."""
+    from covidtl.data import synth as module
+
+    cfg = config_from(ctx, **{"synth.out": out})
+    counts = module.generate(cfg.synth)
+    click.echo(f"synth: {counts['ct']} CT-like and {counts['xray']} X-ray-like images in {cfg.synth.out}")
+
+
+@click.command()
+@click.argument("dataset")
+@click.option("--path", default=None, help="Dataset folder (overrides data.datasets.<DATASET>.path).")
+@click.option("--jobs", default=0, show_default=True, help="Decoding processes; 0 = one per core.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def ingest(ctx: click.Context, dataset: str, path: str | None, jobs: int, quiet: bool) -> None:
+    """Check every image of DATASET and write its manifest, groups and quarantine report."""
+    from covidtl import paths
+    from covidtl.data import ingest as module
+
+    cfg = config_from(ctx, **{f"data.datasets.{dataset}.path": path})
+    result = module.run(cfg, dataset, jobs=jobs, progress=not quiet)
+    for folder in result.empty_class_folders:
+        click.echo(f"Warning: class folder {folder} is empty", err=True)
+    for row in result.quarantine.itertuples():
+        click.echo(f"Quarantined: {row.path}: {row.reason}", err=True)
+    m = result.manifest
+    counts = ", ".join(f"{k} {v}" for k, v in m["label"].value_counts().sort_index().items())
+    click.echo(
+        f"ingest {dataset}: {len(m)} images ({counts}) in {m['group'].nunique()} groups, "
+        f"{len(result.quarantine)} quarantined, {len(result.skipped)} non-image files skipped "
+        f"-> {paths.manifest_path(cfg, dataset)}"
+    )
+
+
+@click.command()
+@click.argument("dataset")
+@click.option("--strategy", type=click.Choice(["grouped", "random"]), default=None,
+              help="Override split.strategy.")
+@click.option("--seed", type=int, default=None, help="Override split.seed.")
+@click.pass_context
+def split(ctx: click.Context, dataset: str, strategy: str | None, seed: int | None) -> None:
+    """Split DATASET's manifest into train/val/test and report what crosses the splits."""
+    from covidtl import paths
+    from covidtl.data import split as module
+
+    cfg = config_from(ctx, **{"split.strategy": strategy, "split.seed": seed})
+    _, report = module.run(cfg, dataset)
+    counts = "; ".join(f"{s} {sum(c.values())} ({c['covid']} covid)" for s, c in report["counts"].items())
+    crossing = report["crossing_pairs"]
+    click.echo(
+        f"split {dataset} ({report['strategy']}): {counts}; crossing pairs: "
+        f"{crossing['same_group_total']} same-group, {crossing['near_duplicate_total']} near-duplicate "
+        f"-> {paths.split_path(cfg, dataset)}, {paths.leakage_path(cfg, dataset)}"
+    )
+
+
+COMMANDS: list[click.Command] = [synth, ingest, split]
+
+
+# --- augment: owned by the study pipeline (issue 4); keep this block when editing the commands above ---
 @click.command("augment")
 @click.argument("dataset")
-@click.option("--size", "sizes", type=int, multiple=True, help="Only this input size (repeatable); default: every size the study's models need.")
+@click.option("--size", "sizes", type=int, multiple=True,
+              help="Only this input size (repeatable); default: every size the study's models need.")
 @click.pass_context
-def augment_command(ctx: click.Context, dataset: str, sizes: tuple[int, ...]) -> None:
+def augment(ctx: click.Context, dataset: str, sizes: tuple[int, ...]) -> None:
     """Write the seeded offline augmented copy of DATASET's training split (uint8 arrays + manifest)."""
-    from covidtl.cli import config_from
-    from covidtl.data.augment import augment
-    from covidtl.paths import augmented_dir
+    from covidtl import paths
+    from covidtl.data import augment as module
 
     cfg = config_from(ctx)
-    manifest = augment(cfg, dataset, list(sizes) or None)
+    manifest = module.augment(cfg, dataset, list(sizes) or None)
     per_size = manifest.groupby("size").size().to_dict()
-    click.echo(f"Augmented {dataset}: images per size {per_size} in {augmented_dir(cfg, dataset)}/")
+    click.echo(f"augment {dataset}: images per size {per_size} -> {paths.augmented_dir(cfg, dataset)}")
 
 
-COMMANDS.append(augment_command)
+COMMANDS.append(augment)
