@@ -51,9 +51,9 @@ class DataConfig:
 
 @dataclass
 class IngestConfig:
-    hash_size: int = 8
-    near_duplicate_bits: int = 6
-    series_break: float = 0.80
+    hash_size: int = 16
+    near_duplicate_bits: int = 10
+    series_break: float = 0.50
     thumbnail: int = 32
 
 
