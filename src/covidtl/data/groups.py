@@ -7,7 +7,8 @@ Three kinds of link join two images; groups are the connected components (union-
    in their name; neighbouring files stay together unless the series changes abruptly, i.e. unless
    every pair across the boundary (SERIES_WINDOW files each side) scores below `series_break`.
    The score is thumbnail correlation x overlap of the two image rectangles, so a jump in content
-   or in crop size (a new body) both count as a change.
+   or in crop size (a new body) both count as a change. Runs shorter than MIN_SERIES_RUN files
+   join their more similar neighbour.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 # Files each side of a candidate boundary that are compared: one odd slice (a motion artefact,
 # a slice through the liver dome) must not cut a patient in two.
 SERIES_WINDOW = 3
+# Shorter runs of a series are fragments (a liver-dome slice, an odd first slice), not patients.
+MIN_SERIES_RUN = 5
 _NUMBER = re.compile(r"\d+")
 
 
@@ -78,16 +81,35 @@ def series_score(
     return corr * overlap
 
 
-def series_cuts(thumbs: np.ndarray, sizes: np.ndarray, threshold: float) -> np.ndarray:
-    """Positions i (1..n-1) in an ordered series where a new group starts before file i."""
+def boundary_scores(thumbs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """For i = 1..n-1: the best score between a file before i and one from i on (within the window)."""
     n = len(thumbs)
-    cuts = []
+    scores = np.empty(max(n - 1, 0))
     for i in range(1, n):
         before = np.arange(max(0, i - SERIES_WINDOW), i)
         after = np.arange(i, min(n, i + SERIES_WINDOW))
         a, b = np.repeat(before, len(after)), np.tile(after, len(before))
-        if series_score(thumbs, sizes, a, b).max() < threshold:
-            cuts.append(i)
+        scores[i - 1] = series_score(thumbs, sizes, a, b).max()
+    return scores
+
+
+def series_cuts(thumbs: np.ndarray, sizes: np.ndarray, threshold: float) -> np.ndarray:
+    """Positions i (1..n-1) in an ordered series where a new group starts before file i.
+
+    A cut is made where the boundary score drops below threshold; then runs shorter than
+    MIN_SERIES_RUN join the neighbour they resemble more, since a patient is many slices and
+    a stray fragment in another split would leak its patient.
+    """
+    scores = boundary_scores(thumbs, sizes)
+    cuts = [i for i in range(1, len(thumbs)) if scores[i - 1] < threshold]
+    while cuts:
+        edges = [0, *cuts, len(thumbs)]
+        lengths = np.diff(edges)
+        shortest = int(np.argmin(lengths))
+        if lengths[shortest] >= MIN_SERIES_RUN:
+            break
+        sides = [c for c in (edges[shortest], edges[shortest + 1]) if c in cuts]
+        cuts.remove(max(sides, key=lambda c: scores[c - 1]))
     return np.array(cuts, dtype=np.int64)
 
 
