@@ -1,0 +1,57 @@
+"""Bad configuration stops with one line naming the key (exit status 2), through the real CLI."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import PARAMS, config
+from covidtl.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["--params", str(PARAMS), *args])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ingest.bogus=1", "Error: ingest.bogus: unknown key; known keys here: hash_size,"),
+        ("split.seed=abc", "Error: split.seed: expected an integer, got 'abc'"),
+        ("split.fractions.train=0.7", "Error: split.fractions: train + val + test = 0.9, must be 1"),
+        ("train.learning_rates.vgg16=-1e-5", "Error: train.learning_rates.vgg16: -1e-05 must be > 0"),
+        ("ingest.near_duplicate_bits=-1", "Error: ingest.near_duplicate_bits: -1 must be >= 0"),
+        ("split.strategy=stratified", "Error: split.strategy: 'stratified' is not one of grouped, random"),
+        ("data.datasets.ct.series=maybe", "Error: data.datasets.ct.series: expected true or false, got 'maybe'"),
+    ],
+)
+def test_bad_override_is_one_line_and_exit_2(override, message):
+    result = run("-S", override, "split", "ct")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+def test_bad_params_file_names_the_key(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text().replace("  thumbnail: 32", "  thumbnial: 32"))
+    result = CliRunner().invoke(main, ["--params", str(params), "ingest", "ct"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: ingest.thumbnial: unknown key")
+
+
+def test_unknown_dataset_lists_the_known_ones(tmp_path):
+    result = run("-S", f"data.workdir={tmp_path}", "ingest", "mri")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "Error: data.datasets.mri: unknown dataset 'mri' (known: ct, xray); "
+        "add it under data.datasets in params.yaml\n"
+    )
+
+
+def test_params_yaml_defaults_point_at_the_embedded_data(tmp_path):
+    cfg = config(tmp_path)
+    assert cfg.data.datasets["ct"].path == "data/synth/ct" and cfg.data.datasets["ct"].series
+    assert cfg.data.datasets["xray"].path == "data/synth/xray" and not cfg.data.datasets["xray"].series
+    assert cfg.split.strategy == "grouped"
+    assert cfg.data.labels["viral pneumonia"] == "non_covid" and cfg.data.labels["covid"] == "covid"
