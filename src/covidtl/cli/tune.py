@@ -4,4 +4,55 @@ from __future__ import annotations
 
 import click
 
-COMMANDS: list[click.Command] = []
+from covidtl.cli import config_from
+
+
+@click.command("tune")
+@click.option("--model", required=True, help="Registry name, e.g. custom_cnn or vgg16.")
+@click.option("--dataset", required=True, help="Dataset name from params.yaml, e.g. ct.")
+@click.option(
+    "--trials", type=int, default=None,
+    help="Trials to run now [tune.trials]; re-running adds that many more to the same study.",
+)
+@click.option(
+    "--total", is_flag=True,
+    help="Count the study's finished trials towards --trials: stop once it holds that many.",
+)
+@click.option("--init", default=None, help="Init whose rate is searched [tune.init: random].")
+@click.option("--epochs", type=int, default=None, help="Epochs per trial [tune.epochs].")
+@click.option(
+    "--storage", default=None, metavar="URL",
+    help="Optuna storage [tune.storage: sqlite:///optuna.db]; a postgresql:// URL lets several "
+    "workers share one study.",
+)
+@click.option(
+    "--bounds", type=float, nargs=2, default=None, metavar="LOW HIGH",
+    help="Learning-rate range [tune.bounds.<model>, else tune.decades around the paper's rate].",
+)
+@click.option(
+    "--enqueue", type=float, multiple=True, metavar="LR",
+    help="Also try this rate (repeatable); the paper's rate is always queued first.",
+)
+@click.pass_context
+def tune(ctx, model, dataset, trials, total, init, epochs, storage, bounds, enqueue) -> None:
+    """Search the learning rate of MODEL on DATASET with Optuna (validation split only)."""
+    cfg = config_from(
+        ctx, **{"tune.trials": trials, "tune.epochs": epochs, "tune.init": init,
+                "tune.storage": storage}
+    )
+    from covidtl.tune import run_study
+
+    result = run_study(
+        cfg, model, dataset, bounds=tuple(bounds) if bounds else None,
+        enqueue_rates=tuple(enqueue), total=total,
+    )
+    counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
+    acc = "" if result.best_val_accuracy is None else f", val_accuracy {result.best_val_accuracy:.4f}"
+    click.echo(
+        f"{result.study}: {counts}; best lr {result.best_lr:.3g} (trial {result.best_trial}, "
+        f"{cfg.tune.metric} {result.best_value:.4f}{acc}) in {result.seconds:.0f} s -> "
+        f"{result.tuned_file} (MLflow run {result.run_id})"
+    )
+
+
+COMMANDS: list[click.Command] = [tune]

@@ -1,0 +1,523 @@
+"""Learning-rate search with Optuna: each trial trains one cell briefly, judged on validation only.
+
+One study per cell (`lr-<model>-<init>-<dataset>`) in persistent storage, so an interrupted search
+resumes and several workers can share one study through a database URL. Each `covidtl tune` call
+is a parent MLflow run (kind=tune), each trial a nested run (kind=tune-trial); the best rate goes
+to `tuned/<model>-<init>-<dataset>.yaml`, which `covidtl train --lr tuned` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import mlflow
+import optuna
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from covidtl import paths, tracking
+from covidtl.config import Config, TuneConfig
+from covidtl.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZES = (8, 16, 32, 64)  # searched only with tune.search_batch_size
+DROPOUT_RANGE = (0.0, 0.5)  # searched only with tune.search_dropout
+# Random trials before TPE models the history: Optuna's default (10) is most of a 10-trial study.
+TPE_STARTUP_TRIALS = 5
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+DIRECTIONS = {"val_loss": "minimize", "val_accuracy": "maximize"}
+
+PRUNERS: dict[str, Callable[[TuneConfig], optuna.pruners.BasePruner]] = {
+    "median": lambda t: optuna.pruners.MedianPruner(
+        n_startup_trials=t.prune_after, n_warmup_steps=t.min_epochs
+    ),
+    "halving": lambda t: optuna.pruners.SuccessiveHalvingPruner(min_resource=t.min_epochs),
+    "none": lambda t: optuna.pruners.NopPruner(),
+}
+
+
+# --------------------------------------------------------------------------- names and files
+
+
+def study_name(model: str, init: str, dataset: str) -> str:
+    return f"lr-{paths.cell_name(model, init, dataset)}"
+
+
+def tuned_path(cfg: Config, model: str, init: str, dataset: str) -> Path:
+    return Path(cfg.tune.out) / f"{paths.cell_name(model, init, dataset)}.yaml"
+
+
+def tuned_learning_rate(cfg: Config, model: str, dataset: str, init: str | None = None) -> float:
+    """The best rate a finished search wrote for this cell; one clear error when there is none."""
+    init = init or cfg.tune.init
+    path = tuned_path(cfg, model, init, dataset)
+    if not path.is_file():
+        raise UserError(
+            f"{path}: no tuned learning rate for {paths.cell_name(model, init, dataset)}; run "
+            f"`covidtl tune --model {model} --dataset {dataset} --init {init}` first"
+        )
+    try:
+        rate = float(yaml.safe_load(path.read_text())["learning_rate"])
+    except (yaml.YAMLError, TypeError, KeyError, ValueError):
+        raise UserError(f"{path}: no learning_rate in it; re-run `covidtl tune` to rewrite it") from None
+    if not rate > 0:
+        raise UserError(f"{path}: learning_rate {rate} must be > 0; re-run `covidtl tune`")
+    return rate
+
+
+def lr_bounds(cfg: Config, model: str, bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+    """[low, high] of the log-uniform search: --bounds, else tune.bounds, else decades around the paper's rate."""
+    if bounds is not None:
+        where = "--bounds"
+    elif model in cfg.tune.bounds:
+        bounds, where = tuple(cfg.tune.bounds[model]), f"tune.bounds.{model}"
+    else:
+        rate = cfg.train.learning_rates.get(model)
+        if rate is None:
+            raise UserError(
+                f"train.learning_rates.{model}: no paper rate to search around; add it or set "
+                f"tune.bounds.{model}: [low, high] in params.yaml"
+            )
+        factor = 10**cfg.tune.decades
+        bounds, where = (rate / factor, rate * factor), "tune.decades"
+    low, high = (float(b) for b in bounds)
+    if not (low > 0 and high > 0):
+        raise UserError(f"{where}: learning-rate bounds must be > 0, got [{low:g}, {high:g}]")
+    if not low < high:
+        raise UserError(f"{where}: lower bound {low:g} is not below upper bound {high:g}")
+    return low, high
+
+
+# --------------------------------------------------------------------------- storage and study
+
+
+def open_storage(url: str, stale_after: int) -> optuna.storages.RDBStorage:
+    """The study database; a heartbeat lets a later run fail the trials of a killed worker."""
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - any unparsable URL is the same user error
+        raise UserError(f"--storage {url!r}: not a database URL; e.g. sqlite:///optuna.db") from None
+    shown = parsed.render_as_string(hide_password=True)
+    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the project ships psycopg2.
+        url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    try:
+        # Reach the server first: a down server or bad password is one line, not three retries.
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise UserError(
+            f"--storage {shown}: cannot open the Optuna database ({reason}); start the server "
+            f"or fix the URL (tune.storage in params.yaml)"
+        ) from None
+    # Workers starting together race to create the schema on an empty database; retry briefly.
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=max(1, stale_after // 4),
+                    grace_period=stale_after,
+                    heartbeat_stale_trial_callback=close_stale_run,
+                )
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == 3:
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
+
+
+def close_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A killed worker's trial, just failed by Optuna: mark its MLflow run and parent KILLED too."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return  # tracked elsewhere (another MLFLOW_TRACKING_URI)
+    client.set_tag(run_id, "trial_state", "failed")
+    for rid in (run_id, run.data.tags.get("mlflow.parentRunId")):
+        if rid and client.get_run(rid).info.status == "RUNNING":
+            client.set_terminated(rid, status="KILLED")
+
+
+class TrialSeededTPE(optuna.samplers.TPESampler):
+    """TPE whose randomness is seeded per trial (seed + trial number).
+
+    A resumed study then draws new rates instead of replaying the first run's, and parallel
+    workers (distinct trial numbers) never draw the same ones; one worker stays reproducible.
+    """
+
+    def __init__(self, seed: int, **kwargs: Any) -> None:
+        super().__init__(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS, **kwargs)
+        self._base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        seed = (self._base_seed + trial.number) % 2**32
+        # Private since Optuna 3; both RNGs exist in Optuna 4 and 5.
+        self._rng.rng.seed(seed)
+        self._random_sampler._rng.rng.seed(seed)
+        super().before_trial(study, trial)
+
+
+def load_study(cfg: Config, model: str, init: str, dataset: str, storage_url: str) -> optuna.Study:
+    """Create the study or load it (load_if_exists), with the sampler and pruner from params."""
+    storage = open_storage(storage_url, cfg.tune.stale_after)
+    name = study_name(model, init, dataset)
+    direction = DIRECTIONS[cfg.tune.metric]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=TrialSeededTPE(cfg.tune.sampler_seed),
+            pruner=PRUNERS[cfg.tune.pruner](cfg.tune),
+            direction=direction,
+            load_if_exists=True,
+        )
+        study.set_metric_names([cfg.tune.metric])
+    if study.direction.name.lower() != direction:
+        raise UserError(
+            f"study {name}: was created to {study.direction.name.lower()}, but tune.metric="
+            f"{cfg.tune.metric} needs {direction}; use the metric it was made with or delete it "
+            f"(optuna delete-study --study-name {name} --storage ...)"
+        )
+    return study
+
+
+def check_enqueue(rates: tuple[float, ...], bounds: tuple[float, float]) -> None:
+    for rate in rates:
+        if not bounds[0] <= rate <= bounds[1]:
+            raise UserError(
+                f"--enqueue {rate:g}: outside the search bounds [{bounds[0]:g}, {bounds[1]:g}]; "
+                f"widen them with --bounds or tune.bounds"
+            )
+
+
+def enqueue(study: optuna.Study, rates: list[float]) -> None:
+    """Queue given rates as the next trials (once per study), e.g. the paper's for a direct comparison."""
+    for rate in rates:
+        study.enqueue_trial({"lr": rate}, skip_if_exists=True)
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def suggest(trial: optuna.Trial, cfg: Config, bounds: tuple[float, float]) -> dict[str, Any]:
+    """The trial's hyper-parameters: the rate on a log scale, optionally batch size and dropout."""
+    params: dict[str, Any] = {"lr": trial.suggest_float("lr", *bounds, log=True)}
+    if cfg.tune.search_batch_size:
+        params["batch_size"] = trial.suggest_categorical("batch_size", BATCH_SIZES)
+    if cfg.tune.search_dropout:
+        params["dropout"] = trial.suggest_float("dropout", *DROPOUT_RANGE)
+    return params
+
+
+def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
+    """The config one trial trains with: tune.epochs, and any searched batch size or dropout."""
+    train = dataclasses.replace(
+        cfg.train,
+        max_epochs=cfg.tune.epochs,
+        batch_size=params.get("batch_size", cfg.train.batch_size),
+        dropout=params.get("dropout", cfg.train.dropout),
+    )
+    return dataclasses.replace(cfg, train=train)
+
+
+class TrialReporter(keras.callbacks.Callback):
+    """Keras callback: tags the trial's MLflow run, reports the metric each epoch, stops if pruned.
+
+    It stops training rather than raising inside `fit`, so `train()` closes its run normally;
+    the objective then raises `optuna.TrialPruned`.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str, study: str) -> None:
+        super().__init__()
+        self.trial, self.metric, self.study = trial, metric, study
+        self.run_id: str | None = None
+        self.pruned_at: int | None = None
+        self.values: dict[str, list[float]] = {}
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        run = mlflow.active_run()
+        if run is not None:
+            self.run_id = run.info.run_id
+            self.trial.set_user_attr("mlflow_run_id", self.run_id)
+            mlflow.set_tags(
+                {"kind": "tune-trial", "optuna_study": self.study, "optuna_trial": self.trial.number}
+            )
+            mlflow.log_params({f"trial.{k}": v for k, v in self.trial.params.items()})
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        for key in ("val_loss", "val_accuracy"):
+            if key in logs:
+                self.values.setdefault(key, []).append(float(logs[key]))
+        if self.metric not in logs:
+            return
+        # Step = epochs completed, so tune.min_epochs reads as "epochs before pruning may happen".
+        self.trial.report(float(logs[self.metric]), step=epoch + 1)
+        if self.trial.should_prune():
+            self.pruned_at = epoch + 1
+            self.model.stop_training = True
+
+
+def objective(
+    cfg: Config, model: str, init: str, dataset: str, bounds: tuple[float, float], study: str
+) -> Callable[[optuna.Trial], float]:
+    """Optuna's objective: train one trial on train, return the metric's last value on val."""
+    from covidtl.train import train
+
+    metric = cfg.tune.metric
+
+    def run(trial: optuna.Trial) -> float:
+        params = suggest(trial, cfg, bounds)
+        reporter = TrialReporter(trial, metric, study)
+        state = "failed"
+        try:
+            with tempfile.TemporaryDirectory(prefix="covidtl-trial-") as out_dir:
+                train(
+                    trial_config(cfg, params), model, init, dataset,
+                    lr=params["lr"], extra_callbacks=(reporter,),
+                    run_name=f"{study}-trial-{trial.number}", nested=True,
+                    evaluate_test=False,  # the test split never steers the search
+                    out_dir=out_dir,
+                )
+            values = reporter.values.get(metric, [])
+            val_acc = reporter.values.get("val_accuracy", [])
+            if val_acc:
+                trial.set_user_attr("val_accuracy", val_acc[-1])
+            trial.set_user_attr("epochs", len(values))
+            if reporter.pruned_at is not None:
+                state = "pruned"
+                raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
+            value = values[-1] if values else math.nan
+            # A NaN value (diverged rate) makes Optuna mark the trial FAIL: tag it so.
+            state = "complete" if math.isfinite(value) else "failed"
+            return value
+        except (optuna.TrialPruned, UserError, KeyboardInterrupt):
+            raise
+        except Exception:  # noqa: BLE001 - one broken trial must not end a long study
+            log.exception("trial %d failed (lr=%g)", trial.number, params["lr"])
+            return math.nan
+        finally:
+            _tag_trial_run(reporter.run_id, state)
+
+    return run
+
+
+def _tag_trial_run(run_id: str | None, state: str) -> None:
+    # After train() closed the run: its own tags must not overwrite these.
+    if run_id is not None:
+        client = MlflowClient()
+        client.set_tag(run_id, "kind", "tune-trial")
+        client.set_tag(run_id, "trial_state", state)
+
+
+# --------------------------------------------------------------------------- the search
+
+
+@dataclass
+class TuneResult:
+    study: str
+    run_id: str
+    best_lr: float
+    best_value: float
+    best_val_accuracy: float | None
+    best_trial: int
+    counts: dict[str, int]
+    tuned_file: Path
+    seconds: float
+
+
+def run_study(
+    cfg: Config,
+    model: str,
+    dataset: str,
+    *,
+    bounds: tuple[float, float] | None = None,
+    enqueue_rates: tuple[float, ...] = (),
+    total: bool = False,
+) -> TuneResult:
+    """Run tune.trials more trials (with total: until the study holds that many); save the best rate.
+
+    Storage, init, epochs and trials come from cfg.tune (the CLI's options override them). The
+    paper's rate for the model is queued first in every new study, so the search always compares
+    directly with it.
+    """
+    from covidtl.models.registry import get_spec
+
+    init, trials = cfg.tune.init, cfg.tune.trials
+    get_spec(model)  # unknown model: one line listing the known ones
+    cfg.dataset(dataset)
+    span = lr_bounds(cfg, model, bounds)
+    check_enqueue(enqueue_rates, span)
+    split = paths.split_path(cfg, dataset)
+    if not split.is_file():
+        raise UserError(
+            f"{split}: no split for dataset {dataset!r}; run `covidtl ingest {dataset}` and "
+            f"`covidtl split {dataset}` first"
+        )
+    url = cfg.tune.storage
+    study = load_study(cfg, model, init, dataset, url)
+    paper = cfg.train.learning_rates.get(model)
+    baseline = [paper] if paper is not None and span[0] <= paper <= span[1] else []
+    enqueue(study, baseline + list(enqueue_rates))
+    _use_experiment(dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a killed worker's RUNNING trial, before counting
+
+    to_run = trials
+    if total:
+        to_run = max(0, trials - len(study.get_trials(deepcopy=False, states=FINISHED)))
+
+    start = time.monotonic()
+    tags = {
+        "kind": "tune", "model": model, "init": init, "dataset": dataset,
+        "cell": paths.cell_name(model, init, dataset), "split_strategy": cfg.split.strategy,
+        "git_commit": tracking.git_commit(), "manifest_sha256": tracking.file_sha256(
+            paths.manifest_path(cfg, dataset)), "optuna_study": study.study_name,
+    }
+    with mlflow.start_run(run_name=f"tune {study.study_name}", tags=tags) as parent:
+        mlflow.log_params({
+            "study": study.study_name, "storage": _shown(url), "trials_requested": trials,
+            "total": total, "lr_low": span[0], "lr_high": span[1], "metric": cfg.tune.metric,
+            "pruner": cfg.tune.pruner, "sampler_seed": cfg.tune.sampler_seed,
+            "epochs_per_trial": cfg.tune.epochs, "paper_lr": paper,
+        })
+        mlflow.log_text(tracking.config_yaml(cfg), "config.yaml")
+        callbacks = [optuna.study.MaxTrialsCallback(trials, states=FINISHED)] if total else []
+        if to_run:
+            study.optimize(
+                objective(cfg, model, init, dataset, span, study.study_name),
+                n_trials=to_run, callbacks=callbacks, gc_after_trial=True,
+            )
+        seconds = time.monotonic() - start
+        result = _summarise(cfg, study, model, init, dataset, url, paper, seconds, parent.info.run_id)
+        mlflow.log_metrics({
+            f"best_{cfg.tune.metric}": result.best_value, "best_lr": result.best_lr,
+            "best_trial": result.best_trial, "tune_seconds": seconds,
+            **{f"trials_{k}": v for k, v in result.counts.items()},
+            **({"best_val_accuracy": result.best_val_accuracy}
+               if result.best_val_accuracy is not None else {}),
+        })
+        mlflow.set_tag("best_trial_run_id", study.best_trial.user_attrs.get("mlflow_run_id", ""))
+        mlflow.log_artifact(str(result.tuned_file), "optuna")
+        log_plots(study)
+    return result
+
+
+def _use_experiment(dataset: str) -> None:
+    # Workers starting together may both try to create the experiment (or the SQLite schema).
+    for attempt in range(3):
+        try:
+            return tracking.use_experiment(dataset)
+        except Exception:  # noqa: BLE001 - MlflowException or the store's own error
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
+
+
+def _summarise(
+    cfg: Config, study: optuna.Study, model: str, init: str, dataset: str, url: str,
+    paper: float | None, seconds: float, run_id: str,
+) -> TuneResult:
+    """The study's best trial (all workers' trials), written to the tuned-rate file."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {
+        state.name.lower(): sum(t.state == state for t in trials)
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    }
+    if not counts["complete"]:
+        raise UserError(
+            f"study {study.study_name}: no trial completed ({counts}); see the tune-trial runs in "
+            f"MLflow, widen the bounds or raise tune.epochs"
+        )
+    best = study.best_trial
+    baseline = [
+        t for t in trials
+        if t.state == TrialState.COMPLETE and paper is not None and math.isclose(t.params["lr"], paper)
+    ]
+    record = {
+        "model": model, "init": init, "dataset": dataset, "study": study.study_name,
+        "storage": _shown(url), "learning_rate": float(best.params["lr"]),
+        **{k: v for k, v in best.params.items() if k != "lr"},
+        "metric": cfg.tune.metric, "value": float(best.value),
+        "val_accuracy": best.user_attrs.get("val_accuracy"), "trial": best.number,
+        "trials": counts, "paper_learning_rate": paper,
+        "paper_value": float(baseline[0].value) if baseline else None,
+        "paper_val_accuracy": baseline[0].user_attrs.get("val_accuracy") if baseline else None,
+        "epochs_per_trial": cfg.tune.epochs, "mlflow_run_id": run_id,
+    }
+    path = tuned_path(cfg, model, init, dataset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(record, sort_keys=False))
+    tmp.replace(path)  # atomic: a reader (train --lr tuned) never sees half a file
+    return TuneResult(
+        study=study.study_name, run_id=run_id, best_lr=record["learning_rate"],
+        best_value=record["value"], best_val_accuracy=record["val_accuracy"],
+        best_trial=best.number, counts=counts, tuned_file=path, seconds=seconds,
+    )
+
+
+def log_plots(study: optuna.Study) -> None:
+    """Optuna's matplotlib plots into the active run; one that cannot be drawn yet is skipped, saying why."""
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as vis
+
+    plots = {
+        "optimization_history": lambda: vis.plot_optimization_history(study),
+        "param_importances": lambda: vis.plot_param_importances(study),
+        "slice_lr": lambda: vis.plot_slice(study, params=["lr"]),
+        "intermediate_values": lambda: vis.plot_intermediate_values(study),
+    }
+    skipped = {}
+    for name, draw in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = draw()
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            fig.tight_layout()
+            mlflow.log_figure(fig, f"optuna/{name}.png")
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            # e.g. parameter importances need two completed trials with different rates.
+            skipped[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        finally:
+            plt.close("all")
+    if skipped:
+        mlflow.log_dict(skipped, "optuna/skipped_plots.json")
+
+
+def _shown(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url

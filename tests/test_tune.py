@@ -1,0 +1,387 @@
+"""The learning-rate search: real `covidtl tune` runs on tiny synthetic images.
+
+Trials train the custom CNN for one or two epochs; pruning is forced by queueing an absurd rate
+(50) after the paper's (1e-3): its validation loss explodes, so the median pruner must prune it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from covidtl.cli import main
+from covidtl.config import load_config
+from covidtl.errors import UserError
+from covidtl.tune import lr_bounds, study_name, tuned_learning_rate
+from helpers_train import split_table, write_images
+
+ROOT = Path(__file__).parents[1]
+PARAMS = ROOT / "params.yaml"
+STUDY = study_name("custom_cnn", "random", "tiny")
+COVIDTL = [str(Path(sys.executable).parent / "covidtl")]  # the console script of this venv
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_project(root: Path) -> Path:
+    """Tiny labelled images and their split table under root (data/tiny/split.csv)."""
+    files = write_images(root / "images", per_class=12, size=48)
+    table = split_table(files)
+    (root / "data" / "tiny").mkdir(parents=True, exist_ok=True)
+    table.to_csv(root / "data" / "tiny" / "split.csv", index=False)
+    table.drop(columns="split").to_csv(root / "data" / "tiny" / "manifest.csv", index=False)
+    return root
+
+
+def settings(root: Path, *extra: str, wide: bool = True) -> list[str]:
+    """Global options: params.yaml, the tiny dataset, small batches, pruning from the first epoch.
+
+    wide: search [1e-4, 100] so that the absurd rate 50 can be queued.
+    """
+    sets = [
+        f"data.workdir={root / 'data'}",
+        f"data.datasets.tiny={{path: {root / 'images'}, series: true}}",
+        "train.batch_size=8",
+        f"tune.out={root / 'tuned'}",
+        "tune.min_epochs=1",
+        "tune.prune_after=1",
+        "tune.stale_after=2",
+        *(["tune.bounds.custom_cnn=[1.0e-4, 100.0]"] if wide else []),
+        *extra,
+    ]
+    return ["--params", str(PARAMS), *[a for s in sets for a in ("-S", s)]]
+
+
+def sqlite_url(root: Path) -> str:
+    return f"sqlite:///{root / 'optuna.db'}"
+
+
+def env_for(root: Path) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+def invoke(args: list[str]):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def one_error_line(result) -> str:
+    text = result.output  # stdout and stderr, as a terminal shows them
+    lines = [line for line in text.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2, text
+    assert len(lines) == 1 and "Traceback" not in text, text
+    return lines[0]
+
+
+def trial_runs(client: MlflowClient, parent_id: str):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+# --------------------------------------------------------------------------- one search, several checks
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One `covidtl tune` of 3 trials: the paper's 1e-3, a forced 50 (pruned), one TPE draw."""
+    root = make_project(tmp_path_factory.mktemp("tune"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.chdir(root)
+    result = invoke(settings(root) + [
+        "tune", "--model", "custom_cnn", "--dataset", "tiny", "--trials", "3", "--epochs", "2",
+        "--enqueue", "50", "--storage", sqlite_url(root),
+    ])
+    yield root, result
+    mp.undo()
+
+
+def test_search_runs_prunes_and_writes_the_best_rate(searched):
+    root, result = searched
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name=STUDY, storage=sqlite_url(root))
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert trials[0].params["lr"] == pytest.approx(1e-3)  # the paper's rate, queued first
+    assert trials[1].params["lr"] == pytest.approx(50.0)
+    assert trials[1].state == TrialState.PRUNED
+    assert list(trials[1].intermediate_values) == [1]  # stopped after its first epoch
+    assert trials[0].state == TrialState.COMPLETE and len(trials[0].intermediate_values) == 2
+    assert all(1e-4 <= t.params["lr"] <= 100 for t in trials)
+
+    record = yaml.safe_load((root / "tuned" / "custom_cnn-random-tiny.yaml").read_text())
+    assert record["learning_rate"] == pytest.approx(study.best_params["lr"])
+    assert record["value"] == pytest.approx(study.best_value)
+    assert record["metric"] == "val_loss" and record["trial"] == study.best_trial.number
+    assert record["paper_value"] == pytest.approx(trials[0].value)
+    assert record["trials"]["pruned"] >= 1
+    assert f"best lr {record['learning_rate']:.3g}" in result.output
+
+
+def test_each_trial_is_a_nested_mlflow_run(searched):
+    root, _ = searched
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("covidtl-tiny")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'tune'")
+    assert parent.data.tags["optuna_study"] == STUDY
+    study = optuna.load_study(study_name=STUDY, storage=sqlite_url(root))
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(study.best_value)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    for plot in ("optimization_history", "slice_lr", "intermediate_values"):
+        assert f"optuna/{plot}.png" in artifacts
+    # Importances need two completed trials with different rates; otherwise the reason is kept.
+    assert {"optuna/param_importances.png", "optuna/skipped_plots.json"} & artifacts
+
+    children = trial_runs(client, parent.info.run_id)
+    by_number = {int(r.data.tags["optuna_trial"]): r for r in children}
+    assert sorted(by_number) == [0, 1, 2]
+    states = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+    for trial in study.get_trials():
+        run = by_number[trial.number]
+        assert run.data.tags["kind"] == "tune-trial"
+        assert run.data.tags["trial_state"] == states[trial.state]
+        assert float(run.data.params["trial.lr"]) == pytest.approx(trial.params["lr"])
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert len(history) == len(trial.intermediate_values)
+        assert not [k for k in run.data.metrics if k.startswith("test_")]  # never the test split
+
+
+def test_train_reads_the_tuned_rate(searched):
+    root, _ = searched
+    cfg = load_config(PARAMS, {"tune.out": str(root / "tuned")})
+    rate = tuned_learning_rate(cfg, "custom_cnn", "tiny")
+    study = optuna.load_study(study_name=STUDY, storage=sqlite_url(root))
+    assert rate == pytest.approx(study.best_params["lr"])
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.chdir(root)
+    try:
+        result = invoke(settings(root, "train.max_epochs=1") + [
+            "train", "--model", "custom_cnn", "--init", "random", "--dataset", "tiny", "--lr", "tuned",
+        ])
+    finally:
+        mp.undo()
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("covidtl-tiny")
+    (run,) = client.search_runs([exp.experiment_id], "tags.kind = 'train'")
+    assert float(run.data.params["lr"]) == pytest.approx(rate)
+
+
+def test_tuned_rate_missing_is_one_clear_error(tmp_path):
+    cfg = load_config(PARAMS, {"tune.out": str(tmp_path / "tuned")})
+    with pytest.raises(UserError, match=r"custom_cnn-random-ct\.yaml: no tuned learning rate.*covidtl tune"):
+        tuned_learning_rate(cfg, "custom_cnn", "ct")
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _one_done_one_training(url: str) -> bool:
+    """Trial 0 complete and trial 1 inside fit (its MLflow run exists)."""
+    try:
+        trials = optuna.load_study(study_name=STUDY, storage=url).get_trials(deepcopy=False)
+    except KeyError:  # not created yet
+        return False
+    return (
+        len(trials) == 2 and trials[0].state == TrialState.COMPLETE
+        and trials[1].state == TrialState.RUNNING and "mlflow_run_id" in trials[1].user_attrs
+    )
+
+
+def test_interrupted_study_resumes(tmp_path):
+    """SIGKILL mid-trial, run again: completed trials stay, the dead trial is failed, one more runs."""
+    root = make_project(tmp_path)
+    url = sqlite_url(root)
+    args = settings(root, "tune.pruner=none") + [
+        "tune", "--model", "custom_cnn", "--dataset", "tiny", "--epochs", "1", "--storage", url,
+    ]
+    worker = subprocess.Popen(
+        COVIDTL + args + ["--trials", "3"], cwd=root, env=env_for(root),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and worker.poll() is None:
+            if _one_done_one_training(url):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no completed trial then a training one within 300 s (rc {worker.poll()})")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    before = optuna.load_study(study_name=STUDY, storage=url).get_trials()
+    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+    time.sleep(3)  # past tune.stale_after=2 s without the dead worker's heartbeat
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        result = invoke(args + ["--trials", "1"])
+    finally:
+        mp.undo()
+    assert result.exit_code == 0, result.output
+    after = optuna.load_study(study_name=STUDY, storage=url).get_trials()
+    assert [t.state for t in after] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert after[0].value == before[0].value and after[0].params == before[0].params
+    assert after[2].params["lr"] != after[0].params["lr"]  # a new draw, not a replay
+
+    # The killed trial's MLflow run no longer claims to be running.
+    run = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(after[1].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "failed"
+
+
+# --------------------------------------------------------------------------- many workers
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    url = os.environ.get("COVIDTL_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("no PostgreSQL: set COVIDTL_TEST_POSTGRES_URL (bash .ci/run starts one and sets it)")
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1))
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL at COVIDTL_TEST_POSTGRES_URL not reachable: {exc}".splitlines()[0])
+    return url
+
+
+@pytest.mark.postgres
+def test_two_workers_share_one_postgres_study(tmp_path, postgres_url):
+    root = make_project(tmp_path)
+    dataset = f"tiny{uuid.uuid4().hex[:8]}"  # a fresh study in a database that outlives the test
+    (root / "data" / "tiny").rename(root / "data" / dataset)
+    name = study_name("custom_cnn", "random", dataset)
+    args = settings(root, "tune.pruner=none", f"data.datasets.{dataset}={{path: {root / 'images'}}}") + [
+        "tune", "--model", "custom_cnn", "--dataset", dataset, "--epochs", "1", "--trials", "2",
+        "--storage", postgres_url,
+    ]
+    workers = [
+        subprocess.Popen(COVIDTL + args, cwd=root, env=env_for(root), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [w.communicate(timeout=540)[0] for w in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-3000:]
+
+    study = optuna.load_study(study_name=name, storage=postgres_url.replace(
+        "postgresql://", "postgresql+psycopg2://", 1))
+    try:
+        trials = study.get_trials()
+        assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # 2 + 2, each exactly once
+        assert all(t.state == TrialState.COMPLETE for t in trials)
+        rates = [t.params["lr"] for t in trials]
+        assert len(set(rates)) == 4 and sum(math.isclose(r, 1e-3) for r in rates) == 1
+        best = min(trials, key=lambda t: t.value)
+        assert study.best_trial.number == best.number
+        record = yaml.safe_load((root / "tuned" / f"custom_cnn-random-{dataset}.yaml").read_text())
+        # The worker that finished last saw all four trials.
+        assert record["learning_rate"] == pytest.approx(best.params["lr"])
+
+        client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+        exp = client.get_experiment_by_name(f"covidtl-{dataset}")
+        parents = client.search_runs([exp.experiment_id], "tags.kind = 'tune'")
+        assert len(parents) == 2
+        numbers = [int(r.data.tags["optuna_trial"]) for p in parents
+                   for r in trial_runs(client, p.info.run_id)]
+        assert sorted(numbers) == [0, 1, 2, 3]
+    finally:
+        optuna.delete_study(study_name=name, storage=study._storage)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--bounds", "0", "1e-3"], "--bounds: learning-rate bounds must be > 0"),
+        (["--bounds", "1e-2", "1e-4"], "--bounds: lower bound 0.01 is not below upper bound 0.0001"),
+        (["--model", "resnet9"], "resnet9"),
+        (["--trials", "0"], "tune.trials: 0 must be > 0"),
+        (["--enqueue", "5"], "--enqueue 5: outside the search bounds [0.0001, 0.01]"),
+        (["--storage", "postgresql://u:secret@127.0.0.1:1/db"], "cannot open the Optuna database"),
+        (["--storage", "sqlite:////no/such/dir/optuna.db"], "cannot open the Optuna database"),
+        (["--dataset", "xray"], "split.csv: no split"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, monkeypatch, options, message):
+    root = make_project(tmp_path)
+    monkeypatch.chdir(root)
+    result = invoke(settings(root, wide=False) + [
+        "tune", "--model", "custom_cnn", "--dataset", "tiny", "--storage", sqlite_url(root), *options])
+    line = one_error_line(result)
+    assert message in line
+    assert "secret" not in line  # a password never reaches the terminal
+
+
+def test_bad_bounds_in_params_are_one_line(tmp_path):
+    root = make_project(tmp_path)
+    line = one_error_line(invoke(settings(root, "tune.bounds.custom_cnn=[1.0e-2, 1.0e-4]") + [
+        "tune", "--model", "custom_cnn", "--dataset", "tiny", "--storage", sqlite_url(root)]))
+    assert "tune.bounds.custom_cnn" in line
+
+
+# --------------------------------------------------------------------------- search space and sampler
+
+
+def test_bounds_are_decades_around_the_papers_rate():
+    cfg = load_config(PARAMS)
+    assert lr_bounds(cfg, "vgg16") == pytest.approx((1e-6, 1e-4))
+    assert lr_bounds(cfg, "custom_cnn") == pytest.approx((1e-4, 1e-2))
+    cfg = load_config(PARAMS, {"tune.decades": 2, "tune.bounds.vgg16": [1e-7, 1e-3]})
+    assert lr_bounds(cfg, "resnet50") == pytest.approx((1e-5, 1e-1))
+    assert lr_bounds(cfg, "vgg16") == pytest.approx((1e-7, 1e-3))
+
+
+def test_sampler_is_reproducible_and_resumes_with_new_draws():
+    from covidtl.tune import TrialSeededTPE
+
+    def draws(study, n):
+        study.optimize(lambda t: (math.log10(t.suggest_float("lr", 1e-4, 1e-2, log=True)) + 3) ** 2,
+                       n_trials=n)
+        return [t.params["lr"] for t in study.trials]
+
+    first = draws(optuna.create_study(sampler=TrialSeededTPE(0)), 8)
+    again = draws(optuna.create_study(sampler=TrialSeededTPE(0)), 8)
+    assert first == again
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="s", sampler=TrialSeededTPE(0))
+    draws(study, 3)
+    resumed = optuna.load_study(study_name="s", storage=storage, sampler=TrialSeededTPE(0))
+    assert draws(resumed, 3) == first[:6]  # a fresh process continues the sequence, no replay
+
+
+def test_dvc_tune_stages_are_a_separate_pipeline():
+    """`dvc repro` runs the root dvc.yaml only; the tune stages live in tune/dvc.yaml."""
+    def stages(*target: str) -> str:
+        return subprocess.run([str(Path(sys.executable).parent / "dvc"), "stage", "list", *target],
+                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    tune_stages = stages("tune/dvc.yaml")
+    assert "tune/dvc.yaml:tune@custom_cnn-ct" in tune_stages
+    assert "tuned/vgg16-random-xray.yaml" in tune_stages
+    assert "tune" not in stages().replace("finetune", "")
