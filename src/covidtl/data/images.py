@@ -19,8 +19,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 # stretched by its own min..max, since scanners use any sub-range of 16 bits; CMYK JPEG is
 # converted by Pillow. Anything else (LAB, HSV ...) is quarantined rather than guessed at.
 WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
-SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
-SUPPORTED_MODES = SUPPORTED_MODES | WIDE_MODES
+SUPPORTED_MODES = WIDE_MODES | {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
 
 
 class BadImage(Exception):
@@ -92,6 +91,16 @@ def measure(path: str | Path, hash_size: int = 8, thumbnail: int = 32) -> Measur
         dhash=difference_hash(grey, hash_size),
         thumb=normalised_thumbnail(grey, thumbnail),
     )
+
+
+def measure_or_reason(path: str | Path, hash_size: int = 8, thumbnail: int = 32) -> Measured | str:
+    """`measure`, with a bad or unreadable file turned into its quarantine reason."""
+    try:
+        return measure(path, hash_size, thumbnail)
+    except BadImage as exc:
+        return str(exc)
+    except OSError as exc:  # unreadable (permissions, vanished): report it, keep going
+        return f"cannot read file: {exc.strerror or exc}"
 
 
 def difference_hash(grey: Image.Image, hash_size: int = 8) -> str:

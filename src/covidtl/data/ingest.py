@@ -23,7 +23,7 @@ from tqdm import tqdm
 from covidtl import paths
 from covidtl.config import Config
 from covidtl.data.groups import assign_groups
-from covidtl.data.images import IMAGE_SUFFIXES, BadImage, Measured, measure
+from covidtl.data.images import IMAGE_SUFFIXES, Measured, measure_or_reason
 from covidtl.errors import UserError
 
 MANIFEST_COLUMNS = [
@@ -117,7 +117,7 @@ def ingest(cfg: Config, dataset: str, jobs: int = 0, progress: bool = True) -> I
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS[:-1])
     present = set(manifest["label"])
     if present != {"covid", "non_covid"}:
-        missing = ({"covid", "non_covid"} - present).pop()
+        missing = sorted({"covid", "non_covid"} - present)[0]
         raise UserError(
             f"{root}: no readable {missing} image (its folders are empty or every file was "
             f"quarantined: {len(bad)} quarantined); add {missing} images or replace the bad files"
@@ -171,7 +171,7 @@ def _check_classes(root: Path, folders: dict[Path, str], cfg: Config, dataset: s
 def _measure_all(
     files: list[Path], cfg: Config, jobs: int, progress: bool, dataset: str
 ) -> list[Measured | str]:
-    work = partial(_measure_or_reason, hash_size=cfg.ingest.hash_size, thumbnail=cfg.ingest.thumbnail)
+    work = partial(measure_or_reason, hash_size=cfg.ingest.hash_size, thumbnail=cfg.ingest.thumbnail)
     jobs = jobs or os.cpu_count() or 1
     bar = partial(tqdm, total=len(files), desc=f"ingest {dataset}", unit="img",
                   disable=not progress, file=sys.stderr)
@@ -181,15 +181,6 @@ def _measure_all(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         return list(bar(pool.map(work, files, chunksize=16)))
-
-
-def _measure_or_reason(path: Path, hash_size: int, thumbnail: int) -> Measured | str:
-    try:
-        return measure(path, hash_size, thumbnail)
-    except BadImage as exc:
-        return str(exc)
-    except OSError as exc:  # unreadable file (permissions, vanished): report, keep going
-        return f"cannot read file: {exc.strerror or exc}"
 
 
 def _nearest_label(rel: Path, labels: dict[str, str]) -> str | None:
