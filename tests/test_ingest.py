@@ -40,6 +40,7 @@ def bad_folder(image_folder, tmp_path):
     write_image(covid / "rgba.png", 101, mode="RGBA")
     write_image(non / "cmyk.jpg", 102, mode="CMYK", fmt="JPEG")
     Image.new("LAB", (40, 40)).save(covid / "lab.tif")
+    write_image(non / "scan.tiff", 103, mode="RGB")
     (non / "notes.txt").write_text("not an image, not in the manifest, not quarantined\n")
     (non / ".DS_Store").write_bytes(b"\0\0")
     return root
@@ -48,10 +49,11 @@ def bad_folder(image_folder, tmp_path):
 def test_bad_files_are_quarantined_with_reasons_and_nothing_else_is_lost(tmp_path, bad_folder):
     result = run_ingest(tmp_path, bad_folder)
     reasons = {Path(p).name: r for p, r in result.quarantine.itertuples(index=False)}
-    assert set(reasons) == {"zero.png", "truncated.png", "text.png", "lab.tif"}
+    assert set(reasons) == {"zero.png", "truncated.png", "text.png", "lab.tif", "scan.tiff"}
     assert reasons["zero.png"] == "empty file (0 bytes)"
     assert reasons["truncated.png"].startswith("truncated or corrupt image data")
     assert reasons["text.png"].startswith("not an image")
+    assert reasons["scan.tiff"] == "TIFF files are not read by the training pipeline; convert to PNG"
     assert "unsupported image mode 'LAB'" in reasons["lab.tif"]
 
     kept = {Path(p).name: mode for p, mode in zip(result.manifest["path"], result.manifest["mode"])}
@@ -61,7 +63,7 @@ def test_bad_files_are_quarantined_with_reasons_and_nothing_else_is_lost(tmp_pat
     assert {p.name for p in result.skipped} == {"notes.txt", ".DS_Store"}
 
     on_disk = pd.read_csv(tmp_path / "work" / "xray" / "quarantine.csv")
-    assert list(on_disk.columns) == ["path", "reason"] and len(on_disk) == 4
+    assert list(on_disk.columns) == ["path", "reason"] and len(on_disk) == 5
 
 
 def test_accepted_unusual_modes_read_as_8bit_rgb(tmp_path, bad_folder):

@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+# What the training pipeline (tf.io.decode_image) reads; TIFF is recognised only to be quarantined.
+READABLE_FORMATS = frozenset({"PNG", "JPEG", "BMP"})
 
 # Modes read as 8-bit RGB by `to_rgb`. Wide greyscale (16-bit PNG, 32-bit int or float TIFF) is
 # stretched by its own min..max, since scanners use any sub-range of 16 bits; CMYK JPEG is
@@ -79,6 +81,8 @@ def measure(path: str | Path, hash_size: int = 8, thumbnail: int = 32) -> Measur
         raise BadImage(f"truncated or corrupt image data: {exc}") from None
     if im.mode not in SUPPORTED_MODES:
         raise BadImage(f"unsupported image mode {im.mode!r}; convert it to RGB or greyscale")
+    if im.format not in READABLE_FORMATS:
+        raise BadImage(f"{im.format} files are not read by the training pipeline; convert to PNG")
     if im.width < 2 or im.height < 2:
         raise BadImage(f"image is {im.width}x{im.height} px, too small to use")
     grey = to_grey(im)
