@@ -69,9 +69,14 @@ def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch, image_folder):
     result = covidtl("ingest", "ct", "--path", str(single))
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "only covid folders found (COVID); a binary task needs both" in result.stderr
+    two = image_folder({"COVID": 1, "non-COVID": 1}, tmp_path / "two")
+    covidtl("ingest", "xray", "--path", str(two), "--quiet")
     result = covidtl("split", "xray")
+    assert result.exit_code == 0
+    assert "Warning: val has no non_covid images (too few groups" in result.stderr
+    result = covidtl("-S", "data.workdir=elsewhere", "split", "xray")
     assert result.exit_code == 2
-    assert result.stderr == "Error: data/xray/manifest.csv: no manifest yet; run `covidtl ingest xray` first\n"
+    assert result.stderr == "Error: elsewhere/xray/manifest.csv: no manifest yet; run `covidtl ingest xray` first\n"
 
 
 @pytest.mark.skipif(shutil.which("dvc") is None and not (Path(sys.executable).parent / "dvc").exists(),

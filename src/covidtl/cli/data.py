@@ -58,6 +58,11 @@ def split(ctx: click.Context, dataset: str, strategy: str | None, seed: int | No
 
     cfg = config_from(ctx, **{"split.strategy": strategy, "split.seed": seed})
     _, report = module.run(cfg, dataset)
+    for name, per_class in report["counts"].items():
+        for label, n in per_class.items():
+            if n == 0:
+                click.echo(f"Warning: {name} has no {label} images (too few groups of that class "
+                           "for three splits); metrics on it will be undefined", err=True)
     counts = "; ".join(f"{s} {sum(c.values())} ({c['covid']} covid)" for s, c in report["counts"].items())
     crossing = report["crossing_pairs"]
     click.echo(
