@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from conftest import PARAMS, ROOT, write_image
+from conftest import PARAMS, ROOT
 from covidtl.cli import main
 
 
