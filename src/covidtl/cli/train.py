@@ -4,4 +4,74 @@ from __future__ import annotations
 
 import click
 
-COMMANDS: list[click.Command] = []
+from covidtl.cli import config_from
+
+
+def _rate(value: str | None) -> float | None:
+    """`--lr auto` (or nothing) = the model's rate from params.yaml."""
+    if value is None or value.strip().lower() in ("", "auto", "default", "none"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        from covidtl.errors import UserError
+
+        raise UserError(f"--lr {value}: not a number; give e.g. 1e-4, or auto") from None
+
+
+@click.command()
+@click.option("--model", required=True, help="custom_cnn, densenet121, resnet50, inceptionv3, resnet101v2 or vgg16.")
+@click.option("--init", default="random", show_default=True,
+              help="random | imagenet | finetune | path to a .weights.h5 file for the base.")
+@click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets), split already.")
+@click.option("--epochs", type=int, default=None, help="Cap on epochs (train.max_epochs).")
+@click.option("--lr", default=None, help="Adam learning rate; auto = train.learning_rates.<model>.")
+@click.option("--batch-size", type=int, default=None, help="train.batch_size.")
+@click.option("--seed", type=int, default=None, help="train.seed.")
+@click.option("--image-size", type=int, default=None, help="Input size (train.image_size.<model>).")
+@click.option("--preprocessing", type=click.Choice(["model", "rescale"]), default=None,
+              help="model: the backbone's preprocess_input; rescale: the paper's [0, 1].")
+@click.option("--max-train-samples", type=int, default=None, help="Use only this many training images.")
+@click.option("--out", default=None, help="Output folder (default models/<model>-<init>-<dataset>).")
+@click.pass_context
+def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, preprocessing,
+          max_train_samples, out) -> None:
+    """Train MODEL from INIT on DATASET's split; logs one MLflow run and writes the cell's files."""
+    from covidtl.train import train as run
+
+    cfg = config_from(ctx, **{
+        "train.max_epochs": epochs, "train.batch_size": batch_size, "train.seed": seed,
+        f"train.image_size.{model}": image_size, "train.preprocessing": preprocessing,
+        "train.max_train_samples": max_train_samples,
+    })
+    result = run(cfg, model, init, dataset, lr=_rate(lr), out_dir=out)
+    m = result.metrics
+    summary = ", ".join(
+        f"{k} {m[f'test_{k}']:.4f}" for k in ("accuracy", "recall_covid", "precision_covid", "f1_covid", "roc_auc")
+        if f"test_{k}" in m
+    )
+    click.echo(
+        f"train {model}-{init}-{dataset}: {result.epochs_used} epochs in {result.train_seconds:.0f} s; "
+        f"test {summary or 'not scored'}; run {result.run_id}; model {result.model_path}"
+    )
+
+
+@click.command()
+@click.option("--model-uri", required=True,
+              help="runs:/<run_id>/model, models:/<name>/<version>, or a model.keras (or its folder).")
+@click.option("--data", required=True, help="A dataset of params.yaml, or any folder of class folders.")
+@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
+              show_default=True, help="Which split of a dataset (a folder is scored whole).")
+@click.option("--out", default=None, help="Also write metrics.json and predictions.csv here.")
+@click.pass_context
+def evaluate(ctx, model_uri, data, split, out) -> None:
+    """Score a trained model on a dataset or folder; logs a kind=evaluate MLflow run."""
+    from covidtl.evaluate import evaluate as run
+
+    result = run(config_from(ctx), model_uri, data, split=split, out_dir=out)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                      if k.endswith(("accuracy", "recall_covid", "precision_covid", "f1_covid", "roc_auc")))
+    click.echo(f"evaluate {model_uri} on {data}: {result.images} images; {shown}; run {result.run_id}")
+
+
+COMMANDS: list[click.Command] = [train, evaluate]

@@ -1,0 +1,183 @@
+"""Score a trained model on any dataset or folder: the training run's metrics, as a new MLflow run.
+
+This is how a model is tested on another hospital's data: `covidtl evaluate --model-uri
+runs:/<id>/model --data /path/to/folder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+
+from covidtl import paths, tracking
+from covidtl.config import Config, DatasetConfig
+from covidtl.data.pipeline import make_dataset
+from covidtl.errors import UserError
+from covidtl.metrics import classification_metrics
+from covidtl.models.registry import MODELS, get_spec
+from covidtl.train import load_split, predict, rows_of
+
+SPLITS = ("test", "val", "train", "all")
+
+
+@dataclass
+class LoadedModel:
+    model: keras.Model
+    name: str  # registry key
+    init: str
+    preprocessing: str
+    source_run_id: str | None
+
+
+@dataclass
+class EvaluateResult:
+    run_id: str
+    metrics: dict[str, float]
+    images: int
+
+
+def load_trained(model_uri: str, cfg: Config) -> LoadedModel:
+    """A .keras file (with card.json beside it if there) or an MLflow model URI (runs:/, models:/)."""
+    if "://" not in model_uri and ":/" not in model_uri:
+        path = Path(model_uri)
+        if path.is_dir() and (path / "model.keras").is_file():
+            path = path / "model.keras"
+        if not path.is_file():
+            raise UserError(
+                f"--model-uri {model_uri}: no such file; give a model.keras, a models/<cell>/ "
+                "folder, runs:/<run_id>/model or models:/<name>/<version>"
+            )
+        model = _load_keras(path)
+        card_file = path.parent / "card.json"
+        card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+        return LoadedModel(
+            model, card.get("model") or _name_from_model(model), card.get("init", "unknown"),
+            card.get("preprocessing", cfg.train.preprocessing), card.get("run_id"),
+        )
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+        model = mlflow.keras.load_model(model_uri)
+    except Exception as exc:  # noqa: BLE001 - unknown run/model/URI: the user's value
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"--model-uri {model_uri}: cannot load it from {tracking.tracking_uri()} ({first}); "
+            "check the run id (`mlflow ui`) and MLFLOW_TRACKING_URI"
+        ) from None
+    params = {}
+    if info.run_id:
+        params = mlflow.get_run(info.run_id).data.params
+    return LoadedModel(
+        model, params.get("model") or _name_from_model(model), params.get("init", "unknown"),
+        params.get("train.preprocessing", cfg.train.preprocessing), info.run_id,
+    )
+
+
+def _load_keras(path: Path) -> keras.Model:
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - a wrong or damaged file
+        raise UserError(f"{path}: not a readable Keras model ({str(exc)[:160]})") from None
+
+
+def _name_from_model(model: keras.Model) -> str:
+    # Models built here are named "<registry key>_<init>"; the longest matching key wins.
+    for name in sorted(MODELS, key=len, reverse=True):
+        if model.name == name or model.name.startswith(f"{name}_"):
+            return name
+    raise UserError(
+        f"model {model.name!r}: cannot tell its architecture; keep the card.json written beside "
+        "model.keras by `covidtl train`"
+    )
+
+
+def load_rows(cfg: Config, data: str, split: str, workdir: Path) -> tuple[pd.DataFrame, str, Path]:
+    """(rows, dataset name, manifest path) for a configured dataset name or any image folder."""
+    if data in cfg.data.datasets and not Path(data).is_dir():
+        table = load_split(cfg, data)
+        return rows_of(table, split), data, paths.manifest_path(cfg, data)
+    folder = Path(data)
+    if not folder.is_dir():
+        known = ", ".join(sorted(cfg.data.datasets)) or "none"
+        raise UserError(
+            f"--data {data}: neither a dataset in params.yaml ({known}) nor a folder of class "
+            "folders (e.g. COVID/ and non-COVID/)"
+        )
+    from covidtl.data import ingest
+
+    # A folder is ingested on the fly into a throw-away workdir; the split does not apply.
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.resolve().name) or "folder"
+    on_the_fly = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, workdir=str(workdir), datasets={name: DatasetConfig(path=str(folder))},
+    ))
+    result = ingest.run(on_the_fly, name, progress=False)
+    for row in result.quarantine.itertuples():
+        print(f"Quarantined: {row.path}: {row.reason}")
+    return result.manifest, name, paths.manifest_path(on_the_fly, name)
+
+
+def evaluate(
+    cfg: Config,
+    model_uri: str,
+    data: str,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    run_name: str | None = None,
+) -> EvaluateResult:
+    """Score `model_uri` on `data` (split of a dataset, or a whole folder); one MLflow run."""
+    if split not in SPLITS:
+        raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
+    loaded = load_trained(model_uri, cfg)
+    spec = get_spec(loaded.name)
+    size = int(loaded.model.input_shape[1])
+    # Score with the preprocessing the model was trained with, whatever params.yaml says now.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, preprocessing=loaded.preprocessing))
+    with tempfile.TemporaryDirectory(prefix="covidtl-eval-") as tmp:
+        rows, dataset, manifest = load_rows(cfg, data, split, Path(tmp))
+        scored = split if dataset in cfg.data.datasets else "all"
+        if rows.empty:
+            raise UserError(f"--data {data}: the {scored} split holds no image")
+        y_true, prob = predict(loaded.model, make_dataset(rows, spec, cfg, size, training=False))
+        manifest_sha = tracking.file_sha256(manifest)
+    if not len(y_true):
+        raise UserError(f"--data {data}: no image could be decoded")
+    metrics = {f"{scored}_{k}": v for k, v in classification_metrics(y_true, prob).items()}
+    cell = paths.cell_name(loaded.name, loaded.init, dataset)
+
+    tracking.use_experiment(dataset)
+    with mlflow.start_run(run_name=run_name or f"evaluate-{cell}") as run:
+        mlflow.set_tags({
+            "model": loaded.name, "init": loaded.init, "dataset": dataset,
+            "split_strategy": cfg.split.strategy if dataset in cfg.data.datasets else "none",
+            "git_commit": tracking.git_commit(), "manifest_sha256": manifest_sha,
+            "cell": cell, "kind": "evaluate", "model_uri": model_uri,
+            "source_run_id": loaded.source_run_id or "none",
+        })
+        tracking.log_config(cfg)
+        mlflow.log_params({"model_uri": model_uri, "data": str(data), "split": scored,
+                           "images": len(y_true), "image_size": size})
+        tracking.log_metrics(metrics)
+        tracking.log_evaluation(y_true, prob, prefix=scored)
+        predictions = pd.DataFrame({
+            "actual": [paths.CLASSES[i] for i in y_true],
+            "predicted": [paths.CLASSES[i] for i in prob.argmax(axis=1)],
+            "p_covid": prob[:, paths.CLASSES.index(paths.POSITIVE)],
+        })
+        mlflow.log_text(predictions.to_csv(index=False), "predictions.csv")
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        clean = {k: (None if np.isnan(v) else v) for k, v in metrics.items()}
+        (out / "metrics.json").write_text(json.dumps(clean, indent=2) + "\n")
+        predictions[["actual", "predicted"]].to_csv(out / "predictions.csv", index=False)
+    return EvaluateResult(run.info.run_id, metrics, len(y_true))

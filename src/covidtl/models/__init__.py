@@ -1,0 +1,1 @@
+"""The six architectures of the study and how their weights are initialised."""

@@ -1,0 +1,160 @@
+"""One entry per architecture: builder, native input size, preprocessing, learning-rate key.
+
+Adding a seventh model is one `ModelSpec` in `MODELS` (and one line in params.yaml's
+`train.learning_rates`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import keras
+from keras import layers
+
+from covidtl.config import TrainConfig
+from covidtl.errors import UserError
+from covidtl.models import weights
+from covidtl.models.custom_cnn import build_custom_cnn
+
+INITS = ("random", "imagenet", "finetune")  # or a path to a weights file
+
+
+def rescale(images):
+    """The paper's preprocessing: pixel values to [0, 1]."""
+    return images / 255.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input_size: int
+    # keras.applications constructor (include_top=False) for backbones; None for the custom CNN.
+    backbone: Callable[..., keras.Model] | None
+    # What the backbone's ImageNet weights were trained with; `rescale` for the custom CNN.
+    preprocess_input: Callable
+    # Keras' cache file name of the ImageNet weights without the top, as keras.applications
+    # downloads it into $KERAS_HOME/models.
+    imagenet_file: str | None = None
+
+    @property
+    def lr_key(self) -> str:
+        return self.name
+
+
+MODELS: dict[str, ModelSpec] = {
+    "custom_cnn": ModelSpec("custom_cnn", 200, None, rescale),
+    "densenet121": ModelSpec(
+        "densenet121", 224, keras.applications.DenseNet121,
+        keras.applications.densenet.preprocess_input,
+        "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "resnet50": ModelSpec(
+        "resnet50", 224, keras.applications.ResNet50,
+        keras.applications.resnet.preprocess_input,
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "inceptionv3": ModelSpec(
+        "inceptionv3", 299, keras.applications.InceptionV3,
+        keras.applications.inception_v3.preprocess_input,
+        "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "resnet101v2": ModelSpec(
+        "resnet101v2", 224, keras.applications.ResNet101V2,
+        keras.applications.resnet_v2.preprocess_input,
+        "resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "vgg16": ModelSpec(
+        "vgg16", 224, keras.applications.VGG16,
+        keras.applications.vgg16.preprocess_input,
+        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry, or one line listing the known names."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UserError(
+            f"--model {name!r}: unknown model; choose one of {', '.join(MODELS)}"
+        ) from None
+
+
+def image_size_for(spec: ModelSpec, train_cfg: TrainConfig) -> int:
+    """Native input size unless params override it (train.image_size.<model>)."""
+    return int(train_cfg.image_size.get(spec.name, spec.input_size))
+
+
+def learning_rate_for(spec: ModelSpec, train_cfg: TrainConfig) -> float:
+    try:
+        return float(train_cfg.learning_rates[spec.lr_key])
+    except KeyError:
+        raise UserError(
+            f"train.learning_rates.{spec.lr_key}: missing in params.yaml; add the model's rate"
+        ) from None
+
+
+def init_label(init: str) -> str:
+    """`random|imagenet|finetune` as given; a weights file becomes `file-<stem>`."""
+    if init in INITS:
+        return init
+    name = init.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".weights.h5", ".h5", ".hdf5"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return f"file-{name}"
+
+
+def preprocess_for(spec: ModelSpec, mode: str) -> Callable:
+    """`model`: the backbone's own preprocess_input; `rescale`: the paper's [0, 1]."""
+    return spec.preprocess_input if mode == "model" else rescale
+
+
+def base_of(model: keras.Model) -> keras.Model | None:
+    """The pre-trained backbone inside a built model (None for the custom CNN)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    return None
+
+
+def build_model(
+    spec: ModelSpec, init: str, train_cfg: TrainConfig, image_size: int | None = None
+) -> keras.Model:
+    """The paper's network: backbone (or Table 1's CNN) -> Flatten -> Dense(1000) -> Dense(2)."""
+    size = image_size or image_size_for(spec, train_cfg)
+    shape = (size, size, 3)
+    if spec.backbone is None:
+        model = build_custom_cnn(shape, dropout=train_cfg.dropout)
+        if init in ("imagenet", "finetune"):
+            raise UserError(
+                f"--init {init}: {spec.name} has no ImageNet weights; use --init random "
+                "or a weights file saved from this model"
+            )
+        if init != "random":
+            weights.load_weights_file(model, init)  # warm start: every layer still trains
+        return model
+
+    base = spec.backbone(include_top=False, weights=None, input_shape=shape)
+    if init == "random":
+        base.trainable = True
+    elif init in ("imagenet", "finetune"):
+        weights.load_imagenet(base, spec)
+        base.trainable = init == "finetune"
+    else:
+        weights.load_weights_file(base, init)
+        base.trainable = False
+
+    inputs = keras.Input(shape=shape, name="image")
+    # Pre-trained bases run with training=False so BatchNorm keeps its ImageNet statistics,
+    # also when fine-tuned (keras-io transfer-learning guide).
+    x = base(inputs, training=False) if init != "random" else base(inputs)
+    x = layers.Flatten()(x)
+    if train_cfg.dropout:
+        x = layers.Dropout(train_cfg.dropout)(x)
+    x = layers.Dense(train_cfg.head_units, activation="relu")(x)
+    outputs = layers.Dense(2, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=f"{spec.name}_{init_label(init)}")

@@ -1,0 +1,195 @@
+"""MLflow bookkeeping: where runs go, what every run is tagged with, and the artifacts it holds.
+
+Runs land in a SQLite store at the project root (MLflow 3's default, what `mlflow ui` reads from
+there) unless MLFLOW_TRACKING_URI says otherwise; one experiment per dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on CI
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import yaml
+
+from covidtl.config import Config
+from covidtl.metrics import confusion, report_text
+from covidtl.paths import CLASSES
+
+# MLflow's limits on one params batch and on a param's value length.
+_PARAMS_PER_BATCH = 100
+_PARAM_VALUE_MAX = 6000
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def experiment_name(dataset: str) -> str:
+    return f"covidtl-{dataset}"
+
+
+def use_experiment(dataset: str) -> None:
+    """Point MLflow at the project's store and the dataset's experiment."""
+    mlflow.set_tracking_uri(tracking_uri())
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id and not mlflow.active_run():
+        # Inside `mlflow run`: the run exists already, in the experiment `mlflow run` chose;
+        # setting another one would make MLflow refuse to resume it.
+        experiment = mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
+        if experiment != experiment_name(dataset):
+            print(
+                f"Note: mlflow run logs into experiment {experiment!r}; add --experiment-name "
+                f"{experiment_name(dataset)} to keep one experiment per dataset"
+            )
+        return
+    mlflow.set_experiment(experiment_name(dataset))
+
+
+def git_commit() -> str:
+    """HEAD of the working tree, with `-dirty` when tracked files changed; `unknown` outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, `missing` if absent (e.g. a table built in memory)."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def log_config(cfg: Config) -> None:
+    """The whole resolved config: flattened as params (within MLflow's limits) and as config.yaml."""
+    params = {k: _param_value(v) for k, v in cfg.flat().items()}
+    items = sorted(params.items())
+    for start in range(0, len(items), _PARAMS_PER_BATCH):
+        mlflow.log_params(dict(items[start : start + _PARAMS_PER_BATCH]))
+    mlflow.log_text(config_yaml(cfg), "config.yaml")
+
+
+def config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= _PARAM_VALUE_MAX else text[: _PARAM_VALUE_MAX - 3] + "..."
+
+
+def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:
+    # NaN (e.g. AUC on a one-class set) is kept out of MLflow, which stores it poorly.
+    mlflow.log_metrics(
+        {f"{prefix}{k}": float(v) for k, v in metrics.items() if not np.isnan(float(v))}
+    )
+
+
+def log_history(history: dict[str, list[float]]) -> None:
+    """Per-epoch metrics (if not already logged live) and the training-curves plot."""
+    mlflow.log_figure(curves_figure(history), "training_curves.png")
+    plt.close("all")
+
+
+def log_evaluation(y_true: np.ndarray, prob: np.ndarray, prefix: str = "test") -> None:
+    """Confusion matrix (PNG + JSON) and the classification report of one scored set."""
+    y_pred = np.asarray(prob).argmax(axis=1)
+    matrix = confusion(y_true, y_pred)
+    mlflow.log_dict({"labels": list(CLASSES), "matrix": matrix}, f"{prefix}_confusion_matrix.json")
+    mlflow.log_figure(confusion_figure(matrix), f"{prefix}_confusion_matrix.png")
+    plt.close("all")
+    mlflow.log_text(report_text(y_true, y_pred), f"{prefix}_classification_report.txt")
+
+
+def confusion_figure(matrix: list[list[int]]):
+    fig, ax = plt.subplots(figsize=(4, 3.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(CLASSES)), CLASSES)
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    top = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, n in enumerate(row):
+            ax.text(j, i, str(n), ha="center", va="center", color="white" if n > top / 2 else "black")
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(history: dict[str, list[float]]):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        for name in (key, f"val_{key}"):
+            if name in history:
+                epochs = range(1, len(history[name]) + 1)
+                ax.plot(epochs, history[name], marker="o", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def log_keras_model(model, example: np.ndarray) -> str:
+    """The model in MLflow's Keras flavour with signature and input example; returns its URI."""
+    import keras
+    import mlflow.keras
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    with _example_dir_fix():
+        # Pinning the requirements skips MLflow's slow inference subprocess (it re-imports TF).
+        info = mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
+        )
+    return info.model_uri
+
+
+@contextlib.contextmanager
+def _example_dir_fix():
+    """MLflow's Keras flavour writes the input example before creating the model folder.
+
+    Known bug (mlflow/mlflow issue 16183, open in 3.17.2): make the folder first, then let MLflow
+    write the example as usual.
+    """
+    import mlflow.keras.save as keras_save
+
+    original = keras_save._save_example
+
+    def save_example(mlflow_model, input_example, path, *args, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        return original(mlflow_model, input_example, path, *args, **kwargs)
+
+    keras_save._save_example = save_example
+    try:
+        yield
+    finally:
+        keras_save._save_example = original
