@@ -184,7 +184,7 @@ def test_train_reads_the_tuned_rate(searched):
 
 def test_tuned_rate_missing_is_one_clear_error(tmp_path):
     cfg = load_config(PARAMS, {"tune.out": str(tmp_path / "tuned")})
-    with pytest.raises(UserError, match=r"custom_cnn-random-ct\.yaml: no tuned learning rate.*covidtl tune"):
+    with pytest.raises(UserError, match=r"custom_cnn-random-ct\.yaml: no tuned learning rate yet; run `covidtl tune"):
         tuned_learning_rate(cfg, "custom_cnn", "ct")
 
 

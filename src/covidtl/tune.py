@@ -9,6 +9,8 @@ to `tuned/<model>-<init>-<dataset>.yaml`, which `covidtl train --lr tuned` reads
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import importlib.util
 import logging
 import math
@@ -30,6 +32,8 @@ from optuna.trial import TrialState
 from covidtl import paths, tracking
 from covidtl.config import Config, TuneConfig
 from covidtl.errors import UserError
+from covidtl.models.registry import get_spec, init_label
+from covidtl.train import train
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +57,11 @@ PRUNERS: dict[str, Callable[[TuneConfig], optuna.pruners.BasePruner]] = {
 
 
 def study_name(model: str, init: str, dataset: str) -> str:
-    return f"lr-{paths.cell_name(model, init, dataset)}"
+    return f"lr-{paths.cell_name(model, init_label(init), dataset)}"
 
 
 def tuned_path(cfg: Config, model: str, init: str, dataset: str) -> Path:
-    return Path(cfg.tune.out) / f"{paths.cell_name(model, init, dataset)}.yaml"
+    return Path(cfg.tune.out) / f"{paths.cell_name(model, init_label(init), dataset)}.yaml"
 
 
 def tuned_learning_rate(cfg: Config, model: str, dataset: str, init: str | None = None) -> float:
@@ -66,7 +70,7 @@ def tuned_learning_rate(cfg: Config, model: str, dataset: str, init: str | None 
     path = tuned_path(cfg, model, init, dataset)
     if not path.is_file():
         raise UserError(
-            f"{path}: no tuned learning rate for {paths.cell_name(model, init, dataset)}; run "
+            f"{path}: no tuned learning rate yet; run "
             f"`covidtl tune --model {model} --dataset {dataset} --init {init}` first"
         )
     try:
@@ -289,8 +293,6 @@ def objective(
     cfg: Config, model: str, init: str, dataset: str, bounds: tuple[float, float], study: str
 ) -> Callable[[optuna.Trial], float]:
     """Optuna's objective: train one trial on train, return the metric's last value on val."""
-    from covidtl.train import train
-
     metric = cfg.tune.metric
 
     def run(trial: optuna.Trial) -> float:
@@ -368,8 +370,6 @@ def run_study(
     paper's rate for the model is queued first in every new study, so the search always compares
     directly with it.
     """
-    from covidtl.models.registry import get_spec
-
     init, trials = cfg.tune.init, cfg.tune.trials
     get_spec(model)  # unknown model: one line listing the known ones
     cfg.dataset(dataset)
@@ -397,8 +397,9 @@ def run_study(
 
     start = time.monotonic()
     tags = {
-        "kind": "tune", "model": model, "init": init, "dataset": dataset,
-        "cell": paths.cell_name(model, init, dataset), "split_strategy": cfg.split.strategy,
+        "kind": "tune", "model": model, "init": init_label(init), "dataset": dataset,
+        "cell": paths.cell_name(model, init_label(init), dataset),
+        "split_strategy": cfg.split.strategy,
         "git_commit": tracking.git_commit(), "manifest_sha256": tracking.file_sha256(
             paths.manifest_path(cfg, dataset)), "optuna_study": study.study_name,
     }
@@ -432,14 +433,25 @@ def run_study(
 
 
 def _use_experiment(dataset: str) -> None:
-    # Workers starting together may both try to create the experiment (or the SQLite schema).
-    for attempt in range(3):
+    """tracking.use_experiment, safe when workers start together on a fresh store."""
+    # MLflow's first-time SQLite schema migration is not safe to run twice at once (tables
+    # half-made); local workers take turns through a lock file. Servers only race on creating
+    # the experiment, which a retry settles.
+    uri = tracking.tracking_uri()
+    digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
+    lock = Path(tempfile.gettempdir()) / f"covidtl-mlflow-{digest}.lock"
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            return tracking.use_experiment(dataset)
-        except Exception:  # noqa: BLE001 - MlflowException or the store's own error
-            if attempt == 2:
-                raise
-            time.sleep(1 + attempt)
+            for attempt in range(3):
+                try:
+                    return tracking.use_experiment(dataset)
+                except Exception:  # noqa: BLE001 - MlflowException or the store's own error
+                    if attempt == 2:
+                        raise
+                    time.sleep(1 + attempt)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _summarise(

@@ -25,7 +25,8 @@ def _rate(value: str | None) -> float | None:
               help="random | imagenet | finetune | path to a .weights.h5 file for the base.")
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets), split already.")
 @click.option("--epochs", type=int, default=None, help="Cap on epochs (train.max_epochs).")
-@click.option("--lr", default=None, help="Adam learning rate; auto = train.learning_rates.<model>.")
+@click.option("--lr", default=None, help="Adam learning rate; auto = train.learning_rates.<model>; "
+              "tuned = the best rate of `covidtl tune` (tuned/<model>-<init>-<dataset>.yaml).")
 @click.option("--batch-size", type=int, default=None, help="train.batch_size.")
 @click.option("--seed", type=int, default=None, help="train.seed.")
 @click.option("--image-size", type=int, default=None, help="Input size (train.image_size.<model>).")
@@ -44,7 +45,13 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
         f"train.image_size.{model}": image_size, "train.preprocessing": preprocessing,
         "train.max_train_samples": max_train_samples,
     })
-    result = run(cfg, model, init, dataset, lr=_rate(lr), out_dir=out)
+    if lr is not None and lr.strip().lower() == "tuned":
+        from covidtl.tune import tuned_learning_rate
+
+        rate = tuned_learning_rate(cfg, model, dataset, init)
+    else:
+        rate = _rate(lr)
+    result = run(cfg, model, init, dataset, lr=rate, out_dir=out)
     m = result.metrics
     summary = ", ".join(
         f"{k} {m[f'test_{k}']:.4f}" for k in ("accuracy", "recall_covid", "precision_covid", "f1_covid", "roc_auc")
