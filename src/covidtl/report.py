@@ -10,13 +10,12 @@ A cell without a finished run stays empty (``—`` / no bar), never a zero.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from covidtl import paths
+from covidtl import paths, tracking
 from covidtl.config import Config
 
 MODELS_ROOT = "models"
@@ -38,10 +37,6 @@ class Report:
     run_id: str | None = None
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-
-
 # --------------------------------------------------------------------------- collect
 
 
@@ -49,7 +44,7 @@ def fetch_runs(datasets: list[str]) -> pd.DataFrame:
     """Every `kind=train` run of the datasets' experiments, newest first, one row per run."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(tracking.tracking_uri())
     names = [f"covidtl-{d}" for d in datasets]
     existing = [n for n in names if mlflow.get_experiment_by_name(n) is not None]
     if not existing:
@@ -100,12 +95,12 @@ def results_table(cfg: Config, runs: pd.DataFrame, models_root: str | Path = MOD
     failed_keys = set(map(tuple, failed[KEY].values))
     table["note"] = ""
     for idx, row in table[table["status"] == "missing"].iterrows():
-        if tuple(row[KEY]) in failed_keys:
-            table.loc[idx, "status"] = "failed"
-            continue
+        # The cell's own current outcome (skipped) outranks an older failed attempt.
         note = _skip_reason(Path(models_root), row["model"], row["init"], row["dataset"])
         if note:
             table.loc[idx, ["status", "note"]] = ["skipped", note]
+        elif tuple(row[KEY]) in failed_keys:
+            table.loc[idx, "status"] = "failed"
     return table[[*KEY, "status", "note", "run_id", *METRICS]]
 
 
@@ -321,7 +316,7 @@ def log_report(table: pd.DataFrame, out: Path) -> str:
     """One `kind=report` run holding the report folder and a count of cells per status."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(tracking.tracking_uri())
     mlflow.set_experiment(REPORT_EXPERIMENT)
     with mlflow.start_run(run_name="report", tags={"kind": "report"}) as run:
         counts = table["status"].value_counts()
