@@ -36,6 +36,7 @@ warnings.filterwarnings("ignore", message="Your input ran out of data")
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 INTENDED_USE = "Research only: not a diagnostic device."
+MODEL_DIR = "model"  # models/<cell>/model/: model.keras + card.json, or SKIPPED.txt
 
 
 @dataclass
@@ -132,6 +133,7 @@ def train(
     nested: bool = False,
     evaluate_test: bool = True,
     out_dir: str | Path | None = None,
+    log_model: bool = True,
 ) -> TrainResult:
     """Train `model` from `init` on `dataset`'s split; one MLflow run; the cell's files on disk."""
     spec = get_spec(model)
@@ -151,13 +153,13 @@ def train(
         if rows.empty:
             raise UserError(f"{paths.split_path(cfg, dataset)}: the {name} split is empty; "
                             "re-split with more images or other split.fractions")
+    net = build_model(spec, init, cfg.train, size)  # first: a missing weights file fails fast
     if cfg.augment.mode == "offline":  # the versioned copies written by `covidtl augment`
         train_ds = make_offline_dataset(cfg, dataset, spec, size)
     else:
         train_ds = make_dataset(train_rows, spec, cfg, size, training=True)
     val_ds = make_dataset(rows_of(table, "val"), spec, cfg, size, training=False)
 
-    net = build_model(spec, init, cfg.train, size)
     net.compile(
         optimizer=keras.optimizers.Adam(effective_rate),
         loss="categorical_crossentropy",
@@ -209,9 +211,12 @@ def train(
                 predictions = (y_true, prob.argmax(axis=1))
 
         clean = inference_copy(net)
-        model_path = out / "model.keras"
+        # The model and its card form one folder: the study's DVC output (`models/<cell>/model/`).
+        model_path = out / MODEL_DIR / "model.keras"
+        model_path.parent.mkdir(parents=True, exist_ok=True)
         clean.save(model_path)
-        write_cell(out, cfg, hist, {**test_metrics, "epochs_used": epochs_used}, predictions)
+        mlflow.set_tag("model_path", str(model_path.resolve()))
+        write_cell(out, cfg, hist, {"status": "ok", **test_metrics, "epochs_used": epochs_used}, predictions)
         card = {
             "model": model, "init": init, "dataset": dataset, "image_size": size,
             "preprocessing": cfg.train.preprocessing, "classes": list(paths.CLASSES),
@@ -219,9 +224,10 @@ def train(
             "epochs_used": epochs_used, "run_id": run.info.run_id,
             "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
         }
-        (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        (model_path.parent / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         mlflow.log_dict(card, "card.json")
-        tracking.log_keras_model(clean, example_batch(val_ds))
+        if log_model:  # the study passes False: the DVC output is the one stored copy
+            tracking.log_keras_model(clean, example_batch(val_ds))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     return TrainResult(
@@ -232,6 +238,31 @@ def train(
         model_path=model_path,
         train_seconds=seconds,
     )
+
+
+def unavailable_reason(model: str, init: str) -> str | None:
+    """Why a cell cannot run on this machine (ImageNet weights absent), checked before any work."""
+    from covidtl.models.weights import imagenet_weights_path
+
+    if init not in ("imagenet", "finetune"):
+        return None
+    spec = get_spec(model)
+    if spec.imagenet_file is None:
+        return f"{model} has no ImageNet weights: the paper trains it from scratch only"
+    path = imagenet_weights_path(spec)
+    if not path.exists():
+        return (f"Keras' ImageNet file {spec.imagenet_file} is not in {path.parent}; copy it there "
+                "(or set KERAS_HOME) and run `dvc repro` again")
+    return None
+
+
+def write_skipped_cell(out: Path, reason: str) -> None:
+    """A skipped cell's files: DVC finds every output, the report shows the cell as skipped."""
+    (out / MODEL_DIR).mkdir(parents=True, exist_ok=True)
+    (out / MODEL_DIR / "SKIPPED.txt").write_text(reason + "\n")
+    (out / "metrics.json").write_text(json.dumps({"status": "skipped", "reason": reason}, indent=2) + "\n")
+    (out / "predictions.csv").write_text("actual,predicted\n")
+    (out / "history.csv").write_text(",".join(["epoch", *EPOCH_METRICS]) + "\n")
 
 
 def run_tags(cfg: Config, model: str, init: str, dataset: str, kind: str) -> dict[str, str]:

@@ -1,0 +1,224 @@
+"""Training end to end: every init mode, the paper's stop rule, the cell's files and its MLflow run."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import h5py
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from keras.src.legacy.saving import legacy_h5_format
+from mlflow.tracking import MlflowClient
+
+from covidtl.cli import main
+from covidtl.models.registry import base_of, build_model, get_spec
+from covidtl.train import PaperStopRule, train
+from helpers_train import make_workdir
+
+ROOT = Path(__file__).parents[1]
+TEST_METRICS = [
+    f"test_{m}_{c}" for m in ("recall", "precision", "f1") for c in ("covid", "non_covid", "micro", "macro")
+] + ["test_accuracy", "test_roc_auc"]
+SMALL_BACKBONE = {"train.head_units": 16, "train.max_train_samples": 12}
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    """One SQLite store for the module: creating one costs seconds, runs are found by id."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _track(tracking_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+
+
+def tracked(uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+# --------------------------------------------------------------------------- the stop rule
+
+
+class _Model:
+    stop_training = False
+
+
+@pytest.mark.parametrize(
+    "history, stopped_at",
+    [
+        ([(0.70, 0.60), (0.88, 0.25), (0.89, 0.31), (0.89, 0.29), (0.95, 0.1)], 4),
+        ([(0.95, 0.35), (0.80, 0.20), (0.90, 0.30)], None),  # one condition at a time never stops
+        ([(0.891, 0.299)], 1),
+    ],
+)
+def test_paper_stop_rule_fires_at_first_epoch_meeting_both(history, stopped_at):
+    rule = PaperStopRule(val_accuracy=0.89, val_loss=0.3)
+    rule.set_model(_Model())
+    epochs_run = 0
+    for epoch, (acc, loss) in enumerate(history):
+        rule.on_epoch_end(epoch, {"val_accuracy": acc, "val_loss": loss, "accuracy": 1.0, "loss": 0.0})
+        epochs_run += 1
+        if rule.model.stop_training:
+            break
+    assert rule.stopped_epoch == stopped_at
+    assert epochs_run == (stopped_at or len(history))
+
+
+# --------------------------------------------------------------------------- custom CNN, synthetic
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tracking_uri):
+    """The custom CNN on tiny synthetic PNGs, max 3 epochs, stop rule met by any first epoch."""
+    tmp = tmp_path_factory.mktemp("train")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        cfg, table = make_workdir(tmp, **{
+            "train.max_epochs": 3, "train.stop.val_accuracy": 0.0, "train.stop.val_loss": 1.0e9,
+        })
+        result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell")
+    return tmp, cfg, result
+
+
+def test_cell_outputs_are_written(trained):
+    tmp, cfg, result = trained
+    cell = tmp / "cell"
+    assert result.model_path == cell / "model" / "model.keras"
+    assert result.epochs_used == 1  # the paper's rule ended it before max_epochs=3
+    model = keras.models.load_model(cell / "model" / "model.keras")
+    assert model.count_params() == 81_989
+    with zipfile.ZipFile(cell / "model" / "model.keras") as z, h5py.File(z.open("model.weights.h5")) as f:
+        assert "optimizer" not in f  # saved without Adam's state
+    metrics = json.loads((cell / "metrics.json").read_text())
+    assert metrics.pop("status") == "ok"
+    assert set(metrics) == set(TEST_METRICS) | {"epochs_used"}
+    assert metrics == pytest.approx({**result.metrics, "epochs_used": 1})
+    predictions = pd.read_csv(cell / "predictions.csv")
+    assert list(predictions.columns) == ["actual", "predicted"]
+    assert set(predictions["actual"]) == {"covid", "non_covid"}
+    assert (predictions["actual"] == predictions["predicted"]).mean() == pytest.approx(metrics["test_accuracy"])
+    history = pd.read_csv(cell / "history.csv")
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert history["epoch"].tolist() == [1]
+    assert yaml.safe_load((cell / "config.yaml").read_text()) == cfg.to_dict()
+    assert not (cell / "checkpoint").exists()  # the per-epoch checkpoint is pruned at the end
+
+
+def test_mlflow_run_holds_params_metrics_artifacts_and_model(trained, tracking_uri):
+    tmp, cfg, result = trained
+    client = tracked(tracking_uri)
+    run = client.get_run(result.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "covidtl-tiny"
+    params = run.data.params
+    for key, value in cfg.flat().items():
+        assert key in params, key
+    assert params["train.batch_size"] == "8" and params["model"] == "custom_cnn"
+    assert float(params["lr"]) == cfg.train.learning_rates["custom_cnn"]
+    for key in TEST_METRICS + ["epochs_used", "train_seconds"]:
+        assert key in run.data.metrics, key
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        steps = [m.step for m in client.get_metric_history(result.run_id, key)]
+        assert steps == [1], key
+    tags = run.data.tags
+    assert tags["kind"] == "train" and tags["cell"] == "custom_cnn-random-tiny"
+    assert tags["split_strategy"] == "grouped" and tags["stopped_by"] == "paper_rule"
+    assert len(tags["manifest_sha256"]) == 64 and tags["git_commit"]
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {
+        "config.yaml", "card.json", "training_curves.png", "test_confusion_matrix.png",
+        "test_confusion_matrix.json", "test_classification_report.txt",
+    } <= artifacts
+    matrix = json.loads(Path(client.download_artifacts(result.run_id, "test_confusion_matrix.json", str(tmp))).read_text())
+    assert matrix["labels"] == ["non_covid", "covid"] and np.sum(matrix["matrix"]) > 0
+
+    info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
+    assert info.signature is not None and info.saved_input_example_info is not None
+    loaded = mlflow.keras.load_model(f"runs:/{result.run_id}/model")
+    x = np.zeros((1, 200, 200, 3), dtype="float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), keras.models.load_model(result.model_path).predict(x, verbose=0), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- every init mode
+
+
+def fake_imagenet_cache(keras_home: Path, cfg) -> Path:
+    """VGG16 base weights saved (legacy .h5) under the exact file name Keras caches ImageNet in."""
+    spec = get_spec("vgg16")
+    donor = base_of(build_model(spec, "random", cfg.train, image_size=32))
+    path = keras_home / "models" / spec.imagenet_file
+    path.parent.mkdir(parents=True)
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, donor)
+    return path
+
+
+@pytest.mark.parametrize("init", ["imagenet", "finetune", "weights-file"])
+def test_every_init_mode_trains_end_to_end(init, tmp_path, monkeypatch, tracking_uri):
+    """random is the custom CNN above; here VGG16 (the quickest backbone) from pre-trained bases."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    cfg, _ = make_workdir(tmp_path, **SMALL_BACKBONE)
+    fake_imagenet_cache(tmp_path / "keras", cfg)
+    start = base_of(build_model(get_spec("vgg16"), "imagenet", cfg.train, 32)).get_weights()
+    if init == "weights-file":
+        file = tmp_path / "base.weights.h5"
+        base_of(build_model(get_spec("vgg16"), "imagenet", cfg.train, 32)).save_weights(file)
+        init = str(file)
+    result = train(cfg, "vgg16", init, "tiny", out_dir=tmp_path / "cell")
+    assert result.epochs_used == 1 and 0 <= result.metrics["test_accuracy"] <= 1
+    run = tracked(tracking_uri).get_run(result.run_id)
+    rate = cfg.train.learning_rates["vgg16"]
+    expected = rate * cfg.train.finetune_lr_factor if init == "finetune" else rate
+    assert float(run.data.params["effective_lr"]) == pytest.approx(expected)
+    saved = base_of(keras.models.load_model(result.model_path)).get_weights()
+    moved = any(not np.allclose(a, b) for a, b in zip(saved, start))
+    assert moved == (init == "finetune")  # frozen bases keep the loaded weights
+
+
+# --------------------------------------------------------------------------- real images, data stages
+
+
+def real_ct_files(shared_data: Path, per_class: int = 12) -> list[Path]:
+    ct = shared_data / "sarscov2-ct"
+    return sorted(ct.glob("COVID/*.png"))[:per_class] + sorted(ct.glob("non-COVID/*.png"))[:per_class]
+
+
+@pytest.mark.parametrize("model, init", [("custom_cnn", "random"), ("vgg16", "imagenet")])
+def test_trains_on_real_ct_images(model, init, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    cfg, table = make_workdir(tmp_path, files=real_ct_files(shared_data), **SMALL_BACKBONE)
+    if init == "imagenet":
+        fake_imagenet_cache(tmp_path / "keras", cfg)
+    assert table["path"].str.startswith(str(shared_data)).all()
+    result = train(cfg, model, init, "tiny", out_dir=tmp_path / "cell")
+    assert result.epochs_used == 1
+    assert set(TEST_METRICS) <= set(result.metrics)
+
+
+def test_cli_trains_on_ingested_and_split_synthetic_ct(synth_data, tmp_path, tracking_uri):
+    """`covidtl ingest`, `covidtl split`, then `covidtl train`: the stages as a user runs them."""
+    base = ["--params", str(ROOT / "params.yaml"), "-S", f"data.workdir={tmp_path / 'data'}",
+            "-S", f"data.datasets.ct.path={synth_data / 'ct'}"]
+    runner = CliRunner()
+    for args in (["ingest", "ct", "--quiet"], ["split", "ct"]):
+        assert runner.invoke(main, base + args).exit_code == 0
+    result = runner.invoke(main, base + [
+        "train", "--model", "custom_cnn", "--init", "random", "--dataset", "ct", "--epochs", "1",
+        "--batch-size", "16", "--max-train-samples", "32", "--out", str(tmp_path / "cell"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "train custom_cnn-random-ct: 1 epochs" in result.output
+    assert (tmp_path / "cell" / "model" / "model.keras").is_file()
+    client = tracked(tracking_uri)
+    run_id = result.output.split(" run ")[1].split(";")[0]
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "covidtl-ct"
+    assert run.data.params["train.max_train_samples"] == "32" and run.data.params["train_images"] == "32"
