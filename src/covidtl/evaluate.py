@@ -49,8 +49,10 @@ def load_trained(model_uri: str, cfg: Config) -> LoadedModel:
     """A .keras file (with card.json beside it if there) or an MLflow model URI (runs:/, models:/)."""
     if "://" not in model_uri and ":/" not in model_uri:
         path = Path(model_uri)
-        if path.is_dir() and (path / "model.keras").is_file():
-            path = path / "model.keras"
+        for inside in ("model.keras", "model/model.keras"):  # a model folder, or a study cell's folder
+            if path.is_dir() and (path / inside).is_file():
+                path = path / inside
+                break
         if not path.is_file():
             raise UserError(
                 f"--model-uri {model_uri}: no such file; give a model.keras, a models/<cell>/ "

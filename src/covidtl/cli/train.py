@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from covidtl.cli import config_from
@@ -34,11 +36,24 @@ def _rate(value: str | None) -> float | None:
               help="model: the backbone's preprocess_input; rescale: the paper's [0, 1].")
 @click.option("--max-train-samples", type=int, default=None, help="Use only this many training images.")
 @click.option("--out", default=None, help="Output folder (default models/<model>-<init>-<dataset>).")
+@click.option("--log-model/--no-log-model", default=True, show_default=True,
+              help="Also store the model in MLflow (the DVC study keeps its one copy as a DVC output).")
+@click.option("--skip-unavailable", is_flag=True,
+              help="If the init's ImageNet weights are not available, write a skipped cell and exit 0.")
 @click.pass_context
 def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, preprocessing,
-          max_train_samples, out) -> None:
+          max_train_samples, out, log_model, skip_unavailable) -> None:
     """Train MODEL from INIT on DATASET's split; logs one MLflow run and writes the cell's files."""
+    from covidtl import paths
     from covidtl.train import train as run
+    from covidtl.train import unavailable_reason, write_skipped_cell
+
+    reason = unavailable_reason(model, init) if skip_unavailable else None
+    if reason:
+        cell = paths.cell_name(model, init, dataset)
+        write_skipped_cell(Path(out) if out else paths.cell_dir(model, init, dataset), reason)
+        click.echo(f"SKIPPED {cell}: {reason}", err=True)
+        return
 
     cfg = config_from(ctx, **{
         "train.max_epochs": epochs, "train.batch_size": batch_size, "train.seed": seed,
@@ -51,7 +66,7 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
         rate = tuned_learning_rate(cfg, model, dataset, init)
     else:
         rate = _rate(lr)
-    result = run(cfg, model, init, dataset, lr=rate, out_dir=out)
+    result = run(cfg, model, init, dataset, lr=rate, out_dir=out, log_model=log_model)
     m = result.metrics
     summary = ", ".join(
         f"{k} {m[f'test_{k}']:.4f}" for k in ("accuracy", "recall_covid", "precision_covid", "f1_covid", "roc_auc")
