@@ -25,9 +25,12 @@ from typing import Any, Callable
 import keras
 import mlflow
 import optuna
+import sqlalchemy
+import sqlalchemy.exc
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 from covidtl import paths, tracking
 from covidtl.config import Config, TuneConfig
@@ -76,14 +79,19 @@ def tuned_learning_rate(cfg: Config, model: str, dataset: str, init: str | None 
     try:
         rate = float(yaml.safe_load(path.read_text())["learning_rate"])
     except (yaml.YAMLError, TypeError, KeyError, ValueError):
-        raise UserError(f"{path}: no learning_rate in it; re-run `covidtl tune` to rewrite it") from None
+        raise UserError(
+            f"{path}: no learning_rate in it; re-run `covidtl tune` to rewrite it"
+        ) from None
     if not rate > 0:
         raise UserError(f"{path}: learning_rate {rate} must be > 0; re-run `covidtl tune`")
     return rate
 
 
-def lr_bounds(cfg: Config, model: str, bounds: tuple[float, float] | None = None) -> tuple[float, float]:
-    """[low, high] of the log-uniform search: --bounds, else tune.bounds, else decades around the paper's rate."""
+def lr_bounds(
+    cfg: Config, model: str, bounds: tuple[float, float] | None = None
+) -> tuple[float, float]:
+    """[low, high] of the log-uniform search: --bounds, else tune.bounds.<model>, else
+    tune.decades either side of the paper's rate."""
     if bounds is not None:
         where = "--bounds"
     elif model in cfg.tune.bounds:
@@ -110,13 +118,12 @@ def lr_bounds(cfg: Config, model: str, bounds: tuple[float, float] | None = None
 
 def open_storage(url: str, stale_after: int) -> optuna.storages.RDBStorage:
     """The study database; a heartbeat lets a later run fail the trials of a killed worker."""
-    import sqlalchemy.exc
-    from sqlalchemy.engine import make_url
-
     try:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 - any unparsable URL is the same user error
-        raise UserError(f"--storage {url!r}: not a database URL; e.g. sqlite:///optuna.db") from None
+        raise UserError(
+            f"--storage {url!r}: not a database URL; e.g. sqlite:///optuna.db"
+        ) from None
     shown = parsed.render_as_string(hide_password=True)
     if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
         # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the project ships psycopg2.
@@ -172,7 +179,8 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
     """TPE whose randomness is seeded per trial (seed + trial number).
 
     A resumed study then draws new rates instead of replaying the first run's, and parallel
-    workers (distinct trial numbers) never draw the same ones; one worker stays reproducible.
+    workers (distinct trial numbers) do not repeat each other's draws; one worker stays
+    reproducible.
     """
 
     def __init__(self, seed: int, **kwargs: Any) -> None:
@@ -222,7 +230,7 @@ def check_enqueue(rates: tuple[float, ...], bounds: tuple[float, float]) -> None
 
 
 def enqueue(study: optuna.Study, rates: list[float]) -> None:
-    """Queue given rates as the next trials (once per study), e.g. the paper's for a direct comparison."""
+    """Queue rates as the next trials (once per study), e.g. the paper's for a direct comparison."""
     for rate in rates:
         study.enqueue_trial({"lr": rate}, skip_if_exists=True)
 
@@ -270,9 +278,9 @@ class TrialReporter(keras.callbacks.Callback):
         if run is not None:
             self.run_id = run.info.run_id
             self.trial.set_user_attr("mlflow_run_id", self.run_id)
-            mlflow.set_tags(
-                {"kind": "tune-trial", "optuna_study": self.study, "optuna_trial": self.trial.number}
-            )
+            mlflow.set_tags({
+                "kind": "tune-trial", "optuna_study": self.study, "optuna_trial": self.trial.number,
+            })
             mlflow.log_params({f"trial.{k}": v for k, v in self.trial.params.items()})
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -320,7 +328,7 @@ def objective(
             # A NaN value (diverged rate) makes Optuna mark the trial FAIL: tag it so.
             state = "complete" if math.isfinite(value) else "failed"
             return value
-        except (optuna.TrialPruned, UserError, KeyboardInterrupt):
+        except (optuna.TrialPruned, UserError):
             raise
         except Exception:  # noqa: BLE001 - one broken trial must not end a long study
             log.exception("trial %d failed (lr=%g)", trial.number, params["lr"])
@@ -364,7 +372,7 @@ def run_study(
     enqueue_rates: tuple[float, ...] = (),
     total: bool = False,
 ) -> TuneResult:
-    """Run tune.trials more trials (with total: until the study holds that many); save the best rate.
+    """Run tune.trials more trials (total: until the study holds that many); save the best rate.
 
     Storage, init, epochs and trials come from cfg.tune (the CLI's options override them). The
     paper's rate for the model is queued first in every new study, so the search always compares
@@ -418,7 +426,9 @@ def run_study(
                 n_trials=to_run, callbacks=callbacks, gc_after_trial=True,
             )
         seconds = time.monotonic() - start
-        result = _summarise(cfg, study, model, init, dataset, url, paper, seconds, parent.info.run_id)
+        result = _summarise(
+            cfg, study, model, init, dataset, url, paper, seconds, parent.info.run_id
+        )
         mlflow.log_metrics({
             f"best_{cfg.tune.metric}": result.best_value, "best_lr": result.best_lr,
             "best_trial": result.best_trial, "tune_seconds": seconds,
@@ -472,7 +482,8 @@ def _summarise(
     best = study.best_trial
     baseline = [
         t for t in trials
-        if t.state == TrialState.COMPLETE and paper is not None and math.isclose(t.params["lr"], paper)
+        if t.state == TrialState.COMPLETE and paper is not None
+        and math.isclose(t.params["lr"], paper)
     ]
     record = {
         "model": model, "init": init, "dataset": dataset, "study": study.study_name,
@@ -498,7 +509,7 @@ def _summarise(
 
 
 def log_plots(study: optuna.Study) -> None:
-    """Optuna's matplotlib plots into the active run; one that cannot be drawn yet is skipped, saying why."""
+    """Optuna's matplotlib plots into the active run; one it cannot draw yet is listed, with why."""
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as vis
 
@@ -527,8 +538,6 @@ def log_plots(study: optuna.Study) -> None:
 
 
 def _shown(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001

@@ -47,7 +47,8 @@ def tune(ctx, model, dataset, trials, total, init, epochs, storage, bounds, enqu
         enqueue_rates=tuple(enqueue), total=total,
     )
     counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
-    acc = "" if result.best_val_accuracy is None else f", val_accuracy {result.best_val_accuracy:.4f}"
+    acc = result.best_val_accuracy
+    acc = "" if acc is None else f", val_accuracy {acc:.4f}"
     click.echo(
         f"{result.study}: {counts}; best lr {result.best_lr:.3g} (trial {result.best_trial}, "
         f"{cfg.tune.metric} {result.best_value:.4f}{acc}) in {result.seconds:.0f} s -> "
