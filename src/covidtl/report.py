@@ -143,16 +143,20 @@ def write_tables(table: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def _markdown(frame: pd.DataFrame) -> str:
-    def cell(value: object) -> str:
+    def cell(column: str, value: object) -> str:
         if isinstance(value, float):
             if pd.isna(value):
                 return "—"
-            return f"{value:.0f}" if value.is_integer() and abs(value) >= 1 else f"{value:.3f}"
+            # Counts and seconds read better whole; scores keep three decimals.
+            return f"{value:.0f}" if column in ("epochs_used", "train_seconds") else f"{value:.3f}"
         return str(value)
 
     header = "| " + " | ".join(c.removeprefix("test_") for c in frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    rows = [
+        "| " + " | ".join(cell(c, v) for c, v in zip(frame.columns, row)) + " |"
+        for row in frame.itertuples(index=False)
+    ]
     return "\n".join([header, rule, *rows])
 
 

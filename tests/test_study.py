@@ -1,0 +1,132 @@
+"""The README's main command end to end: `dvc repro` of a tiny study in a copy of the repository.
+
+Tiny profile: custom CNN and VGG16 x random and ImageNet weights on the synthetic CT-like set; the
+ImageNet cells are skipped (custom CNN: none exist; VGG16: Keras' file not cached, no network). Also
+failure isolation: a failing cell leaves the others' results, and the next `dvc repro` re-runs only it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+TINY = {
+    "synth.images_per_class": 30,
+    "synth.slices_per_patient": 5,
+    "study.models": ["custom_cnn", "vgg16"],
+    "study.inits": ["random", "imagenet"],
+    "study.datasets": ["ct"],
+    "train.max_epochs": 2,
+    "train.batch_size": 16,
+    "augment.copies_per_image": 1,
+}
+CELLS = ["custom_cnn-random-ct", "vgg16-random-ct", "vgg16-imagenet-ct", "custom_cnn-imagenet-ct"]
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _set(params: dict, dotted: str, value) -> None:
+    node = params
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+
+
+def _run(cwd: Path, *args: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "KERAS_HOME"))}
+    env.update(extra_env)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=800)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """The project's files (tracked and new, as `git ls-files` lists them) in a fresh git repo."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    dest = tmp_path_factory.mktemp("study") / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file() and not name.startswith(("data/", "models/", "reports/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for key, value in TINY.items():
+        _set(params, key, value)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    _run(dest, "git", "init", "-q")
+    _run(dest, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    _run(dest, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny study")
+    return dest
+
+
+def test_one_failing_cell_leaves_the_others_and_repro_reruns_only_it(repo, tmp_path_factory):
+    # A corrupt ImageNet weights file in Keras' cache: VGG16-imagenet fails, the rest finish.
+    keras_home = tmp_path_factory.mktemp("keras")
+    corrupt = keras_home / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"not an HDF5 file")
+    first = _run(repo, "dvc", "repro", "--keep-going", check=False, KERAS_HOME=str(keras_home))
+    assert first.returncode != 0
+    assert json.loads((repo / "models/custom_cnn-random-ct/metrics.json").read_text())["status"] == "ok"
+    assert json.loads((repo / "models/vgg16-random-ct/metrics.json").read_text())["status"] == "ok"
+    assert "Running stage 'report'" not in first.stdout  # it waits for every cell
+
+    # Weights gone: the cell is now skipped (not failed), and only it and the report run again.
+    corrupt.unlink()
+    second = _run(repo, "dvc", "repro", KERAS_HOME=str(keras_home))
+    ran = {line.split("'")[1] for line in second.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@vgg16-imagenet-ct", "report"}, second.stdout
+
+
+def test_study_outputs_metrics_plots_and_report(repo):
+    if not (repo / "reports").exists():
+        pytest.skip("needs the study run by the previous test")
+    # The study's pipeline (dvc.yaml) is clean: a second `dvc repro` does nothing.
+    assert "up to date" in _run(repo, "dvc", "status", "dvc.yaml").stdout
+    again = _run(repo, "dvc", "repro")
+    assert "Running stage" not in again.stdout and "up to date" in again.stdout
+
+    metrics = json.loads(_run(repo, "dvc", "metrics", "show", "--json").stdout)
+    shown = json.dumps(metrics)
+    for cell in ("custom_cnn-random-ct", "vgg16-random-ct"):
+        data = json.loads((repo / "models" / cell / "metrics.json").read_text())
+        assert data["status"] == "ok" and 0 <= data["test_accuracy"] <= 1
+        assert f"models/{cell}/metrics.json" in shown
+    for cell in ("vgg16-imagenet-ct", "custom_cnn-imagenet-ct"):
+        data = json.loads((repo / "models" / cell / "metrics.json").read_text())
+        assert data["status"] == "skipped" and data["reason"]
+
+    plots = _run(repo, "dvc", "plots", "show", "--json")
+    assert "models/custom_cnn-random-ct/predictions.csv" in plots.stdout
+    assert "models/vgg16-random-ct/history.csv" in plots.stdout
+
+    table = pd.read_csv(repo / "reports" / "results.csv").set_index(["model", "init"])
+    assert table.loc[("custom_cnn", "random"), "status"] == "ok"
+    assert table.loc[("vgg16", "random"), "test_accuracy"] == pytest.approx(
+        json.loads((repo / "models/vgg16-random-ct/metrics.json").read_text())["test_accuracy"]
+    )
+    assert table.loc[("vgg16", "imagenet"), "status"] == "skipped"
+    assert pd.isna(table.loc[("vgg16", "imagenet"), "test_accuracy"])
+    for name in ("results.md", "fig5_6-ct.png", "fig7-epochs.png", "confusion-ct.png"):
+        assert (repo / "reports" / name).stat().st_size > 0
