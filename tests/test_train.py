@@ -122,7 +122,7 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_model(trained, tracking_u
     for key, value in cfg.flat().items():
         assert key in params, key
     assert params["train.batch_size"] == "8" and params["model"] == "custom_cnn"
-    assert float(params["lr"]) == cfg.train.learning_rates["custom_cnn"]
+    assert float(params["learning_rate"]) == cfg.train.learning_rates["custom_cnn"]
     for key in TEST_METRICS + ["epochs_used", "train_seconds"]:
         assert key in run.data.metrics, key
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):

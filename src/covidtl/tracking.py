@@ -160,7 +160,8 @@ def log_keras_model(model, example: np.ndarray) -> str:
     import tensorflow as tf
     from mlflow.models import infer_signature
 
-    signature = infer_signature(example, model.predict(example, verbose=0))
+    # An eager call: predict() would trace a function just for this one example.
+    signature = infer_signature(example, np.asarray(model(example, training=False)))
     with _example_dir_fix():
         # Pinning the requirements skips MLflow's slow inference subprocess (it re-imports TF).
         info = mlflow.keras.log_model(

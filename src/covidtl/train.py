@@ -177,8 +177,9 @@ def train(
     with mlflow.start_run(run_name=run_name or cell, nested=nested) as run:
         mlflow.set_tags(run_tags(cfg, model, init, dataset, kind="train"))
         tracking.log_config(cfg)
+        # Names apart from `mlflow run`'s entry-point params (lr=auto...): MLflow forbids changes.
         mlflow.log_params({
-            "model": model, "init": init, "dataset": dataset, "lr": rate,
+            "model": model, "init": init, "dataset": dataset, "learning_rate": rate,
             "effective_lr": effective_rate, "image_size": size,
             "train_images": len(train_rows), "val_images": int((table["split"] == "val").sum()),
             "test_images": int((table["split"] == "test").sum()),

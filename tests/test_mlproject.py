@@ -1,0 +1,71 @@
+"""MLproject: entry points call only the CLI, defaults match params.yaml, `mlflow run` trains."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from helpers_train import split_table, write_images
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_entry_points_only_call_covidtl_and_mirror_params():
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert project["python_env"] == "python_env.yaml"
+    env = yaml.safe_load((ROOT / "python_env.yaml").read_text())
+    assert env["python"] == "3.11.7" and env["dependencies"] == ["-e ."]
+    points = project["entry_points"]
+    assert set(points) >= {"main", "evaluate", "tune", "report"}
+    for name, point in points.items():
+        assert point["command"].startswith("covidtl "), name
+    main = points["main"]["parameters"]
+    assert set(main) >= {"model", "init", "dataset", "epochs", "lr", "batch_size", "seed"}
+    assert int(main["epochs"]["default"]) == params["train"]["max_epochs"]
+    assert int(main["batch_size"]["default"]) == params["train"]["batch_size"]
+    assert int(main["seed"]["default"]) == params["train"]["seed"]
+    assert main["model"]["default"] in params["study"]["models"]
+    assert main["dataset"]["default"] in params["data"]["datasets"]
+    assert main["lr"]["default"] == "auto"  # the model's rate from train.learning_rates
+
+
+def test_mlflow_run_trains_the_custom_cnn(tmp_path):
+    """`mlflow run <project> --env-manager local -P model=custom_cnn -P init=random -P epochs=1`."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("MLproject", "python_env.yaml"):
+        shutil.copy(ROOT / name, project / name)
+    table = split_table(write_images(tmp_path / "images", per_class=8, size=40))
+    (tmp_path / "data" / "tiny").mkdir(parents=True)
+    table.to_csv(tmp_path / "data" / "tiny" / "split.csv", index=False)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["workdir"] = str(tmp_path / "data")
+    params["data"]["datasets"]["tiny"] = {"path": str(tmp_path / "images"), "series": True}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bin_dir = str(Path(sys.executable).parent)  # this venv's covidtl and mlflow
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run(
+        [f"{bin_dir}/mlflow", "run", str(project), "--env-manager", "local",
+         "--experiment-name", "covidtl-tiny",
+         "-P", "model=custom_cnn", "-P", "init=random", "-P", "epochs=1", "-P", "dataset=tiny",
+         "-P", "batch_size=8"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("covidtl-tiny").experiment_id])
+    assert len(runs) == 1  # the run `mlflow run` opened is the one train() filled
+    run = runs[0]
+    assert run.data.tags["kind"] == "train" and run.data.tags["model"] == "custom_cnn"
+    assert run.data.metrics["epochs_used"] == 1 and "test_accuracy" in run.data.metrics
+    assert run.data.params["train.batch_size"] == "8"
+    assert (project / "models" / "custom_cnn-random-tiny" / "model" / "model.keras").is_file()
