@@ -52,7 +52,9 @@ def test_mlflow_run_trains_the_custom_cnn(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     bin_dir = str(Path(sys.executable).parent)  # this venv's covidtl and mlflow
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    # A clean MLflow environment: no experiment or run inherited from whatever ran before.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_EXPERIMENT", "MLFLOW_RUN"))}
+    env.update(MLFLOW_TRACKING_URI=uri, PATH=f"{bin_dir}:{os.environ['PATH']}")
     done = subprocess.run(
         [f"{bin_dir}/mlflow", "run", str(project), "--env-manager", "local",
          "--experiment-name", "covidtl-tiny",

@@ -141,11 +141,11 @@ def test_imagenet_offline_and_uncached_fails_fast_naming_the_file(tmp_path, monk
     refuse_connections(monkeypatch)
     started = time.monotonic()
     with pytest.raises(UserError) as err:
-        build_model(get_spec("densenet121"), "imagenet", train_cfg, image_size=32)
+        build_model(get_spec("vgg16"), "imagenet", train_cfg, image_size=32)
     assert time.monotonic() - started < 30
     message = str(err.value)
     assert "\n" not in message
-    assert "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
     assert str(tmp_path / "empty" / "models") in message
 
 
