@@ -93,6 +93,23 @@ def test_augment_cap_and_offline_dataset(split_dir):
     assert sorted(int(y) for _, y in items) == expected
 
 
+def test_training_reads_the_offline_set_when_mode_is_offline(split_dir):
+    """augment.mode=offline: train's input pipeline batches the stored copies, preprocessed, one-hot."""
+    from covidtl.data.pipeline import make_offline_dataset
+    from covidtl.models.registry import get_spec
+
+    _augment("-S", "augment.copies_per_image=2")
+    cfg = load_config(PARAMS, {"train.image_size": {"custom_cnn": 32, "vgg16": 40}, "augment.mode": "offline",
+                               "train.batch_size": 5, "train.preprocessing": "rescale"})
+    batches = list(make_offline_dataset(cfg, "ct", get_spec("vgg16"), 40).as_numpy_iterator())
+    images = np.concatenate([x for x, _ in batches])
+    labels = np.concatenate([y for _, y in batches])
+    assert images.shape == (16, 40, 40, 3) and labels.shape == (16, 2)
+    assert images.dtype == np.float32 and 0.0 <= images.min() and images.max() <= 1.0
+    stored = np.load(split_dir / "data" / "ct" / "augmented" / "40" / "images.npy")
+    assert np.isclose(np.sort(images.ravel()), np.sort(stored.ravel() / 255.0)).all()  # the same pixels, shuffled
+
+
 def test_augment_errors_name_the_fix(split_dir):
     from covidtl.data.augment import load_offline_dataset
 
