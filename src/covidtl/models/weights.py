@@ -49,7 +49,7 @@ def _download_through_keras(base: keras.Model, spec: ModelSpec, path: Path) -> N
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             spec.backbone(include_top=False, weights="imagenet", input_shape=base.input_shape[1:])
     except Exception as exc:  # noqa: BLE001 - any download failure means the same fix
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
