@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from covidtl.cli import main
 from covidtl.models.registry import base_of, build_model, get_spec
-from covidtl.train import PaperStopRule, train
+from covidtl.train import PaperStopRule, RecalibrateBatchNorm, train
 from helpers_train import make_workdir
 
 ROOT = Path(__file__).parents[1]
@@ -71,6 +71,32 @@ def test_paper_stop_rule_fires_at_first_epoch_meeting_both(history, stopped_at):
             break
     assert rule.stopped_epoch == stopped_at
     assert epochs_run == (stopped_at or len(history))
+
+
+def test_batchnorm_recalibration_sets_moving_stats_to_the_training_batches_average():
+    import tensorflow as tf
+
+    inputs = keras.Input(shape=(3,))
+    frozen = keras.Sequential([keras.Input(shape=(3,)), keras.layers.BatchNormalization()])
+    frozen.trainable = False
+    outputs = keras.layers.BatchNormalization()(frozen(inputs, training=False))
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc=[5.0, -2.0, 0.5], scale=[1.0, 3.0, 0.1], size=(16, 3)) for _ in range(4)]
+    ds = tf.data.Dataset.from_tensor_slices((np.stack(batches).astype("float32"), np.zeros(4)))
+    callback = RecalibrateBatchNorm(ds, batches=4)
+    callback.set_model(model)
+    callback.on_test_begin()
+
+    trained_bn = model.layers[-1]
+    seen = [np.asarray(frozen(b.astype("float32"), training=False)) for b in batches]
+    expected_mean = np.mean([b.mean(axis=0) for b in seen], axis=0)
+    expected_var = np.mean([b.var(axis=0) for b in seen], axis=0)
+    np.testing.assert_allclose(trained_bn.moving_mean.numpy(), expected_mean, rtol=1e-4)
+    np.testing.assert_allclose(trained_bn.moving_variance.numpy(), expected_var, rtol=1e-3)
+    assert trained_bn.momentum == 0.99  # restored for training
+    # The frozen base keeps its (initial) statistics.
+    np.testing.assert_allclose(frozen.layers[0].moving_mean.numpy(), np.zeros(3))
 
 
 # --------------------------------------------------------------------------- custom CNN, synthetic

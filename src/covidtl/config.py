@@ -95,6 +95,7 @@ class TrainConfig:
     stop: StopConfig = field(default_factory=StopConfig)
     image_size: dict[str, int] = field(default_factory=dict)
     max_train_samples: int = 0
+    bn_recalibration_batches: int = 20
     learning_rates: dict[str, float] = field(default_factory=dict)
 
 
@@ -307,6 +308,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {value} must be > 0")
     non_negative = {
         "train.max_train_samples": cfg.train.max_train_samples,
+        "train.bn_recalibration_batches": cfg.train.bn_recalibration_batches,
         "augment.max_images": cfg.augment.max_images,
         "augment.rotation": cfg.augment.rotation,
         "ingest.near_duplicate_bits": cfg.ingest.near_duplicate_bits,
