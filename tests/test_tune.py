@@ -179,7 +179,7 @@ def test_train_reads_the_tuned_rate(searched):
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("covidtl-tiny")
     (run,) = client.search_runs([exp.experiment_id], "tags.kind = 'train'")
-    assert float(run.data.params["lr"]) == pytest.approx(rate)
+    assert float(run.data.params["learning_rate"]) == pytest.approx(rate)
 
 
 def test_tuned_rate_missing_is_one_clear_error(tmp_path):
@@ -274,7 +274,12 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres_url):
     dataset = f"tiny{uuid.uuid4().hex[:8]}"  # a fresh study in a database that outlives the test
     (root / "data" / "tiny").rename(root / "data" / dataset)
     name = study_name("custom_cnn", "random", dataset)
-    args = settings(root, "tune.pruner=none", f"data.datasets.{dataset}={{path: {root / 'images'}}}") + [
+    # A live worker's heartbeat can lag a few seconds on a loaded machine: the default
+    # stale_after, not the resume test's 2 s, or one worker would fail the other's trials.
+    args = settings(
+        root, "tune.pruner=none", "tune.stale_after=120",
+        f"data.datasets.{dataset}={{path: {root / 'images'}}}",
+    ) + [
         "tune", "--model", "custom_cnn", "--dataset", dataset, "--epochs", "1", "--trials", "2",
         "--storage", postgres_url,
     ]

@@ -315,6 +315,7 @@ def objective(
                     run_name=f"{study}-trial-{trial.number}", nested=True,
                     evaluate_test=False,  # the test split never steers the search
                     out_dir=out_dir,
+                    log_model=False,  # a trial's model is thrown away; only its rate matters
                 )
             values = reporter.values.get(metric, [])
             val_acc = reporter.values.get("val_accuracy", [])
