@@ -248,3 +248,28 @@ def test_cli_trains_on_ingested_and_split_synthetic_ct(synth_data, tmp_path, tra
     run = client.get_run(run_id)
     assert client.get_experiment(run.info.experiment_id).name == "covidtl-ct"
     assert run.data.params["train.max_train_samples"] == "32" and run.data.params["train_images"] == "32"
+
+
+def test_cli_train_on_a_fresh_clone_makes_the_missing_split_first(tmp_path, tracking_uri):
+    """No synth, ingest or split yet (a fresh clone): train makes them, as `dvc repro split@ct`."""
+    synth = tmp_path / "synth"
+    base = ["--params", str(ROOT / "params.yaml"), "-S", f"data.workdir={tmp_path / 'data'}",
+            "-S", f"synth.out={synth}", "-S", f"data.datasets.ct.path={synth / 'ct'}",
+            "-S", "synth.images_per_class=40"]
+    result = CliRunner().invoke(main, base + [
+        "train", "--model", "custom_cnn", "--dataset", "ct", "--epochs", "1", "--batch-size", "8",
+        "--max-train-samples", "16", "--out", str(tmp_path / "cell"), "--no-log-model",
+    ])
+    assert result.exit_code == 0, result.output
+    assert (synth / "ct" / "COVID").is_dir()
+    table = pd.read_csv(tmp_path / "data" / "ct" / "split.csv")
+    assert set(table["split"]) == {"train", "val", "test"} and len(table) == 80
+    assert "covidtl synth" in result.output and "covidtl split ct" in result.output
+    assert (tmp_path / "cell" / "model" / "model.keras").is_file()
+
+    elsewhere = ["--params", str(ROOT / "params.yaml"), "-S", f"data.workdir={tmp_path / 'empty'}"]
+    refused = CliRunner().invoke(main, elsewhere + [
+        "train", "--model", "custom_cnn", "--dataset", "ct", "--no-prepare",
+    ])
+    assert refused.exit_code == 2
+    assert "no split table" in refused.output and "covidtl split ct" in refused.output

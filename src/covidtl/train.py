@@ -123,8 +123,8 @@ def load_split(cfg: Config, dataset: str) -> pd.DataFrame:
     path = paths.split_path(cfg, dataset)
     if not path.is_file():
         raise UserError(
-            f"{path}: no split table for dataset {dataset!r}; run `covidtl ingest --dataset "
-            f"{dataset}` and `covidtl split --dataset {dataset}` first"
+            f"{path}: no split table for dataset {dataset!r}; run `covidtl ingest {dataset}` "
+            f"and `covidtl split {dataset}` (or `dvc repro split@{dataset}`) first"
         )
     table = pd.read_csv(path, dtype={"group": str})
     missing = {"path", "label", "split"} - set(table.columns)

@@ -25,7 +25,7 @@ def _rate(value: str | None) -> float | None:
 @click.option("--model", required=True, help="custom_cnn, densenet121, resnet50, inceptionv3, resnet101v2 or vgg16.")
 @click.option("--init", default="random", show_default=True,
               help="random | imagenet | finetune | path to a .weights.h5 file for the base.")
-@click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets), split already.")
+@click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
 @click.option("--epochs", type=int, default=None, help="Cap on epochs (train.max_epochs).")
 @click.option("--lr", default=None, help="Adam learning rate; auto = train.learning_rates.<model>; "
               "tuned = the best rate of `covidtl tune` (tuned/<model>-<init>-<dataset>.yaml).")
@@ -40,9 +40,11 @@ def _rate(value: str | None) -> float | None:
               help="Also store the model in MLflow (the DVC study keeps its one copy as a DVC output).")
 @click.option("--skip-unavailable", is_flag=True,
               help="If the init's ImageNet weights are not available, write a skipped cell and exit 0.")
+@click.option("--prepare/--no-prepare", default=True, show_default=True,
+              help="Make a missing split table first (synth, ingest, split), as `dvc repro split@DATASET`.")
 @click.pass_context
 def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, preprocessing,
-          max_train_samples, out, log_model, skip_unavailable) -> None:
+          max_train_samples, out, log_model, skip_unavailable, prepare) -> None:
     """Train MODEL from INIT on DATASET's split; logs one MLflow run and writes the cell's files."""
     from covidtl import paths
     from covidtl.train import train as run
@@ -60,6 +62,10 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
         f"train.image_size.{model}": image_size, "train.preprocessing": preprocessing,
         "train.max_train_samples": max_train_samples,
     })
+    if prepare:
+        from covidtl.data.prepare import ensure_split
+
+        ensure_split(cfg, dataset, say=lambda line: click.echo(line, err=True))
     if lr is not None and lr.strip().lower() == "tuned":
         from covidtl.tune import tuned_learning_rate
 

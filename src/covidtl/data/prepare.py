@@ -1,0 +1,32 @@
+"""Make a dataset's split table when it is missing, so `covidtl train` works on a fresh clone.
+
+The same steps as `dvc repro split@<dataset>` (synth for the embedded data, ingest, split), run
+through the same modules; an existing split table is never touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from covidtl import paths
+from covidtl.config import Config
+
+
+def ensure_split(cfg: Config, dataset: str, say: Callable[[str], None] = print) -> Path:
+    """The split table of `dataset`, made first (with its manifest) if it does not exist."""
+    from covidtl.data import ingest, split, synth
+
+    table = paths.split_path(cfg, dataset)
+    if table.is_file():
+        return table
+    root = Path(cfg.dataset(dataset).path)
+    if not root.exists() and root.resolve().is_relative_to(Path(cfg.synth.out).resolve()):
+        say(f"{root} is missing: writing the embedded synthetic data (covidtl synth)")
+        synth.generate(cfg.synth)
+    if not paths.manifest_path(cfg, dataset).is_file():
+        say(f"{paths.manifest_path(cfg, dataset)} is missing: ingesting {root} (covidtl ingest {dataset})")
+        ingest.run(cfg, dataset, progress=False)
+    say(f"{table} is missing: splitting ({cfg.split.strategy}; covidtl split {dataset})")
+    split.run(cfg, dataset)
+    return table
