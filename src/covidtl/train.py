@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from covidtl import paths, tracking
+from covidtl.cells import EPOCH_METRICS, MODEL_DIR
 from covidtl.config import Config
 from covidtl.data.pipeline import make_dataset, make_offline_dataset
 from covidtl.errors import UserError
@@ -34,9 +35,7 @@ from covidtl.models.registry import (
 # ignore_errors() leaves the first epoch's length unknown; Keras then warns at its end.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
 
-EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 INTENDED_USE = "Research only: not a diagnostic device."
-MODEL_DIR = "model"  # models/<cell>/model/: model.keras + card.json, or SKIPPED.txt
 
 
 @dataclass
@@ -283,31 +282,6 @@ def train(
         model_path=model_path,
         train_seconds=seconds,
     )
-
-
-def unavailable_reason(model: str, init: str) -> str | None:
-    """Why a cell cannot run on this machine (ImageNet weights absent), checked before any work."""
-    from covidtl.models.weights import imagenet_weights_path
-
-    if init not in ("imagenet", "finetune"):
-        return None
-    spec = get_spec(model)
-    if spec.imagenet_file is None:
-        return f"{model} has no ImageNet weights: the paper trains it from scratch only"
-    path = imagenet_weights_path(spec)
-    if not path.exists():
-        return (f"Keras' ImageNet file {spec.imagenet_file} is not in {path.parent}; copy it there "
-                "(or set KERAS_HOME) and run `dvc repro` again")
-    return None
-
-
-def write_skipped_cell(out: Path, reason: str) -> None:
-    """A skipped cell's files: DVC finds every output, the report shows the cell as skipped."""
-    (out / MODEL_DIR).mkdir(parents=True, exist_ok=True)
-    (out / MODEL_DIR / "SKIPPED.txt").write_text(reason + "\n")
-    (out / "metrics.json").write_text(json.dumps({"status": "skipped", "reason": reason}, indent=2) + "\n")
-    (out / "predictions.csv").write_text("actual,predicted\n")
-    (out / "history.csv").write_text(",".join(["epoch", *EPOCH_METRICS]) + "\n")
 
 
 def run_tags(cfg: Config, model: str, init: str, dataset: str, kind: str) -> dict[str, str]:

@@ -47,8 +47,7 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
           max_train_samples, out, log_model, skip_unavailable, prepare) -> None:
     """Train MODEL from INIT on DATASET's split; logs one MLflow run and writes the cell's files."""
     from covidtl import paths
-    from covidtl.train import train as run
-    from covidtl.train import unavailable_reason, write_skipped_cell
+    from covidtl.cells import unavailable_reason, write_skipped_cell
 
     reason = unavailable_reason(model, init) if skip_unavailable else None
     if reason:
@@ -62,6 +61,8 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
         f"train.image_size.{model}": image_size, "train.preprocessing": preprocessing,
         "train.max_train_samples": max_train_samples,
     })
+    from covidtl.train import train as run  # TensorFlow loads here, after the cheap checks
+
     if prepare:
         from covidtl.data.prepare import ensure_split
 

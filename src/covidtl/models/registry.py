@@ -12,6 +12,7 @@ from typing import Callable
 import keras
 from keras import layers
 
+from covidtl.cells import IMAGENET_FILES
 from covidtl.config import TrainConfig
 from covidtl.errors import UserError
 from covidtl.models import weights
@@ -33,13 +34,15 @@ class ModelSpec:
     backbone: Callable[..., keras.Model] | None
     # What the backbone's ImageNet weights were trained with; `rescale` for the custom CNN.
     preprocess_input: Callable
-    # Keras' cache file name of the ImageNet weights without the top, as keras.applications
-    # downloads it into $KERAS_HOME/models.
-    imagenet_file: str | None = None
 
     @property
     def lr_key(self) -> str:
         return self.name
+
+    @property
+    def imagenet_file(self) -> str | None:
+        """Keras' cache file of the ImageNet weights without the top ($KERAS_HOME/models)."""
+        return IMAGENET_FILES[self.name]
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -47,27 +50,22 @@ MODELS: dict[str, ModelSpec] = {
     "densenet121": ModelSpec(
         "densenet121", 224, keras.applications.DenseNet121,
         keras.applications.densenet.preprocess_input,
-        "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
     ),
     "resnet50": ModelSpec(
         "resnet50", 224, keras.applications.ResNet50,
         keras.applications.resnet.preprocess_input,
-        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
     ),
     "inceptionv3": ModelSpec(
         "inceptionv3", 299, keras.applications.InceptionV3,
         keras.applications.inception_v3.preprocess_input,
-        "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
     ),
     "resnet101v2": ModelSpec(
         "resnet101v2", 224, keras.applications.ResNet101V2,
         keras.applications.resnet_v2.preprocess_input,
-        "resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
     ),
     "vgg16": ModelSpec(
         "vgg16", 224, keras.applications.VGG16,
         keras.applications.vgg16.preprocess_input,
-        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
     ),
 }
 

@@ -14,21 +14,13 @@ from typing import TYPE_CHECKING
 
 import keras
 
+from covidtl.cells import keras_cache_dir
 from covidtl.errors import UserError
 
 if TYPE_CHECKING:
     from covidtl.models.registry import ModelSpec
 
 DOWNLOAD_TIMEOUT_S = 10
-
-
-def keras_cache_dir() -> Path:
-    """Keras' download cache for weights: $KERAS_HOME/models, else ~/.keras/models."""
-    home = os.environ.get("KERAS_HOME")
-    if not home:
-        base = Path.home() if os.access(Path.home(), os.W_OK) else Path("/tmp")
-        home = str(base / ".keras")
-    return Path(home).expanduser() / "models"
 
 
 def imagenet_weights_path(spec: ModelSpec) -> Path:
