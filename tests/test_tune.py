@@ -380,6 +380,19 @@ def test_sampler_is_reproducible_and_resumes_with_new_draws():
     assert draws(resumed, 3) == first[:6]  # a fresh process continues the sequence, no replay
 
 
+def test_only_the_worker_that_creates_a_study_queues_the_papers_rate(tmp_path):
+    # Workers starting together on one new study: exactly one creates it (and queues 1e-3);
+    # the others load it. Checking "already queued?" instead raced in CI: 1e-3 ran twice.
+    from covidtl.tune import load_study
+
+    cfg = load_config(PARAMS)
+    url = sqlite_url(tmp_path)
+    first, created_first = load_study(cfg, "custom_cnn", "random", "tiny", url)
+    second, created_second = load_study(cfg, "custom_cnn", "random", "tiny", url)
+    assert (created_first, created_second) == (True, False)
+    assert first._study_id == second._study_id
+
+
 def test_dvc_tune_stages_are_a_separate_pipeline():
     """`dvc repro` runs the root dvc.yaml only; the tune stages live in tune/dvc.yaml."""
     def stages(*target: str) -> str:

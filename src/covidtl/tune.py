@@ -195,21 +195,30 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
         super().before_trial(study, trial)
 
 
-def load_study(cfg: Config, model: str, init: str, dataset: str, storage_url: str) -> optuna.Study:
-    """Create the study or load it (load_if_exists), with the sampler and pruner from params."""
+def load_study(
+    cfg: Config, model: str, init: str, dataset: str, storage_url: str
+) -> tuple[optuna.Study, bool]:
+    """Create the study or load it, with the sampler and pruner from params; True if created here.
+
+    Creation is tried first, not load_if_exists: of several workers starting on one new study
+    exactly one creates it, and only that one queues the paper's rate (two workers that both
+    checked for it before either queued it would otherwise run it twice).
+    """
     storage = open_storage(storage_url, cfg.tune.stale_after)
     name = study_name(model, init, dataset)
     direction = DIRECTIONS[cfg.tune.metric]
+    options = dict(
+        study_name=name,
+        storage=storage,
+        sampler=TrialSeededTPE(cfg.tune.sampler_seed),
+        pruner=PRUNERS[cfg.tune.pruner](cfg.tune),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study = optuna.create_study(
-            study_name=name,
-            storage=storage,
-            sampler=TrialSeededTPE(cfg.tune.sampler_seed),
-            pruner=PRUNERS[cfg.tune.pruner](cfg.tune),
-            direction=direction,
-            load_if_exists=True,
-        )
+        try:
+            study, created = optuna.create_study(direction=direction, **options), True
+        except optuna.exceptions.DuplicatedStudyError:
+            study, created = optuna.load_study(**options), False
         study.set_metric_names([cfg.tune.metric])
     if study.direction.name.lower() != direction:
         raise UserError(
@@ -217,7 +226,7 @@ def load_study(cfg: Config, model: str, init: str, dataset: str, storage_url: st
             f"{cfg.tune.metric} needs {direction}; use the metric it was made with or delete it "
             f"(optuna delete-study --study-name {name} --storage ...)"
         )
-    return study
+    return study, created
 
 
 def check_enqueue(rates: tuple[float, ...], bounds: tuple[float, float]) -> None:
@@ -391,9 +400,9 @@ def run_study(
             f"`covidtl split {dataset}` first"
         )
     url = cfg.tune.storage
-    study = load_study(cfg, model, init, dataset, url)
+    study, created = load_study(cfg, model, init, dataset, url)
     paper = cfg.train.learning_rates.get(model)
-    baseline = [paper] if paper is not None and span[0] <= paper <= span[1] else []
+    baseline = [paper] if created and paper is not None and span[0] <= paper <= span[1] else []
     enqueue(study, baseline + list(enqueue_rates))
     _use_experiment(dataset)
     with warnings.catch_warnings():
