@@ -96,6 +96,7 @@ class TrainConfig:
     image_size: dict[str, int] = field(default_factory=dict)
     max_train_samples: int = 0
     bn_recalibration_batches: int = 20
+    run_eagerly: bool = False
     learning_rates: dict[str, float] = field(default_factory=dict)
 
 

@@ -204,6 +204,8 @@ def train(
         optimizer=keras.optimizers.Adam(effective_rate),
         loss="categorical_crossentropy",
         metrics=["accuracy"],
+        # Tracing the train/test graphs costs more than a few tiny epochs (see params.yaml).
+        run_eagerly=cfg.train.run_eagerly,
     )
     stop = PaperStopRule(cfg.train.stop.val_accuracy, cfg.train.stop.val_loss)
     checkpoint_dir = out / "checkpoint"
