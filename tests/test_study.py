@@ -130,3 +130,19 @@ def test_study_outputs_metrics_plots_and_report(repo):
     assert pd.isna(table.loc[("vgg16", "imagenet"), "test_accuracy"])
     for name in ("results.md", "fig5_6-ct.png", "fig7-epochs.png", "confusion-ct.png"):
         assert (repo / "reports" / name).stat().st_size > 0
+
+
+def test_each_cell_declares_every_training_setting_it_reads():
+    # A setting missing from the cell's params would change results without DVC re-running it.
+    from dataclasses import fields
+
+    from covidtl.config import TrainConfig
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    declared = set(stage["params"])
+    per_model = {"learning_rates", "image_size"}  # declared per cell: train.<key>.${item.model}
+    for field in fields(TrainConfig):
+        if field.name in per_model:
+            assert f"train.{field.name}.${{item.model}}" in declared
+        else:
+            assert f"train.{field.name}" in declared, f"train.{field.name} missing from dvc.yaml"
