@@ -201,6 +201,7 @@ def _class_label(column: str) -> str:
 def plot_epochs(table: pd.DataFrame, out: Path) -> Path:
     """Paper Fig. 7: epochs each model needed, per dataset and init."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     datasets = list(dict.fromkeys(table["dataset"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
@@ -211,6 +212,9 @@ def plot_epochs(table: pd.DataFrame, out: Path) -> Path:
         pivot.plot.bar(ax=ax, rot=30)
         ax.set_title(f"{dataset}: epochs used")
         ax.set_ylabel("epochs")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.set_ylim(0, max(pivot.max().max(), 1) * 1.5)  # head room: the legend above the bars
+        ax.legend(title="init", loc="upper left", ncols=2)
     fig.tight_layout()
     path = out / "fig7-epochs.png"
     fig.savefig(path, dpi=90)
