@@ -286,6 +286,7 @@ def plot_split_strategies(table: pd.DataFrame, out: Path) -> Path | None:
         pivot.plot.bar(ax=ax, rot=30)
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{dataset}: test accuracy by split strategy")
+        ax.legend(title="split", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # accuracies reach 1
     fig.tight_layout()
     path = out / "split_strategies.png"
     fig.savefig(path, dpi=90)
