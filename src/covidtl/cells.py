@@ -33,16 +33,21 @@ def keras_cache_dir() -> Path:
     return Path(home).expanduser() / "models"
 
 
+def imagenet_weights_path(model: str) -> Path | None:
+    """Where Keras keeps `model`'s ImageNet file; None when no ImageNet weights exist for it."""
+    name = IMAGENET_FILES[model]
+    return keras_cache_dir() / name if name is not None else None
+
+
 def unavailable_reason(model: str, init: str) -> str | None:
     """Why a cell cannot run on this machine (ImageNet weights absent), checked before any work."""
     if init not in ("imagenet", "finetune") or model not in IMAGENET_FILES:
         return None
-    name = IMAGENET_FILES[model]
-    if name is None:
+    path = imagenet_weights_path(model)
+    if path is None:
         return f"{model} has no ImageNet weights: the paper trains it from scratch only"
-    path = keras_cache_dir() / name
     if not path.exists():
-        return (f"Keras' ImageNet file {name} is not in {path.parent}; copy it there "
+        return (f"Keras' ImageNet file {path.name} is not in {path.parent}; copy it there "
                 "(or set KERAS_HOME) and run `dvc repro` again")
     return None
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import keras
 
-from covidtl.cells import keras_cache_dir
+from covidtl import cells
 from covidtl.errors import UserError
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ DOWNLOAD_TIMEOUT_S = 10
 
 
 def imagenet_weights_path(spec: ModelSpec) -> Path:
-    return keras_cache_dir() / spec.imagenet_file
+    return cells.imagenet_weights_path(spec.name)  # the one table of Keras' file names
 
 
 def load_imagenet(base: keras.Model, spec: ModelSpec) -> None:
