@@ -55,3 +55,53 @@ def test_params_yaml_defaults_point_at_the_embedded_data(tmp_path):
     assert cfg.data.datasets["xray"].path == "data/synth/xray" and not cfg.data.datasets["xray"].series
     assert cfg.split.strategy == "grouped"
     assert cfg.data.labels["viral pneumonia"] == "non_covid" and cfg.data.labels["covid"] == "covid"
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (None, "no such params file"),
+        ("", "expected the stage groups of params.yaml"),
+        ("train:\n  batch_size: 16\n", "synth: missing from"),
+        ("drop train.max_epochs", "train.max_epochs: missing from"),
+    ],
+)
+def test_a_missing_or_incomplete_params_file_is_refused(tmp_path, write, message):
+    """Issue 8.9: defaults live in params.yaml alone; nothing falls back to another set of them."""
+    params = tmp_path / "other.yaml"
+    if write == "drop train.max_epochs":
+        params.write_text("".join(line for line in PARAMS.read_text().splitlines(keepends=True)
+                                  if not line.startswith("  max_epochs:")))
+    elif write is not None:
+        params.write_text(write)
+    result = CliRunner().invoke(main, ["--params", str(params), "-S", f"data.workdir={tmp_path}", "split", "ct"])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "ct").exists()  # nothing ran on other defaults
+
+
+def test_config_types_hold_no_second_set_of_defaults():
+    """Every value a stage reads comes from the params file: the dataclasses declare no defaults,
+    except the optional keys of a dataset entry (subdir, series)."""
+    import dataclasses
+
+    from covidtl import config as module
+
+    defaulted = [
+        f"{cls.__name__}.{f.name}"
+        for cls in vars(module).values()
+        if dataclasses.is_dataclass(cls) and cls is not module.DatasetConfig
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert defaulted == []
+
+
+def test_numpy_2_is_declared():
+    """Issue 8.10: ingest calls np.bitwise_count (NumPy 2); the package must say so."""
+    import re
+    import tomllib
+
+    deps = tomllib.loads((PARAMS.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    numpy = [d for d in deps if re.match(r"numpy\b", d)]
+    assert numpy and re.search(r">=\s*2", numpy[0]), deps

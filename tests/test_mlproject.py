@@ -1,4 +1,4 @@
-"""MLproject: entry points call only the CLI, defaults match params.yaml, `mlflow run` trains."""
+"""MLproject: entry points call only the CLI, defaults come from the params file, `mlflow run` trains."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from helpers_train import split_table, write_images
 ROOT = Path(__file__).parents[1]
 
 
-def test_entry_points_only_call_covidtl_and_mirror_params():
+def test_entry_points_only_call_covidtl_and_leave_defaults_to_params():
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert project["python_env"] == "python_env.yaml"
@@ -28,16 +28,17 @@ def test_entry_points_only_call_covidtl_and_mirror_params():
         assert point["command"].startswith("covidtl "), name
     main = points["main"]["parameters"]
     assert set(main) >= {"model", "init", "dataset", "epochs", "lr", "batch_size", "seed"}
-    assert int(main["epochs"]["default"]) == params["train"]["max_epochs"]
-    assert int(main["batch_size"]["default"]) == params["train"]["batch_size"]
-    assert int(main["seed"]["default"]) == params["train"]["seed"]
+    # One source of defaults: `auto` = the value in the params file (-P params=FILE replaces it).
+    for name in ("epochs", "batch_size", "seed", "lr"):
+        assert main[name]["default"] == "auto", name
+    assert points["tune"]["parameters"]["trials"]["default"] == "auto"
     assert main["model"]["default"] in params["study"]["models"]
     assert main["dataset"]["default"] in params["data"]["datasets"]
-    assert main["lr"]["default"] == "auto"  # the model's rate from train.learning_rates
 
 
 def test_mlflow_run_trains_the_custom_cnn(tmp_path):
-    """`mlflow run <project> --env-manager local -P model=custom_cnn -P init=random -P epochs=1`."""
+    """`mlflow run <project> --env-manager local -P params=other.yaml`: its epochs, batch size and
+    seed come from that file (issue 8.9), not from the entry point's defaults."""
     project = tmp_path / "project"
     project.mkdir()
     for name in ("MLproject", "python_env.yaml"):
@@ -48,7 +49,8 @@ def test_mlflow_run_trains_the_custom_cnn(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["workdir"] = str(tmp_path / "data")
     params["data"]["datasets"]["tiny"] = {"path": str(tmp_path / "images"), "series": True}
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    params["train"].update(max_epochs=1, batch_size=8, seed=7)
+    (project / "other.yaml").write_text(yaml.safe_dump(params))
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     bin_dir = str(Path(sys.executable).parent)  # this venv's covidtl and mlflow
@@ -58,8 +60,7 @@ def test_mlflow_run_trains_the_custom_cnn(tmp_path):
     done = subprocess.run(
         [f"{bin_dir}/mlflow", "run", str(project), "--env-manager", "local",
          "--experiment-name", "covidtl-tiny",
-         "-P", "model=custom_cnn", "-P", "init=random", "-P", "epochs=1", "-P", "dataset=tiny",
-         "-P", "batch_size=8"],
+         "-P", "model=custom_cnn", "-P", "init=random", "-P", "dataset=tiny", "-P", "params=other.yaml"],
         cwd=project, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -69,5 +70,6 @@ def test_mlflow_run_trains_the_custom_cnn(tmp_path):
     run = runs[0]
     assert run.data.tags["kind"] == "train" and run.data.tags["model"] == "custom_cnn"
     assert run.data.metrics["epochs_used"] == 1 and "test_accuracy" in run.data.metrics
-    assert run.data.params["train.batch_size"] == "8"
+    assert run.data.params["train.batch_size"] == "8" and run.data.params["train.seed"] == "7"
+    assert run.data.params["train.max_epochs"] == "1"
     assert (project / "models" / "custom_cnn-random-tiny" / "model" / "model.keras").is_file()

@@ -1,8 +1,9 @@
 """Typed configuration: `params.yaml` loaded once into dataclasses, then overridden.
 
-Every stage reads its own group (``cfg.split``, ``cfg.train`` ...). Unknown keys, wrong types and
-impossible values stop with one line that names the key, so a typo in params.yaml or in a
-``-S``/``-P`` override never silently falls back to a default.
+params.yaml is the one source of defaults: the dataclasses below declare types, not values, so a
+key missing from the file is an error, never a silent fallback to a second set of defaults. Every
+stage reads its own group (``cfg.split``, ``cfg.train`` ...). Unknown or missing keys, wrong types
+and impossible values stop with one line that names the key.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,11 +29,11 @@ class ConfigError(UserError):
 
 @dataclass
 class SynthConfig:
-    out: str = "data/synth"
-    images_per_class: int = 60
-    slices_per_patient: int = 10
-    size: int = 128
-    seed: int = 7
+    out: str
+    images_per_class: int
+    slices_per_patient: int
+    size: int
+    seed: int
 
 
 @dataclass
@@ -44,104 +45,102 @@ class DatasetConfig:
 
 @dataclass
 class DataConfig:
-    workdir: str = "data"
-    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
+    workdir: str
+    datasets: dict[str, DatasetConfig]
+    labels: dict[str, str]
 
 
 @dataclass
 class IngestConfig:
-    hash_size: int = 16
-    near_duplicate_bits: int = 10
-    series_break: float = 0.50
-    thumbnail: int = 32
+    hash_size: int
+    near_duplicate_bits: int
+    series_break: float
+    thumbnail: int
 
 
 @dataclass
 class SplitConfig:
-    strategy: Literal["grouped", "random"] = "grouped"
-    fractions: dict[str, float] = field(
-        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
-    )
-    seed: int = 42
+    strategy: Literal["grouped", "random"]
+    fractions: dict[str, float]
+    seed: int
 
 
 @dataclass
 class AugmentConfig:
-    mode: Literal["online", "offline"] = "online"
-    rotation: float = 25.0
-    zoom: float = 0.2
-    horizontal_flip: bool = True
-    copies_per_image: int = 2
-    max_images: int = 0
-    seed: int = 1234
+    mode: Literal["online", "offline"]
+    rotation: float
+    zoom: float
+    horizontal_flip: bool
+    copies_per_image: int
+    max_images: int
+    seed: int
 
 
 @dataclass
 class StopConfig:
-    val_accuracy: float = 0.89
-    val_loss: float = 0.3
+    val_accuracy: float
+    val_loss: float
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32
-    max_epochs: int = 3
-    seed: int = 42
-    preprocessing: Literal["model", "rescale"] = "model"
-    head_units: int = 1000
-    dropout: float = 0.0
-    finetune_lr_factor: float = 0.1
-    stop: StopConfig = field(default_factory=StopConfig)
-    image_size: dict[str, int] = field(default_factory=dict)
-    max_train_samples: int = 0
-    bn_recalibration_batches: int = 20
-    run_eagerly: bool = False
-    learning_rates: dict[str, float] = field(default_factory=dict)
+    batch_size: int
+    max_epochs: int
+    seed: int
+    preprocessing: Literal["model", "rescale"]
+    head_units: int
+    dropout: float
+    finetune_lr_factor: float
+    stop: StopConfig
+    image_size: dict[str, int]
+    max_train_samples: int
+    bn_recalibration_batches: int
+    run_eagerly: bool
+    learning_rates: dict[str, float]
 
 
 @dataclass
 class StudyConfig:
-    models: list[str] = field(default_factory=list)
-    inits: list[str] = field(default_factory=list)
-    datasets: list[str] = field(default_factory=list)
+    models: list[str]
+    inits: list[str]
+    datasets: list[str]
 
 
 @dataclass
 class TuneConfig:
-    trials: int = 20
-    epochs: int = 5
-    storage: str = "sqlite:///optuna.db"
-    pruner: Literal["median", "halving", "none"] = "median"
-    sampler_seed: int = 0
-    decades: float = 1.0
-    bounds: dict[str, list[float]] = field(default_factory=dict)
-    search_batch_size: bool = False
-    search_dropout: bool = False
-    init: str = "random"
-    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
-    min_epochs: int = 2
-    prune_after: int = 3
-    stale_after: int = 120
-    out: str = "tuned"
+    trials: int
+    epochs: int
+    storage: str
+    pruner: Literal["median", "halving", "none"]
+    sampler_seed: int
+    decades: float
+    bounds: dict[str, list[float]]
+    search_batch_size: bool
+    search_dropout: bool
+    init: str
+    metric: Literal["val_loss", "val_accuracy"]
+    min_epochs: int
+    prune_after: int
+    stale_after: int
+    out: str
 
 
 @dataclass
 class ReportConfig:
-    out: str = "reports"
+    out: str
 
 
 @dataclass
 class Config:
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
+    synth: SynthConfig
+    data: DataConfig
+    ingest: IngestConfig
+    split: SplitConfig
+    augment: AugmentConfig
+    train: TrainConfig
+    study: StudyConfig
+    tune: TuneConfig
+    report: ReportConfig
 
     def dataset(self, name: str) -> DatasetConfig:
         """The named dataset, or one clear error listing the known names."""
@@ -168,19 +167,25 @@ class Config:
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Config:
-    """Read params.yaml (or defaults when absent), apply dotted overrides, validate."""
-    raw: dict[str, Any] = {}
+    """Read a complete params file, apply dotted overrides, validate."""
     path = Path(path) if path is not None else Path(PARAMS_FILE)
-    if path.exists():
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc}); fix the file") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of stage groups at the top level")
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no such params file; run from the project root (where {PARAMS_FILE} is) "
+            f"or pass --params with a complete copy of {PARAMS_FILE}"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: expected the stage groups of {PARAMS_FILE} (synth, data, train ...) at the "
+            "top level; copy params.yaml and edit it"
+        )
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
-    cfg = _build(Config, raw, "")
+    cfg = _build(Config, raw, "", source=path)
     validate(cfg)
     return cfg
 
@@ -206,7 +211,7 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _build(cls: type, raw: Any, where: str, source: Path = Path(PARAMS_FILE)) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'params'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -215,42 +220,50 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ConfigError(f"{key}: unknown key; known keys here: {', '.join(sorted(names))}")
+    required = [
+        f.name for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        key = f"{where}.{missing[0]}" if where else missing[0]
+        raise ConfigError(
+            f"{key}: missing from {source}; every key has its one default in {PARAMS_FILE}: "
+            "copy it from there"
+        )
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
             key = f"{where}.{f.name}" if where else f.name
-            kwargs[f.name] = _coerce(hints[f.name], raw[f.name], key)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+            kwargs[f.name] = _coerce(hints[f.name], raw[f.name], key, source)
+    return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, source: Path = Path(PARAMS_FILE)) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        return _coerce(inner[0], value, key, source)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key)
+        return _build(tp, value if value is not None else {}, key, source)
     if origin is dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         ktype, vtype = args
-        return {str(k): _coerce(vtype, v, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(vtype, v, f"{key}.{k}", source) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

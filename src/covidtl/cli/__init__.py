@@ -52,6 +52,25 @@ def main(ctx: click.Context, params_path: str, overrides: tuple[str, ...]) -> No
     ctx.obj["overrides"] = dict(parse_override(o) for o in overrides)
 
 
+class AutoInt(click.ParamType):
+    """A whole number, or `auto` (the params file's value): MLproject passes `auto` by default."""
+
+    name = "integer|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() in ("", "auto"):
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a whole number or auto", param, ctx)
+
+
+AUTO_INT = AutoInt()
+
+
 def config_from(ctx: click.Context, **extra: Any) -> Config:
     """The resolved config: params file, then -S overrides, then command options (not None)."""
     overrides = dict(ctx.obj.get("overrides", {}))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import config_from
+from covidtl.cli import AUTO_INT, config_from
 
 
 @click.command("tune")
 @click.option("--model", required=True, help="Registry name, e.g. custom_cnn or vgg16.")
 @click.option("--dataset", required=True, help="Dataset name from params.yaml, e.g. ct.")
 @click.option(
-    "--trials", type=int, default=None,
+    "--trials", type=AUTO_INT, default=None,
     help="Trials to run now [tune.trials]; re-running adds that many more to the same study.",
 )
 @click.option(
@@ -19,7 +19,7 @@ from covidtl.cli import config_from
     help="Count the study's finished trials towards --trials: stop once it holds that many.",
 )
 @click.option("--init", default=None, help="Init whose rate is searched [tune.init: random].")
-@click.option("--epochs", type=int, default=None, help="Epochs per trial [tune.epochs].")
+@click.option("--epochs", type=AUTO_INT, default=None, help="Epochs per trial [tune.epochs].")
 @click.option(
     "--storage", default=None, metavar="URL",
     help="Optuna storage [tune.storage: sqlite:///optuna.db]; a postgresql:// URL lets several "
