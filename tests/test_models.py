@@ -173,3 +173,33 @@ def test_bad_model_and_init_are_user_errors(train_cfg):
         get_spec("alexnet")
     with pytest.raises(UserError, match="custom_cnn has no ImageNet weights"):
         build_model(get_spec("custom_cnn"), "imagenet", train_cfg)
+
+
+def test_finetune_keeps_the_pretrained_batchnorm_statistics(tmp_path, monkeypatch, train_cfg):
+    """Issue 8.1: fine-tuning moves the convolutions, never the ImageNet BatchNorm statistics."""
+    from covidtl.train import trainable_batchnorms
+
+    spec = get_spec("resnet50")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    donor = base_of(build_model(spec, "random", train_cfg, image_size=32))
+    save_keras_cache_file(donor, weights.imagenet_weights_path(spec))
+
+    model = build_model(spec, "finetune", train_cfg, image_size=32)
+    base = base_of(model)
+    norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    convs = [layer for layer in base.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert base.trainable and norms and convs
+    assert not set(map(id, trainable_batchnorms(model))) & set(map(id, norms))  # precise BN skips them
+    loaded_norms = [[np.array(w) for w in layer.weights] for layer in norms]
+    loaded_kernels = [np.array(layer.kernel) for layer in convs]
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(120, 60, (8, 32, 32, 3)).astype("float32")  # far from the loaded statistics
+    y = keras.utils.to_categorical(rng.integers(0, 2, 8), 2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+
+    for layer, loaded in zip(norms, loaded_norms):  # gamma, beta, moving mean, moving variance
+        for got, want in zip(layer.weights, loaded):
+            np.testing.assert_array_equal(np.array(got), want, err_msg=layer.name)
+    assert any(not np.allclose(np.array(c.kernel), k) for c, k in zip(convs, loaded_kernels))

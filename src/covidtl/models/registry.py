@@ -12,13 +12,12 @@ from typing import Callable
 import keras
 from keras import layers
 
-from covidtl.cells import IMAGENET_FILES
+from covidtl.cells import IMAGENET_FILES, INITS, init_label  # noqa: F401 (re-exported)
 from covidtl.config import TrainConfig
 from covidtl.errors import UserError
 from covidtl.models import weights
 from covidtl.models.custom_cnn import build_custom_cnn
 
-INITS = ("random", "imagenet", "finetune")  # or a path to a weights file
 
 
 def rescale(images):
@@ -94,18 +93,6 @@ def learning_rate_for(spec: ModelSpec, train_cfg: TrainConfig) -> float:
         ) from None
 
 
-def init_label(init: str) -> str:
-    """`random|imagenet|finetune` as given; a weights file becomes `file-<stem>`."""
-    if init in INITS:
-        return init
-    name = init.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in (".weights.h5", ".h5", ".hdf5"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return f"file-{name}"
-
-
 def preprocess_for(spec: ModelSpec, mode: str) -> Callable:
     """`model`: the backbone's own preprocess_input; `rescale`: the paper's [0, 1]."""
     return spec.preprocess_input if mode == "model" else rescale
@@ -117,6 +104,20 @@ def base_of(model: keras.Model) -> keras.Model | None:
         if isinstance(layer, keras.Model):
             return layer
     return None
+
+
+def freeze_batchnorm(base: keras.Model) -> None:
+    """Keep a pre-trained base's BatchNorm statistics: its BatchNormalization layers stop training.
+
+    Keras 3 ignores `base(x, training=False)` inside a functional model during `fit` while the base
+    is trainable (fine-tuning moved the ImageNet moving means); a non-trainable BatchNormalization
+    layer always runs in inference mode and keeps its gamma, beta and moving statistics.
+    """
+    for layer in base.layers:
+        if isinstance(layer, keras.Model):
+            freeze_batchnorm(layer)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
 
 
 def build_model(
@@ -146,9 +147,10 @@ def build_model(
         weights.load_weights_file(base, init)
         base.trainable = False
 
+    if init != "random":
+        freeze_batchnorm(base)
     inputs = keras.Input(shape=shape, name="image")
-    # Pre-trained bases run with training=False so BatchNorm keeps its ImageNet statistics,
-    # also when fine-tuned (keras-io transfer-learning guide).
+    # training=False documents the intent; it is freeze_batchnorm that keeps the statistics.
     x = base(inputs, training=False) if init != "random" else base(inputs)
     x = layers.Flatten()(x)
     if train_cfg.dropout:
