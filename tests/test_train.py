@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -126,10 +127,12 @@ def test_cell_outputs_are_written(trained):
         assert "optimizer" not in f  # saved without Adam's state
     metrics = json.loads((cell / "metrics.json").read_text())
     assert metrics.pop("status") == "ok"
+    assert metrics.pop("run_id") == result.run_id  # the one run the report reads for this cell
     assert set(metrics) == set(TEST_METRICS) | {"epochs_used"}
     assert metrics == pytest.approx({**result.metrics, "epochs_used": 1})
     predictions = pd.read_csv(cell / "predictions.csv")
-    assert list(predictions.columns) == ["actual", "predicted"]
+    assert list(predictions.columns) == ["actual", "predicted", "p_covid"]
+    assert ((predictions["p_covid"] >= 0.5) == (predictions["predicted"] == "covid")).all()
     assert set(predictions["actual"]) == {"covid", "non_covid"}
     assert (predictions["actual"] == predictions["predicted"]).mean() == pytest.approx(metrics["test_accuracy"])
     history = pd.read_csv(cell / "history.csv")
@@ -155,6 +158,17 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_model(trained, tracking_u
         steps = [m.step for m in client.get_metric_history(result.run_id, key)]
         assert steps == [1], key
     tags = run.data.tags
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # UI opens on runs
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+              for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "training", "validation"]
+    manifest = tmp / "data" / "tiny" / "manifest.csv"
+    for context, split in (("training", "train"), ("validation", "val"), ("test", "test")):
+        assert inputs[context].name == f"tiny-{split}"
+        assert json.loads(inputs[context].profile)["num_rows"] == int(params[f"{split}_images"])
+    input_tags = {t.key: t.value for t in run.inputs.dataset_inputs[0].tags}
+    assert input_tags["manifest_sha256"] == tags["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
     assert tags["kind"] == "train" and tags["cell"] == "custom_cnn-random-tiny"
     assert tags["split_strategy"] == "grouped" and tags["stopped_by"] == "paper_rule"
     assert len(tags["manifest_sha256"]) == 64 and tags["git_commit"]
@@ -203,7 +217,10 @@ def test_every_init_mode_trains_end_to_end(init, tmp_path, monkeypatch, tracking
     run = tracked(tracking_uri).get_run(result.run_id)
     rate = cfg.train.learning_rates["vgg16"]
     expected = rate * cfg.train.finetune_lr_factor if init == "finetune" else rate
-    assert float(run.data.params["effective_lr"]) == pytest.approx(expected)
+    # One name, one meaning: learning_rate is Adam's rate in MLflow and in the card alike.
+    assert float(run.data.params["learning_rate"]) == pytest.approx(expected)
+    assert json.loads((tmp_path / "cell" / "model" / "card.json").read_text())["learning_rate"] == pytest.approx(expected)
+    assert float(run.data.params["train.learning_rates.vgg16"]) == rate
     saved = base_of(keras.models.load_model(result.model_path)).get_weights()
     moved = any(not np.allclose(a, b) for a, b in zip(saved, start))
     assert moved == (init == "finetune")  # frozen bases keep the loaded weights
@@ -273,3 +290,52 @@ def test_cli_train_on_a_fresh_clone_makes_the_missing_split_first(tmp_path, trac
     ])
     assert refused.exit_code == 2
     assert "no split table" in refused.output and "covidtl split ct" in refused.output
+
+
+@pytest.mark.parametrize("init, factor", [("random", 1.0), ("finetune", 0.1)])
+def test_the_rate_given_on_the_command_line_is_the_rate_recorded(init, factor, tmp_path, monkeypatch, tracking_uri):
+    """Issue 8.4: --lr reaches config.yaml, MLflow and the card; config.yaml re-creates the run."""
+    from covidtl.config import load_config
+
+    model = "custom_cnn" if init == "random" else "vgg16"
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    cfg, _ = make_workdir(tmp_path)
+    if init == "finetune":
+        fake_imagenet_cache(tmp_path / "keras", cfg)
+    args = ["--params", str(ROOT / "params.yaml"), "-S", f"data.workdir={tmp_path / 'data'}",
+            "-S", f"data.datasets.tiny.path={tmp_path / 'images'}", "-S", "train.head_units=16",
+            "-S", "train.image_size.vgg16=32", "-S", "train.max_train_samples=12"]
+    result = CliRunner().invoke(main, args + [
+        "train", "--model", model, "--init", init, "--dataset", "tiny", "--epochs", "1",
+        "--batch-size", "8", "--lr", "5e-4", "--out", str(tmp_path / "cell"), "--no-log-model",
+    ])
+    assert result.exit_code == 0, result.output
+    saved = load_config(tmp_path / "cell" / "config.yaml")  # a complete params file
+    assert saved.train.learning_rates[model] == 5e-4
+    assert saved.train.max_epochs == 1 and saved.train.batch_size == 8
+    run_id = json.loads((tmp_path / "cell" / "metrics.json").read_text())["run_id"]
+    params = tracked(tracking_uri).get_run(run_id).data.params
+    assert float(params[f"train.learning_rates.{model}"]) == 5e-4
+    assert float(params["learning_rate"]) == pytest.approx(5e-4 * factor)
+    assert params["lr_source"] == "--lr"
+    card = json.loads((tmp_path / "cell" / "model" / "card.json").read_text())
+    assert card["learning_rate"] == pytest.approx(5e-4 * factor) and card["run_id"] == run_id
+
+    # Re-running from the saved config alone gives the same settings, the rate included.
+    again = CliRunner().invoke(main, ["--params", str(tmp_path / "cell" / "config.yaml"), "train",
+                                      "--model", model, "--init", init, "--dataset", "tiny",
+                                      "--out", str(tmp_path / "again"), "--no-log-model"])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "again" / "config.yaml").read_text() == (tmp_path / "cell" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("rate", ["0", "-1"])
+def test_a_rate_that_cannot_train_is_refused(rate, tmp_path):
+    make_workdir(tmp_path)
+    result = CliRunner().invoke(main, [
+        "--params", str(ROOT / "params.yaml"), "-S", f"data.workdir={tmp_path / 'data'}",
+        "-S", f"data.datasets.tiny.path={tmp_path / 'images'}",
+        "train", "--model", "custom_cnn", "--dataset", "tiny", "--lr", rate, "--out", str(tmp_path / "cell"),
+    ])
+    assert result.exit_code == 2 and "must be > 0" in result.output
+    assert not (tmp_path / "cell" / "metrics.json").exists()

@@ -1,16 +1,23 @@
-"""A study cell's file layout, and skipping a cell that cannot run here.
+"""A study cell's files (the `Cell` type), and skipping a cell that cannot run here.
 
 Kept free of TensorFlow: a skipped cell of the DVC matrix costs a second, not an import of Keras.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 MODEL_DIR = "model"  # models/<cell>/model/: model.keras + card.json, or SKIPPED.txt
+MODELS_ROOT = "models"
+PREDICTION_COLUMNS = ("actual", "predicted", "p_covid")
+INITS = ("random", "imagenet", "finetune")  # or a path to a weights file
 
 # The files keras.applications downloads (no top) into $KERAS_HOME/models; None: no ImageNet
 # weights exist for that model.
@@ -54,8 +61,183 @@ def unavailable_reason(model: str, init: str) -> str | None:
 
 def write_skipped_cell(out: Path, reason: str) -> None:
     """A skipped cell's files: DVC finds every output, the report shows the cell as skipped."""
-    (out / MODEL_DIR).mkdir(parents=True, exist_ok=True)
-    (out / MODEL_DIR / "SKIPPED.txt").write_text(reason + "\n")
-    (out / "metrics.json").write_text(json.dumps({"status": "skipped", "reason": reason}, indent=2) + "\n")
-    (out / "predictions.csv").write_text("actual,predicted\n")
-    (out / "history.csv").write_text(",".join(["epoch", *EPOCH_METRICS]) + "\n")
+    Cell(Path(out)).write_skipped(reason)
+
+
+# --------------------------------------------------------------------------- the cell's files
+
+
+def cell_name(model: str, init: str, dataset: str) -> str:
+    """The study-matrix cell name, as in `train@densenet121-imagenet-ct`."""
+    return f"{model}-{init_label(init)}-{dataset}"
+
+
+def init_label(init: str) -> str:
+    """`random|imagenet|finetune` as given; a weights file becomes `file-<stem>`."""
+    if init in INITS:
+        return init
+    name = init.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".weights.h5", ".h5", ".hdf5"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return f"file-{name}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One study cell's folder: the only code that knows its files, writes them and reads them.
+
+    models/<model>-<init>-<dataset>/
+        model/model.keras, model/card.json   (or model/SKIPPED.txt)   the DVC output
+        metrics.json    status, test metrics, epochs_used, run_id      written last: the record
+        history.csv     one row per epoch
+        predictions.csv actual, predicted, p_covid per test image
+        config.yaml     the complete params that ran (a params file: `covidtl --params` re-runs it)
+    """
+
+    dir: Path
+
+    @classmethod
+    def of(cls, model: str, init: str, dataset: str, root: str | Path = MODELS_ROOT) -> Cell:
+        return cls(Path(root) / cell_name(model, init, dataset))
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def model_dir(self) -> Path:
+        return self.dir / MODEL_DIR
+
+    @property
+    def model_file(self) -> Path:
+        return self.model_dir / "model.keras"
+
+    @property
+    def card_file(self) -> Path:
+        return self.model_dir / "card.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def history_file(self) -> Path:
+        return self.dir / "history.csv"
+
+    @property
+    def predictions_file(self) -> Path:
+        return self.dir / "predictions.csv"
+
+    @property
+    def config_file(self) -> Path:
+        return self.dir / "config.yaml"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoint"
+
+    # ---- writing
+
+    def begin(self) -> None:
+        """Before a new result is written: drop the old record, so a crash never leaves a record
+        that describes another model than the one on disk."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_file.unlink(missing_ok=True)
+        (self.model_dir / "SKIPPED.txt").unlink(missing_ok=True)
+
+    def save_model(self, save: Callable[[Path], None]) -> Path:
+        """`save(path)` writes the model to a temporary name; it becomes model.keras only when whole."""
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.model_file) as tmp:
+            save(tmp)
+        return self.model_file
+
+    def write_results(
+        self,
+        *,
+        metrics: dict[str, Any],
+        history: dict[str, list[float]],
+        predictions: list[dict[str, Any]] | None,
+        config_yaml: str,
+        card: dict[str, Any],
+    ) -> None:
+        """Everything but the model; metrics.json last, as the record that the cell is complete."""
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.card_file, json.dumps(card, indent=2) + "\n")
+        atomic_write_text(self.config_file, config_yaml)
+        epochs = len(history.get("loss", []))
+        rows = [",".join(["epoch", *EPOCH_METRICS])]
+        for i in range(epochs):
+            values = [history.get(k, [math.nan] * epochs)[i] for k in EPOCH_METRICS]
+            rows.append(",".join([str(i + 1), *(_csv_number(v) for v in values)]))
+        atomic_write_text(self.history_file, "\n".join(rows) + "\n")
+        if predictions is not None:
+            lines = [",".join(PREDICTION_COLUMNS)]
+            lines += [",".join(_csv_number(row[c]) if c == "p_covid" else str(row[c])
+                               for c in PREDICTION_COLUMNS) for row in predictions]
+            atomic_write_text(self.predictions_file, "\n".join(lines) + "\n")
+        atomic_write_text(self.metrics_file, json.dumps(_json_safe(metrics), indent=2) + "\n")
+
+    def write_failed(self, run_id: str, reason: str) -> None:
+        """The record of a run that stopped with an error: the report shows it as failed."""
+        record = {"status": "failed", "reason": reason, "run_id": run_id}
+        atomic_write_text(self.metrics_file, json.dumps(record, indent=2) + "\n")
+
+    def write_skipped(self, reason: str) -> None:
+        self.begin()
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.model_file.unlink(missing_ok=True)
+        self.card_file.unlink(missing_ok=True)
+        atomic_write_text(self.model_dir / "SKIPPED.txt", reason + "\n")
+        atomic_write_text(self.predictions_file, ",".join(PREDICTION_COLUMNS) + "\n")
+        atomic_write_text(self.history_file, ",".join(["epoch", *EPOCH_METRICS]) + "\n")
+        atomic_write_text(self.metrics_file, json.dumps({"status": "skipped", "reason": reason}, indent=2) + "\n")
+
+    # ---- reading
+
+    def read_metrics(self) -> dict[str, Any] | None:
+        """metrics.json, or None when the cell has no complete result."""
+        try:
+            data = json.loads(self.metrics_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def read_card(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.card_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def run_id(self) -> str | None:
+        """The MLflow run that produced this cell's result (None if skipped or missing)."""
+        metrics = self.read_metrics() or {}
+        return metrics.get("run_id") or None
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN (e.g. AUC on a one-class test set): null says "undefined".
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
+def _csv_number(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` (same suffix) that replaces it only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

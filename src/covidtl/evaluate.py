@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from covidtl import paths, tracking
+from covidtl.cells import Cell
 from covidtl.config import Config, DatasetConfig
 from covidtl.data.pipeline import make_dataset
 from covidtl.errors import UserError
@@ -49,17 +50,17 @@ def load_trained(model_uri: str, cfg: Config) -> LoadedModel:
     """A .keras file (with card.json beside it if there) or an MLflow model URI (runs:/, models:/)."""
     if "://" not in model_uri and ":/" not in model_uri:
         path = Path(model_uri)
-        for inside in ("model.keras", "model/model.keras"):  # a model folder, or a study cell's folder
-            if path.is_dir() and (path / inside).is_file():
-                path = path / inside
-                break
+        if path.is_dir() and Cell(path).model_file.is_file():  # a study cell's folder
+            path = Cell(path).model_file
+        elif path.is_dir() and (path / "model.keras").is_file():  # a cell's model/ folder
+            path = path / "model.keras"
         if not path.is_file():
             raise UserError(
                 f"--model-uri {model_uri}: no such file; give a model.keras, a models/<cell>/ "
                 "folder, runs:/<run_id>/model or models:/<name>/<version>"
             )
         model = _load_keras(path)
-        card_file = path.parent / "card.json"
+        card_file = path.parent / "card.json"  # written beside model.keras by cells.Cell
         card = json.loads(card_file.read_text()) if card_file.is_file() else {}
         return LoadedModel(
             model, card.get("model") or _name_from_model(model), card.get("init", "unknown"),

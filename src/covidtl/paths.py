@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from covidtl import cells
 from covidtl.config import Config
 
 # Class index order of the two-unit softmax head; COVID is the positive class.
@@ -36,9 +37,9 @@ def augmented_dir(cfg: Config, dataset: str) -> Path:
 
 
 def cell_name(model: str, init: str, dataset: str) -> str:
-    """The study-matrix cell name, as in `train@densenet121-imagenet-ct`."""
-    return f"{model}-{init}-{dataset}"
+    """The study-matrix cell name, as in `train@densenet121-imagenet-ct` (owned by `cells.Cell`)."""
+    return cells.cell_name(model, init, dataset)
 
 
-def cell_dir(model: str, init: str, dataset: str, root: str | Path = "models") -> Path:
-    return Path(root) / cell_name(model, init, dataset)
+def cell_dir(model: str, init: str, dataset: str, root: str | Path = cells.MODELS_ROOT) -> Path:
+    return cells.Cell.of(model, init, dataset, root).dir

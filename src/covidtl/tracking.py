@@ -35,8 +35,33 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+# MLflow's UI opens an experiment on its GenAI traces page unless told it holds model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Set by `dvc exp run` (also for queued runs): names the experiment a run belongs to.
+DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"
+
+
 def experiment_name(dataset: str) -> str:
     return f"covidtl-{dataset}"
+
+
+def set_experiment(name: str) -> None:
+    """Make `name` the active experiment, tagged as model development for the MLflow UI."""
+    _tag_kind(mlflow.set_experiment(name).experiment_id)
+
+
+def _tag_kind(experiment_id: str) -> None:
+    experiment = mlflow.get_experiment(experiment_id)
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) != value:
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
+
+
+def experiment_tags() -> dict[str, str]:
+    """`dvc_experiment`: the DVC experiment that ran this process, if any (`covidtl report
+    --with-experiment NAME` finds its runs by it)."""
+    name = os.environ.get(DVC_EXPERIMENT_ENV)
+    return {"dvc_experiment": name} if name else {}
 
 
 def use_experiment(dataset: str) -> None:
@@ -46,14 +71,16 @@ def use_experiment(dataset: str) -> None:
     if run_id and not mlflow.active_run():
         # Inside `mlflow run`: the run exists already, in the experiment `mlflow run` chose;
         # setting another one would make MLflow refuse to resume it.
-        experiment = mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
+        experiment_id = mlflow.get_run(run_id).info.experiment_id
+        _tag_kind(experiment_id)
+        experiment = mlflow.get_experiment(experiment_id).name
         if experiment != experiment_name(dataset):
             print(
                 f"Note: mlflow run logs into experiment {experiment!r}; add --experiment-name "
                 f"{experiment_name(dataset)} to keep one experiment per dataset"
             )
         return
-    mlflow.set_experiment(experiment_name(dataset))
+    set_experiment(experiment_name(dataset))
 
 
 def git_commit() -> str:
@@ -99,6 +126,29 @@ def config_yaml(cfg: Config) -> str:
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text if len(text) <= _PARAM_VALUE_MAX else text[: _PARAM_VALUE_MAX - 3] + "..."
+
+
+def log_split_inputs(
+    dataset: str, split_file: Path, manifest_file: Path, rows: dict[str, Any]
+) -> None:
+    """Each split's images as an MLflow dataset input (the runs table's Dataset column).
+
+    Name `<dataset>-<split>`, digest of the split table's file, contexts training / validation /
+    test, and the manifest's sha256 as a tag: which images trained and tested the run.
+    """
+    import mlflow.data
+
+    split_digest = file_sha256(split_file)[:16]
+    manifest = file_sha256(manifest_file)
+    contexts = {"train": "training", "val": "validation", "test": "test"}
+    for split, table in rows.items():
+        columns = [c for c in ("path", "label", "group", "sha256") if c in table.columns]
+        data = mlflow.data.from_pandas(
+            table[columns].reset_index(drop=True), source=str(split_file),
+            name=f"{dataset}-{split}", targets="label", digest=split_digest,
+        )
+        mlflow.log_input(data, context=contexts[split], tags={"manifest_sha256": manifest,
+                                                               "images": str(len(table))})
 
 
 def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:

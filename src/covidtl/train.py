@@ -1,11 +1,13 @@
 """Train one study cell (model x init x dataset): Adam, the paper's stop rule, tracked in MLflow.
 
-Writes the cell's outputs to models/<model>-<init>-<dataset>/ and logs one MLflow run.
+`train()` runs four steps, each its own function: `plan_run` fixes what the run is (data, sizes,
+the learning rate, into the config that is recorded), `fit` trains, `score` tests, and the cell's
+files (`cells.Cell`) and the MLflow run record what ran. One MLflow run, one cell folder.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import time
 import warnings
@@ -19,16 +21,16 @@ import numpy as np
 import pandas as pd
 
 from covidtl import paths, tracking
-from covidtl.cells import EPOCH_METRICS, MODEL_DIR
+from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label
 from covidtl.config import Config
 from covidtl.data.pipeline import make_dataset, make_offline_dataset
 from covidtl.errors import UserError
 from covidtl.metrics import classification_metrics
 from covidtl.models.registry import (
+    ModelSpec,
     build_model,
     get_spec,
     image_size_for,
-    init_label,
     learning_rate_for,
 )
 
@@ -76,6 +78,7 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
     predicts one class everywhere (measured on the CT scans: the custom CNN's test AUC went from
     0.49 to 0.88 with 30 batches). This is "precise BatchNorm" (Wu & Johnson 2021): the moving
     statistics become the plain average of `batches` fresh batch statistics; weights are untouched.
+    A pre-trained base's frozen BatchNorm layers keep their statistics (`trainable_batchnorms`).
     """
 
     def __init__(self, train_ds, batches: int):
@@ -99,7 +102,7 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
 
 
 def trainable_batchnorms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    """BatchNorm layers that training updates (a frozen ImageNet base keeps its statistics)."""
+    """BatchNorm layers that training updates (a pre-trained base's are frozen and keep theirs)."""
     found = []
     for layer in model.layers:
         if isinstance(layer, keras.Model):
@@ -161,6 +164,150 @@ def example_batch(ds, n: int = 1) -> np.ndarray:
     raise UserError("no readable image to use as the model's input example")
 
 
+# --------------------------------------------------------------------------- plan
+
+
+def with_learning_rate(cfg: Config, model: str, rate: float) -> Config:
+    """The config with `rate` as the model's base rate: what config.yaml and MLflow then record."""
+    if not rate > 0:
+        raise UserError(f"--lr {rate:g}: the learning rate must be > 0; give e.g. 1e-4, or auto")
+    rates = {**cfg.train.learning_rates, model: float(rate)}
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rates=rates))
+
+
+@dataclass
+class Plan:
+    """What one run is, fixed before it starts; every record of the run is written from this."""
+
+    cfg: Config  # train.learning_rates.<model> holds the base rate that ran (--lr included)
+    spec: ModelSpec
+    model: str
+    init: str
+    dataset: str
+    image_size: int
+    learning_rate: float  # Adam's rate: the base rate, x train.finetune_lr_factor for finetune
+    lr_source: str  # params | --lr | the tuned-rate file it came from
+    table: pd.DataFrame
+    train_rows: pd.DataFrame
+    cell: Cell
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.model, self.init, self.dataset)
+
+    def rows(self, split: str) -> pd.DataFrame:
+        return self.train_rows if split == "train" else rows_of(self.table, split)
+
+
+def plan_run(
+    cfg: Config,
+    model: str,
+    init: str,
+    dataset: str,
+    *,
+    lr: float | None = None,
+    lr_source: str | None = None,
+    out_dir: str | Path | None = None,
+) -> Plan:
+    """Resolve the run's data, input size and learning rate; refuse what cannot train."""
+    spec = get_spec(model)
+    if lr is not None:
+        cfg = with_learning_rate(cfg, model, lr)
+    base_rate = learning_rate_for(spec, cfg.train)
+    # Fine-tuning moves pre-trained weights: the whole network runs at the lower rate.
+    rate = base_rate * cfg.train.finetune_lr_factor if init == "finetune" else base_rate
+    table = load_split(cfg, dataset)
+    train_rows = rows_of(table, "train")
+    if cfg.train.max_train_samples and len(train_rows) > cfg.train.max_train_samples:
+        train_rows = train_rows.sample(cfg.train.max_train_samples, random_state=cfg.train.seed)
+    for name, rows in (("train", train_rows), ("val", rows_of(table, "val"))):
+        if rows.empty:
+            raise UserError(f"{paths.split_path(cfg, dataset)}: the {name} split is empty; "
+                            "re-split with more images or other split.fractions")
+    cell = Cell(Path(out_dir)) if out_dir is not None else Cell.of(model, init, dataset)
+    return Plan(
+        cfg=cfg, spec=spec, model=model, init=init, dataset=dataset,
+        image_size=image_size_for(spec, cfg.train), learning_rate=rate,
+        lr_source=lr_source or ("params" if lr is None else "--lr"),
+        table=table, train_rows=train_rows, cell=cell,
+    )
+
+
+# --------------------------------------------------------------------------- fit and score
+
+
+@dataclass
+class Fitted:
+    history: dict[str, list[float]]
+    stopped_by: str  # paper_rule | max_epochs | a callback's own stop (e.g. a pruned trial)
+    seconds: float
+
+    @property
+    def epochs_used(self) -> int:
+        return len(self.history.get("loss", []))
+
+
+def fit(
+    plan: Plan, net: keras.Model, train_ds, val_ds, callbacks: Iterable[keras.callbacks.Callback] = ()
+) -> Fitted:
+    """Adam on the training split, validated each epoch, until the stop rule or max_epochs."""
+    cfg = plan.cfg
+    net.compile(
+        optimizer=keras.optimizers.Adam(plan.learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+        # Tracing the train/test graphs costs more than a few tiny epochs (see params.yaml).
+        run_eagerly=cfg.train.run_eagerly,
+    )
+    stop = PaperStopRule(cfg.train.stop.val_accuracy, cfg.train.stop.val_loss)
+    # One fixed file name: every epoch overwrites the previous checkpoint (Adam's state makes
+    # each one ~3x the model), and it is removed once the run has finished.
+    plan.cell.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = keras.callbacks.ModelCheckpoint(str(plan.cell.checkpoint_dir / "last.keras"))
+    started = time.perf_counter()
+    history = net.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg.train.max_epochs,
+        callbacks=[
+            RecalibrateBatchNorm(train_ds, cfg.train.bn_recalibration_batches),
+            stop, checkpoint, MlflowEpochLogger(), *callbacks,
+        ],
+        shuffle=False,  # the dataset shuffles itself, with the seed
+        verbose="auto",
+    )
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    return Fitted(hist, "paper_rule" if stop.stopped_epoch else "max_epochs",
+                  time.perf_counter() - started)
+
+
+@dataclass
+class Scored:
+    y_true: np.ndarray
+    prob: np.ndarray
+    metrics: dict[str, float]  # `test_`-prefixed
+
+    def prediction_rows(self) -> list[dict[str, Any]]:
+        positive = paths.CLASSES.index(paths.POSITIVE)
+        return [
+            {"actual": paths.CLASSES[t], "predicted": paths.CLASSES[p], "p_covid": float(q[positive])}
+            for t, p, q in zip(self.y_true, self.prob.argmax(axis=1), self.prob)
+        ]
+
+
+def score(plan: Plan, net: keras.Model, split: str = "test") -> Scored | None:
+    """The model's metrics on one split (None if that split holds no readable image)."""
+    ds = make_dataset(plan.rows(split), plan.spec, plan.cfg, plan.image_size, training=False)
+    y_true, prob = predict(net, ds)
+    if not len(y_true):
+        return None
+    metrics = {f"{split}_{k}": v for k, v in classification_metrics(y_true, prob).items()}
+    return Scored(y_true, prob, metrics)
+
+
+# --------------------------------------------------------------------------- the run
+
+
 def train(
     cfg: Config,
     model: str,
@@ -168,6 +315,7 @@ def train(
     dataset: str,
     *,
     lr: float | None = None,
+    lr_source: str | None = None,
     extra_callbacks: Iterable[keras.callbacks.Callback] = (),
     run_name: str | None = None,
     nested: bool = False,
@@ -176,118 +324,107 @@ def train(
     log_model: bool = True,
 ) -> TrainResult:
     """Train `model` from `init` on `dataset`'s split; one MLflow run; the cell's files on disk."""
-    spec = get_spec(model)
-    table = load_split(cfg, dataset)
-    size = image_size_for(spec, cfg.train)
-    rate = lr if lr is not None else learning_rate_for(spec, cfg.train)
-    # Fine-tuning moves pre-trained weights: the whole network runs at the lower rate.
-    effective_rate = rate * cfg.train.finetune_lr_factor if init == "finetune" else rate
-    cell = paths.cell_name(model, init_label(init), dataset)
-    out = Path(out_dir) if out_dir is not None else paths.cell_dir(model, init_label(init), dataset)
-
+    plan = plan_run(cfg, model, init, dataset, lr=lr, lr_source=lr_source, out_dir=out_dir)
+    cfg = plan.cfg
     keras.utils.set_random_seed(cfg.train.seed)
-    train_rows = rows_of(table, "train")
-    if cfg.train.max_train_samples and len(train_rows) > cfg.train.max_train_samples:
-        train_rows = train_rows.sample(cfg.train.max_train_samples, random_state=cfg.train.seed)
-    for name, rows in (("train", train_rows), ("val", rows_of(table, "val"))):
-        if rows.empty:
-            raise UserError(f"{paths.split_path(cfg, dataset)}: the {name} split is empty; "
-                            "re-split with more images or other split.fractions")
-    net = build_model(spec, init, cfg.train, size)  # first: a missing weights file fails fast
+    net = build_model(plan.spec, init, cfg.train, plan.image_size)  # first: a missing weights file fails fast
     if cfg.augment.mode == "offline":  # the versioned copies written by `covidtl augment`
-        train_ds = make_offline_dataset(cfg, dataset, spec, size)
+        train_ds = make_offline_dataset(cfg, dataset, plan.spec, plan.image_size)
     else:
-        train_ds = make_dataset(train_rows, spec, cfg, size, training=True)
-    val_ds = make_dataset(rows_of(table, "val"), spec, cfg, size, training=False)
-
-    net.compile(
-        optimizer=keras.optimizers.Adam(effective_rate),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
-        # Tracing the train/test graphs costs more than a few tiny epochs (see params.yaml).
-        run_eagerly=cfg.train.run_eagerly,
-    )
-    stop = PaperStopRule(cfg.train.stop.val_accuracy, cfg.train.stop.val_loss)
-    checkpoint_dir = out / "checkpoint"
-    # One fixed file name: every epoch overwrites the previous checkpoint (Adam's state makes
-    # each one ~3x the model), and it is removed once the run has finished.
-    checkpoint = keras.callbacks.ModelCheckpoint(str(checkpoint_dir / "last.keras"))
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint_dir.mkdir(exist_ok=True)
+        train_ds = make_dataset(plan.train_rows, plan.spec, cfg, plan.image_size, training=True)
+    val_ds = make_dataset(plan.rows("val"), plan.spec, cfg, plan.image_size, training=False)
+    plan.cell.begin()
 
     tracking.use_experiment(dataset)
-    with mlflow.start_run(run_name=run_name or cell, nested=nested) as run:
-        mlflow.set_tags(run_tags(cfg, model, init, dataset, kind="train"))
-        tracking.log_config(cfg)
-        # Names apart from `mlflow run`'s entry-point params (lr=auto...): MLflow forbids changes.
-        mlflow.log_params({
-            "model": model, "init": init, "dataset": dataset, "learning_rate": rate,
-            "effective_lr": effective_rate, "image_size": size,
-            "train_images": len(train_rows), "val_images": int((table["split"] == "val").sum()),
-            "test_images": int((table["split"] == "test").sum()),
-        })
-        started = time.perf_counter()
-        history = net.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=cfg.train.max_epochs,
-            callbacks=[
-                RecalibrateBatchNorm(train_ds, cfg.train.bn_recalibration_batches),
-                stop, checkpoint, MlflowEpochLogger(), *extra_callbacks,
-            ],
-            shuffle=False,  # the dataset shuffles itself, with the seed
-            verbose="auto",
-        )
-        seconds = time.perf_counter() - started
-        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-        epochs_used = len(hist.get("loss", []))
-        mlflow.log_metrics({"epochs_used": epochs_used, "train_seconds": seconds})
-        mlflow.set_tag("stopped_by", "paper_rule" if stop.stopped_epoch else "max_epochs")
-        tracking.log_history(hist)
-
-        test_metrics: dict[str, float] = {}
-        predictions = None
-        if evaluate_test:
-            test_ds = make_dataset(rows_of(table, "test"), spec, cfg, size, training=False)
-            y_true, prob = predict(net, test_ds)
-            if len(y_true):
-                test_metrics = {f"test_{k}": v for k, v in classification_metrics(y_true, prob).items()}
-                tracking.log_metrics(test_metrics)
-                tracking.log_evaluation(y_true, prob, prefix="test")
-                predictions = (y_true, prob.argmax(axis=1))
-
-        clean = inference_copy(net)
-        # The model and its card form one folder: the study's DVC output (`models/<cell>/model/`).
-        model_path = out / MODEL_DIR / "model.keras"
-        model_path.parent.mkdir(parents=True, exist_ok=True)
-        clean.save(model_path)
-        mlflow.set_tag("model_path", str(model_path.resolve()))
-        write_cell(out, cfg, hist, {"status": "ok", **test_metrics, "epochs_used": epochs_used}, predictions)
-        card = {
-            "model": model, "init": init, "dataset": dataset, "image_size": size,
-            "preprocessing": cfg.train.preprocessing, "classes": list(paths.CLASSES),
-            "positive": paths.POSITIVE, "learning_rate": effective_rate,
-            "epochs_used": epochs_used, "run_id": run.info.run_id,
-            "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
-        }
-        (model_path.parent / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-        mlflow.log_dict(card, "card.json")
-        if log_model:  # the study passes False: the DVC output is the one stored copy
-            tracking.log_keras_model(clean, example_batch(val_ds))
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    with mlflow.start_run(run_name=run_name or plan.name, nested=nested) as run:
+        try:
+            model_path, fitted, scored = _run(plan, net, train_ds, val_ds, extra_callbacks,
+                                              evaluate_test, log_model, run.info.run_id)
+        except BaseException as exc:
+            plan.cell.write_failed(run.info.run_id, f"{type(exc).__name__}: {str(exc)[:300]}")
+            raise
 
     return TrainResult(
         run_id=run.info.run_id,
-        epochs_used=epochs_used,
-        history=hist,
-        metrics=test_metrics,
+        epochs_used=fitted.epochs_used,
+        history=fitted.history,
+        metrics=scored.metrics if scored else {},
         model_path=model_path,
-        train_seconds=seconds,
+        train_seconds=fitted.seconds,
     )
 
 
+def _run(
+    plan: Plan, net: keras.Model, train_ds, val_ds, callbacks, evaluate_test: bool, log_model: bool,
+    run_id: str,
+) -> tuple[Path, Fitted, Scored | None]:
+    """Inside the run: log what it is, fit, score, write the cell's files, log the results."""
+    log_plan(plan)
+    fitted = fit(plan, net, train_ds, val_ds, callbacks)
+    mlflow.log_metrics({"epochs_used": fitted.epochs_used, "train_seconds": fitted.seconds})
+    mlflow.set_tag("stopped_by", fitted.stopped_by)
+    tracking.log_history(fitted.history)
+
+    scored = score(plan, net) if evaluate_test else None
+    if scored is not None:
+        tracking.log_metrics(scored.metrics)
+        tracking.log_evaluation(scored.y_true, scored.prob, prefix="test")
+
+    clean = inference_copy(net)
+    model_path = plan.cell.save_model(clean.save)
+    card = model_card(plan, fitted, run_id)
+    plan.cell.write_results(
+        metrics={"status": "ok", **(scored.metrics if scored else {}),
+                 "epochs_used": fitted.epochs_used, "run_id": run_id},
+        history=fitted.history,
+        predictions=scored.prediction_rows() if scored else None,
+        config_yaml=tracking.config_yaml(plan.cfg),
+        card=card,
+    )
+    mlflow.set_tag("model_path", str(model_path.resolve()))
+    mlflow.log_dict(card, "card.json")
+    if log_model:  # the study passes False: the DVC output is the one stored copy
+        tracking.log_keras_model(clean, example_batch(val_ds))
+    _remove_checkpoint(plan.cell)
+    return model_path, fitted, scored
+
+
+def log_plan(plan: Plan) -> None:
+    """What the run is, before it trains: tags, the whole config, the run's own params, its data."""
+    cfg = plan.cfg
+    mlflow.set_tags(run_tags(cfg, plan.model, plan.init, plan.dataset, kind="train"))
+    tracking.log_config(cfg)
+    # Names apart from `mlflow run`'s entry-point params (lr=auto...): MLflow forbids changes.
+    mlflow.log_params({
+        "model": plan.model, "init": plan.init, "dataset": plan.dataset,
+        "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
+        "image_size": plan.image_size, "train_images": len(plan.train_rows),
+        "val_images": len(plan.rows("val")), "test_images": len(plan.rows("test")),
+    })
+    tracking.log_split_inputs(
+        plan.dataset, paths.split_path(cfg, plan.dataset), paths.manifest_path(cfg, plan.dataset),
+        {"train": plan.train_rows, "val": plan.rows("val"), "test": plan.rows("test")},
+    )
+
+
+def model_card(plan: Plan, fitted: Fitted, run_id: str) -> dict[str, Any]:
+    """card.json beside model.keras: what evaluate and predict need, and what the model is."""
+    return {
+        "model": plan.model, "init": plan.init, "dataset": plan.dataset,
+        "image_size": plan.image_size, "preprocessing": plan.cfg.train.preprocessing,
+        "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
+        "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
+        "epochs_used": fitted.epochs_used, "run_id": run_id,
+        "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
+    }
+
+
+def _remove_checkpoint(cell: Cell) -> None:
+    shutil.rmtree(cell.checkpoint_dir, ignore_errors=True)
+
+
 def run_tags(cfg: Config, model: str, init: str, dataset: str, kind: str) -> dict[str, str]:
-    """What ties a run to its exact code and data."""
+    """What ties a run to its exact code and data (and to the DVC experiment that ran it)."""
     return {
         "model": model,
         "init": init_label(init),
@@ -295,31 +432,7 @@ def run_tags(cfg: Config, model: str, init: str, dataset: str, kind: str) -> dic
         "split_strategy": cfg.split.strategy,
         "git_commit": tracking.git_commit(),
         "manifest_sha256": tracking.file_sha256(paths.manifest_path(cfg, dataset)),
-        "cell": paths.cell_name(model, init_label(init), dataset),
+        "cell": cell_name(model, init, dataset),
         "kind": kind,
+        **tracking.experiment_tags(),
     }
-
-
-def write_cell(
-    out: Path,
-    cfg: Config,
-    history: dict[str, list[float]],
-    metrics: dict[str, float],
-    predictions: tuple[np.ndarray, np.ndarray] | None,
-) -> None:
-    """metrics.json, history.csv, predictions.csv and config.yaml beside model.keras."""
-    clean = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in metrics.items()}
-    (out / "metrics.json").write_text(json.dumps(clean, indent=2) + "\n")
-    epochs = len(history.get("loss", []))
-    frame = pd.DataFrame({"epoch": range(1, epochs + 1)})
-    for key in EPOCH_METRICS:
-        frame[key] = history.get(key, [np.nan] * epochs)
-    frame.to_csv(out / "history.csv", index=False)
-    if predictions is not None:
-        y_true, y_pred = predictions
-        pd.DataFrame({
-            "actual": [paths.CLASSES[i] for i in y_true],
-            "predicted": [paths.CLASSES[i] for i in y_pred],
-        }).to_csv(out / "predictions.csv", index=False)
-    (out / "config.yaml").write_text(tracking.config_yaml(cfg))
-

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from covidtl.cli import config_from
+from covidtl.cli import AUTO_INT, config_from
 
 
 def _rate(value: str | None) -> float | None:
@@ -26,11 +26,11 @@ def _rate(value: str | None) -> float | None:
 @click.option("--init", default="random", show_default=True,
               help="random | imagenet | finetune | path to a .weights.h5 file for the base.")
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
-@click.option("--epochs", type=int, default=None, help="Cap on epochs (train.max_epochs).")
+@click.option("--epochs", type=AUTO_INT, default=None, help="Cap on epochs; auto = train.max_epochs.")
 @click.option("--lr", default=None, help="Adam learning rate; auto = train.learning_rates.<model>; "
               "tuned = the best rate of `covidtl tune` (tuned/<model>-<init>-<dataset>.yaml).")
-@click.option("--batch-size", type=int, default=None, help="train.batch_size.")
-@click.option("--seed", type=int, default=None, help="train.seed.")
+@click.option("--batch-size", type=AUTO_INT, default=None, help="Batch size; auto = train.batch_size.")
+@click.option("--seed", type=AUTO_INT, default=None, help="Seed; auto = train.seed.")
 @click.option("--image-size", type=int, default=None, help="Input size (train.image_size.<model>).")
 @click.option("--preprocessing", type=click.Choice(["model", "rescale"]), default=None,
               help="model: the backbone's preprocess_input; rescale: the paper's [0, 1].")
@@ -67,13 +67,15 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
         from covidtl.data.prepare import ensure_split
 
         ensure_split(cfg, dataset, say=lambda line: click.echo(line, err=True))
+    source = None
     if lr is not None and lr.strip().lower() == "tuned":
-        from covidtl.tune import tuned_learning_rate
+        from covidtl.tune import tuned_learning_rate, tuned_path
 
         rate = tuned_learning_rate(cfg, model, dataset, init)
+        source = str(tuned_path(cfg, model, init, dataset))
     else:
         rate = _rate(lr)
-    result = run(cfg, model, init, dataset, lr=rate, out_dir=out, log_model=log_model)
+    result = run(cfg, model, init, dataset, lr=rate, lr_source=source, out_dir=out, log_model=log_model)
     m = result.metrics
     summary = ", ".join(
         f"{k} {m[f'test_{k}']:.4f}" for k in ("accuracy", "recall_covid", "precision_covid", "f1_covid", "roc_auc")
