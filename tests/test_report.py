@@ -15,31 +15,35 @@ from covidtl.cli import main
 PARAMS = Path(__file__).parents[1] / "params.yaml"
 
 
-def _log_run(model: str, init: str, accuracy: float, *, strategy: str = "grouped", fail: bool = False):
-    """A run shaped like covidtl.train's: the contract's tags and test_ metrics."""
+def _log_run(model: str, init: str, accuracy: float, *, strategy: str = "grouped", fail: bool = False,
+             experiment: str | None = None) -> str:
+    """A run shaped like covidtl.train's: the contract's tags and test_ metrics; returns its id."""
     mlflow.set_experiment("covidtl-ct")
     tags = {
         "model": model, "init": init, "dataset": "ct", "split_strategy": strategy,
         "kind": "train", "cell": f"{model}-{init}-ct",
     }
-    with mlflow.start_run(tags=tags):
+    if experiment:
+        tags["dvc_experiment"] = experiment
+    with mlflow.start_run(tags=tags) as run:
         if fail:
             mlflow.end_run(status="FAILED")
-            return
+            return run.info.run_id
         metrics = {"test_accuracy": accuracy, "test_roc_auc": accuracy, "epochs_used": 3}
         for m in ("recall", "precision", "f1"):
             for a in ("covid", "non_covid", "micro", "macro"):
                 metrics[f"test_{m}_{a}"] = accuracy
         mlflow.log_metrics(metrics)
+    return run.info.run_id
 
 
-def _write_cell(root: Path, cell: str, rows: list[tuple[str, str]] | None, skipped: str = "") -> None:
+def _write_cell(root: Path, cell: str, record: dict, rows: list[tuple[str, str]] | None = None) -> None:
+    """A cell folder as covidtl.train (or a skipped or failed cell) leaves it."""
     d = root / cell
     d.mkdir(parents=True)
     if rows is not None:
         pd.DataFrame(rows, columns=["actual", "predicted"]).to_csv(d / "predictions.csv", index=False)
-    if skipped:
-        (d / "metrics.json").write_text(json.dumps({"status": "skipped", "reason": skipped}))
+    (d / "metrics.json").write_text(json.dumps(record))
 
 
 @pytest.fixture
@@ -48,12 +52,17 @@ def study(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    _log_run("custom_cnn", "random", 0.50)  # an older run of the same cell: the newer one wins
-    _log_run("custom_cnn", "random", 0.75)
-    _log_run("vgg16", "random", 0.0, fail=True)
+    cell_run = _log_run("custom_cnn", "random", 0.75)
+    failed_run = _log_run("vgg16", "random", 0.0, fail=True)
     models = tmp_path / "models"
-    _write_cell(models, "custom_cnn-random-ct", [("covid", "covid"), ("covid", "non_covid"), ("non_covid", "non_covid")])
-    _write_cell(models, "vgg16-imagenet-ct", None, skipped="ImageNet weights not available offline")
+    _write_cell(models, "custom_cnn-random-ct", {"status": "ok", "test_accuracy": 0.75, "run_id": cell_run},
+                rows=[("covid", "covid"), ("covid", "non_covid"), ("non_covid", "non_covid")])
+    _write_cell(models, "vgg16-random-ct", {"status": "failed", "reason": "ValueError: boom", "run_id": failed_run})
+    _write_cell(models, "vgg16-imagenet-ct", {"status": "skipped", "reason": "ImageNet weights not available offline"})
+    # Later ad-hoc runs of a study cell (`covidtl train --max-train-samples 12 --out elsewhere`)
+    # must not replace the cell's own run.
+    _log_run("custom_cnn", "random", 0.10)
+    _log_run("custom_cnn", "imagenet", 0.99)
     return tmp_path
 
 
@@ -70,18 +79,20 @@ def test_report_tables_figures_and_missing_cells(study):
     assert "Logged as MLflow run" in result.output
 
     table = pd.read_csv(study / "reports" / "results.csv").set_index(["model", "init"])
-    assert len(table) == 4
-    assert table.loc[("custom_cnn", "random"), "test_accuracy"] == pytest.approx(0.75)
+    assert len(table) == 4 and set(table["group"]) == {"workspace"}
+    cell_run = json.loads((study / "models/custom_cnn-random-ct/metrics.json").read_text())["run_id"]
+    assert table.loc[("custom_cnn", "random"), "run_id"] == cell_run
+    assert table.loc[("custom_cnn", "random"), "test_accuracy"] == pytest.approx(0.75)  # not the newer 0.10
     assert table.loc[("custom_cnn", "random"), "status"] == "ok"
     assert table.loc[("vgg16", "random"), "status"] == "failed"
     assert table.loc[("vgg16", "imagenet"), "status"] == "skipped"
-    assert table.loc[("custom_cnn", "imagenet"), "status"] == "missing"
+    assert table.loc[("custom_cnn", "imagenet"), "status"] == "missing"  # its ad-hoc run is not a cell
     # Failed, skipped and missing cells have no numbers at all, not zeros.
     assert table.drop(index=("custom_cnn", "random"))["test_accuracy"].isna().all()
 
     md = (study / "reports" / "results.md").read_text()
     assert "| custom_cnn | random | ok | 0.750 |" in md
-    assert "| vgg16 | random | failed | — |" in md
+    assert "| vgg16 | random | failed | — |" in md and "ValueError: boom" in md
     assert "ImageNet weights not available offline" in md
     for name in ("fig5_6-ct.png", "fig7-epochs.png", "confusion-ct.png"):
         assert (study / "reports" / name).read_bytes()[:4] == b"\x89PNG"
@@ -94,14 +105,34 @@ def test_report_tables_figures_and_missing_cells(study):
     assert {Path(a.path).name for a in artifacts} >= {"results.csv", "results.md", "fig5_6-ct.png"}
 
 
-def test_report_shows_split_strategies_side_by_side(study):
-    _log_run("custom_cnn", "random", 0.95, strategy="random")
+def test_named_experiments_appear_as_their_own_groups(study):
+    _log_run("custom_cnn", "random", 0.95, strategy="random", experiment="leaky-split")
+    _log_run("custom_cnn", "random", 0.85, strategy="random")  # no experiment: never shown
+    base = ["--params", str(PARAMS), "-S", "study.models=[custom_cnn]", "-S", "study.inits=[random]",
+            "-S", "study.datasets=[ct]"]
+    CliRunner().invoke(main, base + ["report", "--no-log"], catch_exceptions=False)
+    assert set(pd.read_csv(study / "reports" / "results.csv")["group"]) == {"workspace"}
+    assert not (study / "reports" / "split_strategies.png").exists()
+
+    result = CliRunner().invoke(main, base + ["report", "--no-log", "--with-experiment", "leaky-split"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(study / "reports" / "results.csv").set_index("group")
+    assert table.loc["workspace", "test_accuracy"] == pytest.approx(0.75)
+    assert table.loc["leaky-split", "test_accuracy"] == pytest.approx(0.95)
+    assert table.loc["leaky-split", "split_strategy"] == "random"
+    assert (study / "reports" / "split_strategies.png").exists()
+    md = (study / "reports" / "results.md").read_text()
+    assert "## workspace: ct — split grouped" in md and "## leaky-split: ct — split random" in md
+
+    unknown = CliRunner().invoke(main, base + ["report", "--no-log", "--with-experiment", "nope"])
+    assert unknown.exit_code == 2 and "dvc_experiment=nope" in unknown.output
+
+
+def test_a_cell_whose_run_is_not_in_the_store_says_so(study, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
     CliRunner().invoke(main, ["--params", str(PARAMS), "-S", "study.models=[custom_cnn]",
                               "-S", "study.inits=[random]", "-S", "study.datasets=[ct]",
                               "report", "--no-log"], catch_exceptions=False)
-    table = pd.read_csv(study / "reports" / "results.csv")
-    by_strategy = table.set_index("split_strategy")["test_accuracy"]
-    assert by_strategy["grouped"] == pytest.approx(0.75)
-    assert by_strategy["random"] == pytest.approx(0.95)
-    assert (study / "reports" / "split_strategies.png").exists()
-    assert "## ct — split random" in (study / "reports" / "results.md").read_text()
+    row = pd.read_csv(study / "reports" / "results.csv").iloc[0]
+    assert row["status"] == "missing" and "is not in" in row["note"] and pd.isna(row["test_accuracy"])

@@ -1,24 +1,26 @@
 """The comparison report: every study cell's MLflow run → a table, the paper's figures, MLflow.
 
-Reads the runs (``mlflow.search_runs``) and the cells' saved predictions; writes ``reports/``:
+Reads exactly the run each cell's metrics.json names (`cells.Cell`), plus the runs of DVC
+experiments the user names (`--with-experiment NAME`), each as its own group; writes ``reports/``:
 ``results.csv`` and ``results.md`` (every metric of every model x init x dataset), ``fig5_6-<dataset>.png``
 (per-class recall, precision, F1 and accuracy, random vs ImageNet), ``fig7-epochs.png``,
-``confusion-<dataset>.png`` and, where both split strategies were run, ``split_strategies.png``.
-A cell without a finished run stays empty (``—`` / no bar), never a zero.
+``confusion-<dataset>.png`` and, where more than one group or split strategy is shown,
+``split_strategies.png``. A cell without a result stays empty (``—`` / no bar), never a zero.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from covidtl import paths, tracking
+from covidtl.cells import Cell
 from covidtl.config import Config
+from covidtl.errors import UserError
 
-MODELS_ROOT = "models"
+MODELS_ROOT = "models"  # cells.MODELS_ROOT
 REPORT_EXPERIMENT = "covidtl-report"
 CLASS_METRICS = ("recall", "precision", "f1")
 AVERAGES = ("covid", "non_covid", "micro", "macro")
@@ -27,7 +29,8 @@ METRICS = (
     + [f"test_{m}_{a}" for m in CLASS_METRICS for a in AVERAGES]
     + ["epochs_used", "train_seconds"]
 )
-KEY = ["dataset", "model", "init", "split_strategy"]
+KEY = ["group", "dataset", "model", "init", "split_strategy"]
+WORKSPACE = "workspace"  # the study cells under models/, as their metrics.json record them
 
 
 @dataclass
@@ -40,80 +43,89 @@ class Report:
 # --------------------------------------------------------------------------- collect
 
 
-def fetch_runs(datasets: list[str]) -> pd.DataFrame:
-    """Every `kind=train` run of the datasets' experiments, newest first, one row per run."""
+def _client():
     import mlflow
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    names = [f"covidtl-{d}" for d in datasets]
+    return mlflow.MlflowClient()
+
+
+def _metrics_of(run) -> dict[str, float]:
+    return {m: run.data.metrics.get(m, float("nan")) for m in METRICS}
+
+
+def workspace_rows(cfg: Config, models_root: str | Path = MODELS_ROOT) -> pd.DataFrame:
+    """One row per cell of cfg.study: exactly the run its metrics.json names, or why there is none."""
+    import mlflow
+
+    client = _client()
+    rows = []
+    for dataset in cfg.study.datasets:
+        for model in cfg.study.models:
+            for init in cfg.study.inits:
+                cell = Cell.of(model, init, dataset, models_root)
+                row = {"group": WORKSPACE, "dataset": dataset, "model": model, "init": init,
+                       "split_strategy": cfg.split.strategy, "status": "missing", "note": "",
+                       "run_id": None, **dict.fromkeys(METRICS, float("nan"))}
+                record = cell.read_metrics()
+                if record is None:
+                    row["note"] = f"no {cell.metrics_file}: the cell has not run (dvc repro)"
+                elif record.get("status") in ("skipped", "failed"):
+                    row.update(status=record["status"], note=str(record.get("reason", "")),
+                               run_id=record.get("run_id"))
+                elif not record.get("run_id"):
+                    row["note"] = f"{cell.metrics_file} names no MLflow run; re-run the cell"
+                else:
+                    row["run_id"] = record["run_id"]
+                    try:
+                        run = client.get_run(record["run_id"])
+                    except mlflow.exceptions.MlflowException:
+                        row["note"] = (f"run {record['run_id']} of {cell.metrics_file} is not in "
+                                       f"{tracking.tracking_uri()}; set MLFLOW_TRACKING_URI to its store")
+                    else:
+                        row.update(status="ok", **_metrics_of(run),
+                                   split_strategy=run.data.tags.get("split_strategy", row["split_strategy"]))
+                rows.append(row)
+    return pd.DataFrame(rows, columns=[*KEY, "status", "note", "run_id", *METRICS])
+
+
+def experiment_rows(cfg: Config, name: str) -> pd.DataFrame:
+    """The newest finished train run per cell of DVC experiment `name` (tag dvc_experiment)."""
+    import mlflow
+
+    _client()
+    names = [tracking.experiment_name(d) for d in cfg.study.datasets]
     existing = [n for n in names if mlflow.get_experiment_by_name(n) is not None]
-    if not existing:
-        return pd.DataFrame(columns=[*KEY, "status", "run_id", "start_time"])
-    runs = mlflow.search_runs(
-        experiment_names=existing,
-        filter_string="tags.kind = 'train'",
-        order_by=["attributes.start_time DESC"],
-    )
+    runs = pd.DataFrame()
+    if existing:
+        runs = mlflow.search_runs(
+            experiment_names=existing,
+            filter_string=f"tags.kind = 'train' AND tags.dvc_experiment = '{name}' "
+                          "AND attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )
     if runs.empty:
-        return pd.DataFrame(columns=[*KEY, "status", "run_id", "start_time"])
-    out = pd.DataFrame(
-        {
-            "dataset": runs.get("tags.dataset"),
-            "model": runs.get("tags.model"),
-            "init": runs.get("tags.init"),
-            "split_strategy": runs.get("tags.split_strategy"),
-            "status": runs["status"],
-            "run_id": runs["run_id"],
-            "start_time": runs["start_time"],
-        }
-    )
+        raise UserError(
+            f"--with-experiment {name}: no finished training run tagged dvc_experiment={name} in "
+            f"{tracking.tracking_uri()}; run it with `dvc exp run -n {name}` (same MLFLOW_TRACKING_URI)"
+        )
+    out = pd.DataFrame({
+        "group": name, "dataset": runs["tags.dataset"], "model": runs["tags.model"],
+        "init": runs["tags.init"], "split_strategy": runs["tags.split_strategy"],
+        "status": "ok", "note": "", "run_id": runs["run_id"],
+    })
     for metric in METRICS:
         column = f"metrics.{metric}"
         out[metric] = runs[column] if column in runs else float("nan")
-    return out
+    return out.drop_duplicates(KEY, keep="first").reset_index(drop=True)
 
 
-def results_table(cfg: Config, runs: pd.DataFrame, models_root: str | Path = MODELS_ROOT) -> pd.DataFrame:
-    """One row per cell of cfg.study and split strategy: its newest finished run, else why it is empty."""
-    strategies = sorted(set(runs["split_strategy"].dropna()) | {cfg.split.strategy})
-    grid = pd.DataFrame(
-        [
-            (d, m, i, s)
-            for d in cfg.study.datasets
-            for m in cfg.study.models
-            for i in cfg.study.inits
-            for s in strategies
-        ],
-        columns=KEY,
-    )
-
-    finished = runs[runs["status"] == "FINISHED"].drop_duplicates(KEY, keep="first")
-    failed = runs[runs["status"] == "FAILED"].drop_duplicates(KEY, keep="first")
-    table = grid.merge(finished.drop(columns=["status", "start_time"]), on=KEY, how="left")
-    table["status"] = "ok"
-    table.loc[table["run_id"].isna(), "status"] = "missing"
-    failed_keys = set(map(tuple, failed[KEY].values))
-    table["note"] = ""
-    for idx, row in table[table["status"] == "missing"].iterrows():
-        # The cell's own current outcome (skipped) outranks an older failed attempt.
-        note = _skip_reason(Path(models_root), row["model"], row["init"], row["dataset"])
-        if note:
-            table.loc[idx, ["status", "note"]] = ["skipped", note]
-        elif tuple(row[KEY]) in failed_keys:
-            table.loc[idx, "status"] = "failed"
-    return table[[*KEY, "status", "note", "run_id", *METRICS]]
-
-
-def _skip_reason(root: Path, model: str, init: str, dataset: str) -> str:
-    """The reason a cell's metrics.json gives for being skipped, or ''."""
-    path = paths.cell_dir(model, init, dataset, root) / "metrics.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return ""
-    if data.get("status") == "skipped":
-        return str(data.get("reason", "skipped"))
-    return ""
+def results_table(
+    cfg: Config, models_root: str | Path = MODELS_ROOT, experiments: tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """The workspace's cells, then each named experiment as its own group; never mixed."""
+    parts = [workspace_rows(cfg, models_root)] + [experiment_rows(cfg, name) for name in experiments]
+    return pd.concat(parts, ignore_index=True)
 
 
 # --------------------------------------------------------------------------- write
@@ -126,13 +138,14 @@ def write_tables(table: pd.DataFrame, out: Path) -> list[Path]:
     lines = [
         "# Study results",
         "",
-        "Test-split metrics of the newest finished MLflow run of each cell. "
+        "Test-split metrics of the MLflow run each study cell's metrics.json names (group "
+        "`workspace`), and of each DVC experiment named with `--with-experiment` (its own group). "
         "`—` = no result (status says why); never a zero.",
         "",
     ]
-    shown = ["model", "init", "status", *METRICS]
-    for (dataset, strategy), part in table.groupby(["dataset", "split_strategy"], sort=False):
-        lines += [f"## {dataset} — split {strategy}", "", _markdown(part[shown]), ""]
+    shown = ["model", "init", "status", *METRICS, "run_id"]
+    for (group, dataset, strategy), part in table.groupby(["group", "dataset", "split_strategy"], sort=False):
+        lines += [f"## {group}: {dataset} — split {strategy}", "", _markdown(part[shown]), ""]
         notes = part[part["note"] != ""]
         for _, row in notes.iterrows():
             lines.append(f"- {row['model']}-{row['init']}: {row['note']}")
@@ -149,6 +162,8 @@ def _markdown(frame: pd.DataFrame) -> str:
                 return "—"
             # Counts and seconds read better whole; scores keep three decimals.
             return f"{value:.0f}" if column in ("epochs_used", "train_seconds") else f"{value:.3f}"
+        if value is None or (column == "run_id" and pd.isna(value)):
+            return "—"
         return str(value)
 
     header = "| " + " | ".join(c.removeprefix("test_") for c in frame.columns) + " |"
@@ -213,7 +228,8 @@ def plot_epochs(table: pd.DataFrame, out: Path) -> Path:
         ax.set_title(f"{dataset}: epochs used")
         ax.set_ylabel("epochs")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        ax.set_ylim(0, max(pivot.max().max(), 1) * 1.5)  # head room: the legend above the bars
+        top = pivot.max().max()  # NaN when no cell of this dataset has a result yet
+        ax.set_ylim(0, (top if pd.notna(top) and top > 1 else 1) * 1.5)  # head room: the legend above the bars
         ax.legend(title="init", loc="upper left", ncols=2)
     fig.tight_layout()
     path = out / "fig7-epochs.png"
@@ -236,7 +252,7 @@ def plot_confusions(table: pd.DataFrame, dataset: str, out: Path, models_root: P
         for c, init in enumerate(inits):
             ax = axes[r][c]
             ax.set_title(f"{model} · {init}", fontsize=8)
-            matrix = _confusion(paths.cell_dir(model, init, dataset, models_root) / "predictions.csv")
+            matrix = _confusion(Cell.of(model, init, dataset, models_root).predictions_file)
             ax.set_xticks([0, 1], ["non", "covid"], fontsize=7)
             ax.set_yticks([0, 1], ["non", "covid"], fontsize=7)
             if matrix is None:
@@ -269,24 +285,23 @@ def _confusion(predictions: Path) -> pd.DataFrame | None:
 
 
 def plot_split_strategies(table: pd.DataFrame, out: Path) -> Path | None:
-    """Test accuracy per cell under each split strategy, side by side (only when both were run)."""
+    """Test accuracy per cell for each group and split strategy, side by side (when there are two)."""
     import matplotlib.pyplot as plt
 
-    ran = table[table["status"] == "ok"]
-    if ran["split_strategy"].nunique() < 2:
+    ran = table[table["status"] == "ok"].copy()
+    ran["shown"] = ran["group"] + " (" + ran["split_strategy"] + ")"
+    if ran["shown"].nunique() < 2:
         return None
-    datasets = list(dict.fromkeys(table["dataset"]))
+    datasets = list(dict.fromkeys(ran["dataset"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        part = table[table["dataset"] == dataset].copy()
-        part["cell"] = part["model"] + "-" + part["init"]
-        pivot = part.pivot_table(
-            index="cell", columns="split_strategy", values="test_accuracy", dropna=False
-        )
+        part = ran[ran["dataset"] == dataset]
+        part = part.assign(cell=part["model"] + "-" + part["init"])
+        pivot = part.pivot_table(index="cell", columns="shown", values="test_accuracy", dropna=False)
         pivot.plot.bar(ax=ax, rot=30)
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{dataset}: test accuracy by split strategy")
-        ax.legend(title="split", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # accuracies reach 1
+        ax.set_title(f"{dataset}: test accuracy by group (split strategy)")
+        ax.legend(title="group (split)", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # accuracies reach 1
     fig.tight_layout()
     path = out / "split_strategies.png"
     fig.savefig(path, dpi=90)
@@ -297,17 +312,20 @@ def plot_split_strategies(table: pd.DataFrame, out: Path) -> Path | None:
 # --------------------------------------------------------------------------- entry point
 
 
-def build_report(cfg: Config, models_root: str | Path = MODELS_ROOT, log: bool = True) -> Report:
-    """Collect the runs, write every table and figure into cfg.report.out, log them to MLflow."""
+def build_report(
+    cfg: Config, models_root: str | Path = MODELS_ROOT, log: bool = True,
+    experiments: tuple[str, ...] = (),
+) -> Report:
+    """Collect the cells' runs, write every table and figure into cfg.report.out, log them to MLflow."""
     import matplotlib
 
     matplotlib.use("Agg")
     out = Path(cfg.report.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = results_table(cfg, fetch_runs(cfg.study.datasets), models_root)
+    table = results_table(cfg, models_root, experiments)
     files = write_tables(table, out)
-    # The paper's figures show the configured split strategy; the side-by-side plot shows both.
-    current = table[table["split_strategy"] == cfg.split.strategy]
+    # The paper's figures show the workspace's cells; the side-by-side plot adds the experiments.
+    current = table[table["group"] == WORKSPACE]
     for dataset in dict.fromkeys(current["dataset"]):
         files.append(plot_metrics(current, dataset, out))
         files.append(plot_confusions(current, dataset, out, Path(models_root)))
@@ -326,9 +344,12 @@ def log_report(table: pd.DataFrame, out: Path) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    mlflow.set_experiment(REPORT_EXPERIMENT)
+    tracking.set_experiment(REPORT_EXPERIMENT)
     with mlflow.start_run(run_name="report", tags={"kind": "report"}) as run:
-        counts = table["status"].value_counts()
+        counts = table[table["group"] == WORKSPACE]["status"].value_counts()
+        groups = sorted(set(table["group"]) - {WORKSPACE})
+        if groups:
+            mlflow.set_tag("experiments", ",".join(groups))
         mlflow.log_metrics({f"cells_{status}": float(n) for status, n in counts.items()})
         mlflow.log_artifacts(str(out), artifact_path="report")
         return run.info.run_id
