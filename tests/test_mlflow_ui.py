@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,14 +53,24 @@ def _free_port() -> int:
 
 def _log_study(uri: str, root: Path) -> tuple[str, list[str]]:
     """Runs shaped like covidtl.train's: run name = cell, contract tags, params, per-epoch and test metrics."""
+    from covidtl import tracking
+
     mlflow.set_tracking_uri(uri)
-    experiment_id = mlflow.create_experiment("covidtl-ct", artifact_location=(root / "artifacts").as_uri())
+    mlflow.create_experiment("covidtl-ct", artifact_location=(root / "artifacts").as_uri())
+    tracking.set_experiment("covidtl-ct")  # what training does: tags the experiment's kind
+    experiment_id = mlflow.get_experiment_by_name("covidtl-ct").experiment_id
+    assert mlflow.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    split_file = root / "split.csv"
+    split_file.write_text("path,label,split\na.png,covid,train\nb.png,non_covid,val\nc.png,covid,test\n")
+    table = pd.read_csv(split_file)
+    splits = {name: table[table["split"] == name] for name in ("train", "val", "test")}
     ids = []
     for model, init, accuracy in RUNS:
         cell = f"{model}-{init}-ct"
         tags = {"model": model, "init": init, "dataset": "ct", "split_strategy": "grouped", "kind": "train", "cell": cell}
         with mlflow.start_run(experiment_id=experiment_id, run_name=cell, tags=tags) as run:
             mlflow.log_params({"model": model, "init": init, "dataset": "ct"})
+            tracking.log_split_inputs("ct", split_file, split_file, splits)
             for epoch in (1, 2):
                 mlflow.log_metrics({"loss": 1.0 / epoch, "val_accuracy": accuracy - 0.1 / epoch}, step=epoch)
             mlflow.log_metrics({"test_accuracy": accuracy, "test_f1_macro": accuracy, "epochs_used": 2})
@@ -104,9 +115,18 @@ def test_runs_table_lists_model_init_and_accuracy(mlflow_server, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 2400, "height": 900})
-        page.goto(f"{base}/#/experiments/{experiment_id}/runs", timeout=90_000)
+        # As a user: the home page, then the experiment by its name. MLflow 3 opens an untagged
+        # experiment on a GenAI traces overview; a model-development one on its training runs.
+        page.goto(base, timeout=90_000)
+        # MLflow 3.17's sidebar switch (GenAI | Model training, remembered by the browser) picks
+        # the experiment's landing page; a first-time user is on GenAI and picks Model training.
+        page.get_by_text("Model training", exact=True).first.click(timeout=90_000)
+        page.get_by_role("link", name="covidtl-ct").first.click(timeout=90_000)
         for model, init, _ in RUNS:
             page.get_by_text(f"{model}-{init}-ct").first.wait_for(timeout=90_000)
+        assert re.search(rf"/experiments/{experiment_id}/runs", page.url), page.url
+        # The Dataset column names the data that trained each run (its MLflow dataset inputs).
+        page.get_by_text("ct-train").first.wait_for(timeout=30_000)
 
         # What a user does: Columns -> tick the metrics and the tags groups.
         page.get_by_role("button", name="Columns", exact=True).click()
