@@ -23,14 +23,13 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from covidtl.cli import main
-from covidtl.config import load_config
+from covidtl.config import load_config, parse_override
 from covidtl.errors import UserError
-from covidtl.tune import lr_bounds, study_name, tuned_learning_rate
+from covidtl.tune import lr_bounds, tuned_learning_rate
 from helpers_train import split_table, write_images
 
 ROOT = Path(__file__).parents[1]
 PARAMS = ROOT / "params.yaml"
-STUDY = study_name("custom_cnn", "random", "tiny")
 COVIDTL = [str(Path(sys.executable).parent / "covidtl")]  # the console script of this venv
 
 
@@ -47,12 +46,12 @@ def make_project(root: Path) -> Path:
     return root
 
 
-def settings(root: Path, *extra: str, wide: bool = True) -> list[str]:
-    """Global options: params.yaml, the tiny dataset, small batches, pruning from the first epoch.
+def overrides(root: Path, *extra: str, wide: bool = True) -> list[str]:
+    """The tiny dataset, small batches, pruning from the first epoch.
 
     wide: search [1e-4, 100] so that the absurd rate 50 can be queued.
     """
-    sets = [
+    return [
         f"data.workdir={root / 'data'}",
         f"data.datasets.tiny={{path: {root / 'images'}, series: true}}",
         "train.batch_size=8",
@@ -63,11 +62,25 @@ def settings(root: Path, *extra: str, wide: bool = True) -> list[str]:
         *(["tune.bounds.custom_cnn=[1.0e-4, 100.0]"] if wide else []),
         *extra,
     ]
-    return ["--params", str(PARAMS), *[a for s in sets for a in ("-S", s)]]
+
+
+def settings(root: Path, *extra: str, wide: bool = True) -> list[str]:
+    """Global options: params.yaml and `overrides` as -S values."""
+    return ["--params", str(PARAMS), *[a for s in overrides(root, *extra, wide=wide) for a in ("-S", s)]]
+
+
+def config(root: Path, *extra: str, wide: bool = True):
+    """The Config that `covidtl` builds from `settings(root, *extra)`."""
+    return load_config(PARAMS, dict(parse_override(s) for s in overrides(root, *extra, wide=wide)))
 
 
 def sqlite_url(root: Path) -> str:
     return f"sqlite:///{root / 'optuna.db'}"
+
+
+def only_study(url: str) -> optuna.Study:
+    """The one study in the storage (its name carries the settings' digest)."""
+    return optuna.load_study(study_name=None, storage=url)
 
 
 def env_for(root: Path) -> dict[str, str]:
@@ -112,7 +125,7 @@ def searched(tmp_path_factory):
 def test_search_runs_prunes_and_writes_the_best_rate(searched):
     root, result = searched
     assert result.exit_code == 0, result.output
-    study = optuna.load_study(study_name=STUDY, storage=sqlite_url(root))
+    study = only_study(sqlite_url(root))
     trials = study.get_trials()
     assert [t.number for t in trials] == [0, 1, 2]
     assert trials[0].params["lr"] == pytest.approx(1e-3)  # the paper's rate, queued first
@@ -136,8 +149,8 @@ def test_each_trial_is_a_nested_mlflow_run(searched):
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("covidtl-tiny")
     (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'tune'")
-    assert parent.data.tags["optuna_study"] == STUDY
-    study = optuna.load_study(study_name=STUDY, storage=sqlite_url(root))
+    study = only_study(sqlite_url(root))
+    assert parent.data.tags["optuna_study"] == study.study_name
     assert parent.data.metrics["best_val_loss"] == pytest.approx(study.best_value)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     for plot in ("optimization_history", "slice_lr", "intermediate_values"):
@@ -161,16 +174,17 @@ def test_each_trial_is_a_nested_mlflow_run(searched):
 
 def test_train_reads_the_tuned_rate(searched):
     root, _ = searched
-    cfg = load_config(PARAMS, {"tune.out": str(root / "tuned")})
+    # The search ran with --epochs 2: the same settings, so that the tuned file is for them.
+    cfg = config(root, "tune.epochs=2")
     rate = tuned_learning_rate(cfg, "custom_cnn", "tiny")
-    study = optuna.load_study(study_name=STUDY, storage=sqlite_url(root))
+    study = only_study(sqlite_url(root))
     assert rate == pytest.approx(study.best_params["lr"])
 
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     mp.chdir(root)
     try:
-        result = invoke(settings(root, "train.max_epochs=1") + [
+        result = invoke(settings(root, "tune.epochs=2", "train.max_epochs=1") + [
             "train", "--model", "custom_cnn", "--init", "random", "--dataset", "tiny", "--lr", "tuned",
         ])
     finally:
@@ -194,8 +208,8 @@ def test_tuned_rate_missing_is_one_clear_error(tmp_path):
 def _one_done_one_training(url: str) -> bool:
     """Trial 0 complete and trial 1 inside fit (its MLflow run exists)."""
     try:
-        trials = optuna.load_study(study_name=STUDY, storage=url).get_trials(deepcopy=False)
-    except KeyError:  # not created yet
+        trials = only_study(url).get_trials(deepcopy=False)
+    except (KeyError, ValueError):  # not created yet
         return False
     return (
         len(trials) == 2 and trials[0].state == TrialState.COMPLETE
@@ -227,7 +241,7 @@ def test_interrupted_study_resumes(tmp_path):
     finally:
         if worker.poll() is None:
             worker.kill()
-    before = optuna.load_study(study_name=STUDY, storage=url).get_trials()
+    before = only_study(url).get_trials()
     assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]
 
     time.sleep(3)  # past tune.stale_after=2 s without the dead worker's heartbeat
@@ -238,7 +252,7 @@ def test_interrupted_study_resumes(tmp_path):
     finally:
         mp.undo()
     assert result.exit_code == 0, result.output
-    after = optuna.load_study(study_name=STUDY, storage=url).get_trials()
+    after = only_study(url).get_trials()
     assert [t.state for t in after] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert after[0].value == before[0].value and after[0].params == before[0].params
     assert after[2].params["lr"] != after[0].params["lr"]  # a new draw, not a replay
@@ -270,16 +284,17 @@ def postgres_url() -> str:
 
 @pytest.mark.postgres
 def test_two_workers_share_one_postgres_study(tmp_path, postgres_url):
+    from covidtl.tune import study_identity
+
     root = make_project(tmp_path)
     dataset = f"tiny{uuid.uuid4().hex[:8]}"  # a fresh study in a database that outlives the test
     (root / "data" / "tiny").rename(root / "data" / dataset)
-    name = study_name("custom_cnn", "random", dataset)
     # A live worker's heartbeat can lag a few seconds on a loaded machine: the default
     # stale_after, not the resume test's 2 s, or one worker would fail the other's trials.
-    args = settings(
-        root, "tune.pruner=none", "tune.stale_after=120",
-        f"data.datasets.{dataset}={{path: {root / 'images'}}}",
-    ) + [
+    sets = ("tune.pruner=none", "tune.stale_after=120",
+            f"data.datasets.{dataset}={{path: {root / 'images'}}}")
+    name = study_identity(config(root, *sets, "tune.epochs=1"), "custom_cnn", "random", dataset).name
+    args = settings(root, *sets) + [
         "tune", "--model", "custom_cnn", "--dataset", dataset, "--epochs", "1", "--trials", "2",
         "--storage", postgres_url,
     ]
@@ -303,6 +318,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres_url):
         best = min(trials, key=lambda t: t.value)
         assert study.best_trial.number == best.number
         record = yaml.safe_load((root / "tuned" / f"custom_cnn-random-{dataset}.yaml").read_text())
+        assert record["study"] == name
         # The worker that finished last saw all four trials.
         assert record["learning_rate"] == pytest.approx(best.params["lr"])
 
@@ -315,6 +331,107 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres_url):
         assert sorted(numbers) == [0, 1, 2, 3]
     finally:
         optuna.delete_study(study_name=name, storage=study._storage)
+
+
+# --------------------------------------------------------------------------- study identity
+
+
+def test_settings_that_change_the_objective_name_a_new_study(tmp_path):
+    from covidtl.tune import load_study, study_identity
+
+    root = make_project(tmp_path)
+
+    def identity(*extra: str):
+        return study_identity(config(root, *extra), "custom_cnn", "random", "tiny")
+
+    same = identity()
+    assert same == identity() and same.name == f"lr-custom_cnn-random-tiny-{same.digest}"
+    # How the search runs is not what a trial measures: resume and shared workers keep one study.
+    for setting in ("tune.trials=3", "tune.storage=sqlite:///other.db", "tune.pruner=none",
+                    "tune.sampler_seed=9", "tune.stale_after=5", "tune.min_epochs=3",
+                    "tune.prune_after=1", "train.max_epochs=50", "train.run_eagerly=false"):
+        assert identity(setting).digest == same.digest, setting
+    changed = {
+        setting: identity(setting)
+        for setting in ("tune.epochs=2", "tune.metric=val_accuracy",
+                        "tune.bounds.custom_cnn=[1.0e-3, 1.0e-2]", "train.batch_size=16",
+                        "train.image_size.custom_cnn=224", "split.seed=7", "augment.rotation=10",
+                        "tune.search_dropout=true", "train.max_train_samples=6")
+    }
+    for setting, other in changed.items():
+        assert other.digest != same.digest, setting
+    assert changed["tune.bounds.custom_cnn=[1.0e-3, 1.0e-2]"].bounds == (1e-3, 1e-2)
+
+    # The data: the same settings over another split table (one image moved) are another study.
+    split = root / "data" / "tiny" / "split.csv"
+    table = split.read_text().splitlines()
+    table[1] = table[1].rsplit(",", 1)[0] + ("," + ("val" if table[1].endswith("train") else "train"))
+    split.write_text("\n".join(table) + "\n")
+    resplit = identity()
+    assert resplit.digest != same.digest
+    assert resplit.settings["split"]["table_sha256"] != same.settings["split"]["table_sha256"]
+
+    url = sqlite_url(root)
+    first, created_first = load_study(config(root), resplit, url)
+    epochs, created_epochs = load_study(config(root, "tune.epochs=2"), identity("tune.epochs=2"), url)
+    again, created_again = load_study(config(root), identity(), url)
+    assert (created_first, created_epochs, created_again) == (True, True, False)
+    assert first._study_id == again._study_id != epochs._study_id
+    assert first.user_attrs["identity"] == {"digest": resplit.digest, "settings": resplit.settings}
+
+
+def test_a_changed_search_runs_again_with_total(tmp_path, monkeypatch):
+    """`--total` after narrower bounds: a new study runs its trials; the same again runs none."""
+    root = make_project(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.chdir(root)
+    url = sqlite_url(root)
+    args = settings(root, "tune.pruner=none") + [
+        "tune", "--model", "custom_cnn", "--dataset", "tiny", "--epochs", "1", "--trials", "2",
+        "--total", "--storage", url,
+    ]
+    tuned = root / "tuned" / "custom_cnn-random-tiny.yaml"
+    assert invoke(args).exit_code == 0
+    wide = yaml.safe_load(tuned.read_text())
+
+    narrow = args + ["--bounds", "1e-4", "5e-4"]
+    result = invoke(narrow)
+    assert result.exit_code == 0, result.output
+    record = yaml.safe_load(tuned.read_text())
+    assert record["study"] != wide["study"]
+    assert sorted(optuna.get_all_study_names(url)) == sorted([wide["study"], record["study"]])
+    study = optuna.load_study(study_name=record["study"], storage=url)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
+    assert all(1e-4 <= t.params["lr"] <= 5e-4 for t in study.get_trials())
+    assert 1e-4 <= record["learning_rate"] <= 5e-4  # the best rate is inside the current bounds
+    assert record["identity"]["settings"]["tune"]["space"]["lr"] == [1e-4, 5e-4]
+    assert study.user_attrs["identity"] == record["identity"]
+    run = MlflowClient().get_run(record["mlflow_run_id"])
+    assert run.data.params["study_digest"] == record["identity"]["digest"]
+
+    # The same settings again: the same, full study; nothing runs.
+    assert invoke(narrow).exit_code == 0
+    assert yaml.safe_load(tuned.read_text())["study"] == record["study"]
+    assert len(optuna.load_study(study_name=record["study"], storage=url).get_trials()) == 2
+
+
+def test_train_refuses_a_rate_tuned_for_other_settings(searched, tmp_path, monkeypatch):
+    root, _ = searched  # its tuned file was searched with --epochs 2; params.yaml says 5
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(invoke(settings(root, "train.max_epochs=1") + [
+        "train", "--model", "custom_cnn", "--init", "random", "--dataset", "tiny", "--lr", "tuned",
+    ]))
+    assert "custom_cnn-random-tiny.yaml: tuned for other settings" in line
+    assert "tune.epochs 2 (now 5)" in line
+    assert "covidtl tune --model custom_cnn --dataset tiny --init random --total" in line
+
+    # A file from before study identities cannot say what it was tuned for.
+    old = tmp_path / "old"
+    (old / "custom_cnn-random-tiny.yaml").parent.mkdir()
+    (old / "custom_cnn-random-tiny.yaml").write_text("learning_rate: 0.001\n")
+    with pytest.raises(UserError, match="records no study identity"):
+        tuned_learning_rate(config(root, f"tune.out={old}"), "custom_cnn", "tiny")
 
 
 # --------------------------------------------------------------------------- bad input
@@ -383,12 +500,13 @@ def test_sampler_is_reproducible_and_resumes_with_new_draws():
 def test_only_the_worker_that_creates_a_study_queues_the_papers_rate(tmp_path):
     # Workers starting together on one new study: exactly one creates it (and queues 1e-3);
     # the others load it. Checking "already queued?" instead raced in CI: 1e-3 ran twice.
-    from covidtl.tune import load_study
+    from covidtl.tune import load_study, study_identity
 
     cfg = load_config(PARAMS)
+    identity = study_identity(cfg, "custom_cnn", "random", "tiny")
     url = sqlite_url(tmp_path)
-    first, created_first = load_study(cfg, "custom_cnn", "random", "tiny", url)
-    second, created_second = load_study(cfg, "custom_cnn", "random", "tiny", url)
+    first, created_first = load_study(cfg, identity, url)
+    second, created_second = load_study(cfg, identity, url)
     assert (created_first, created_second) == (True, False)
     assert first._study_id == second._study_id
 

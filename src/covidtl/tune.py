@@ -1,9 +1,10 @@
 """Learning-rate search with Optuna: each trial trains one cell briefly, judged on validation only.
 
-One study per cell (`lr-<model>-<init>-<dataset>`) in persistent storage, so an interrupted search
-resumes and several workers can share one study through a database URL. Each `covidtl tune` call
-is a parent MLflow run (kind=tune), each trial a nested run (kind=tune-trial); the best rate goes
-to `tuned/<model>-<init>-<dataset>.yaml`, which `covidtl train --lr tuned` reads.
+One study per cell and objective (`lr-<model>-<init>-<dataset>-<digest>`, see `study_identity`)
+in persistent storage, so an interrupted search resumes and several workers can share one study
+through a database URL, while changed settings start a new study. Each `covidtl tune` call is a
+parent MLflow run (kind=tune), each trial a nested run (kind=tune-trial); the best rate goes to
+`tuned/<model>-<init>-<dataset>.yaml`, which `covidtl train --lr tuned` reads.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -35,7 +37,8 @@ from sqlalchemy.engine import make_url
 from covidtl import paths, tracking
 from covidtl.config import Config, TuneConfig
 from covidtl.errors import UserError
-from covidtl.models.registry import get_spec, init_label
+from covidtl.data.augment import MANIFEST as AUGMENTED_MANIFEST
+from covidtl.models.registry import INITS, get_spec, image_size_for, init_label
 from covidtl.train import train
 
 log = logging.getLogger(__name__)
@@ -59,8 +62,100 @@ PRUNERS: dict[str, Callable[[TuneConfig], optuna.pruners.BasePruner]] = {
 # --------------------------------------------------------------------------- names and files
 
 
-def study_name(model: str, init: str, dataset: str) -> str:
-    return f"lr-{paths.cell_name(model, init_label(init), dataset)}"
+@dataclass(frozen=True)
+class StudyIdentity:
+    """What one trial measures (the settings that change the objective) and its short digest."""
+
+    model: str
+    init: str
+    dataset: str
+    settings: dict[str, Any]
+    digest: str
+
+    @property
+    def name(self) -> str:
+        cell = paths.cell_name(self.model, init_label(self.init), self.dataset)
+        return f"lr-{cell}-{self.digest}"
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        low, high = self.settings["tune"]["space"]["lr"]
+        return low, high
+
+    def record(self) -> dict[str, Any]:
+        return {"digest": self.digest, "settings": self.settings}
+
+
+def study_identity(
+    cfg: Config, model: str, init: str, dataset: str, bounds: tuple[float, float] | None = None
+) -> StudyIdentity:
+    """The settings a trial's value depends on; equal settings name the same study.
+
+    In: the search space (lr bounds, searched extras), tune.epochs and tune.metric, the data (the
+    split table's sha256, which holds every image's sha256) and the split settings, and whatever
+    `train()` reads when a trial trains (batch size, image size, preprocessing, head, dropout, seed,
+    stop rule, max_train_samples, BatchNorm recalibration, augmentation, the init). Out: trials,
+    storage, pruner, min_epochs, prune_after, sampler_seed, stale_after, out, run_eagerly: they
+    change how the search runs, not what a trial measures, so an interrupted search still resumes
+    and several workers still share one study (tune.decades and the paper's rate count through
+    the bounds they give; tune.epochs replaces train.max_epochs). A setting that might not matter
+    is kept in: a needless new study costs time, a missing one reuses stale trials.
+    """
+    spec = get_spec(model)
+    t, aug = cfg.train, cfg.augment
+    low, high = lr_bounds(cfg, model, bounds)
+    space: dict[str, Any] = {"lr": [low, high]}
+    if cfg.tune.search_batch_size:
+        space["batch_size"] = list(BATCH_SIZES)
+    if cfg.tune.search_dropout:
+        space["dropout"] = list(DROPOUT_RANGE)
+    training: dict[str, Any] = {
+        "seed": t.seed, "image_size": image_size_for(spec, t), "preprocessing": t.preprocessing,
+        "head_units": t.head_units, "stop": dataclasses.asdict(t.stop),
+        "max_train_samples": t.max_train_samples,
+        "bn_recalibration_batches": t.bn_recalibration_batches,
+    }
+    if not cfg.tune.search_batch_size:  # a searched value replaces the configured one
+        training["batch_size"] = t.batch_size
+    if not cfg.tune.search_dropout:
+        training["dropout"] = t.dropout
+    if init == "finetune":
+        training["finetune_lr_factor"] = t.finetune_lr_factor
+    augment: dict[str, Any] = {"mode": aug.mode}
+    if aug.mode == "online":
+        augment.update(rotation=aug.rotation, zoom=aug.zoom, horizontal_flip=aug.horizontal_flip,
+                       seed=aug.seed)
+    else:  # trials read the stored set; its manifest says which copies it holds
+        augment.update(dataclasses.asdict(aug), manifest_sha256=tracking.file_sha256(
+            paths.augmented_dir(cfg, dataset) / AUGMENTED_MANIFEST))
+    settings: dict[str, Any] = {
+        "model": model, "init": init_label(init), "dataset": dataset,
+        "tune": {"epochs": cfg.tune.epochs, "metric": cfg.tune.metric, "space": space},
+        "split": {
+            "strategy": cfg.split.strategy, "seed": cfg.split.seed,
+            "fractions": dict(cfg.split.fractions),
+            "table_sha256": tracking.file_sha256(paths.split_path(cfg, dataset)),
+        },
+        "train": training,
+        "augment": augment,
+    }
+    if init not in INITS:  # a weights file: its content, not its path
+        settings["init_sha256"] = tracking.file_sha256(init)
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:10]
+    return StudyIdentity(model, init, dataset, settings, digest)
+
+
+def _differences(made: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """'tune.epochs 2 (now 5)' for each setting that differs between two identities."""
+    out = []
+    for key in sorted(set(made) | set(now)):
+        a, b = made.get(key, "unset"), now.get(key, "unset")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a} (now {b})")
+    return out
 
 
 def tuned_path(cfg: Config, model: str, init: str, dataset: str) -> Path:
@@ -77,13 +172,26 @@ def tuned_learning_rate(cfg: Config, model: str, dataset: str, init: str | None 
             f"`covidtl tune --model {model} --dataset {dataset} --init {init}` first"
         )
     try:
-        rate = float(yaml.safe_load(path.read_text())["learning_rate"])
+        record = yaml.safe_load(path.read_text())
+        rate = float(record["learning_rate"])
     except (yaml.YAMLError, TypeError, KeyError, ValueError):
         raise UserError(
             f"{path}: no learning_rate in it; re-run `covidtl tune` to rewrite it"
         ) from None
     if not rate > 0:
         raise UserError(f"{path}: learning_rate {rate} must be > 0; re-run `covidtl tune`")
+    made = record.get("identity") or {}
+    now = study_identity(cfg, model, init, dataset)
+    if made.get("digest") != now.digest:
+        changed = _differences(made.get("settings") or {}, now.settings)
+        why = "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
+        if not made:
+            why = "it records no study identity"
+        raise UserError(
+            f"{path}: tuned for other settings than the current config ({why}); run "
+            f"`covidtl tune --model {model} --dataset {dataset} --init {init} --total` "
+            f"to search with these, or train with the settings it was tuned for"
+        )
     return rate
 
 
@@ -195,20 +303,17 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
         super().before_trial(study, trial)
 
 
-def load_study(
-    cfg: Config, model: str, init: str, dataset: str, storage_url: str
-) -> tuple[optuna.Study, bool]:
-    """Create the study or load it, with the sampler and pruner from params; True if created here.
+def load_study(cfg: Config, identity: StudyIdentity, storage_url: str) -> tuple[optuna.Study, bool]:
+    """Create the identity's study or load it, with the sampler and pruner from params; True if
+    created here.
 
     Creation is tried first, not load_if_exists: of several workers starting on one new study
     exactly one creates it, and only that one queues the paper's rate (two workers that both
     checked for it before either queued it would otherwise run it twice).
     """
     storage = open_storage(storage_url, cfg.tune.stale_after)
-    name = study_name(model, init, dataset)
-    direction = DIRECTIONS[cfg.tune.metric]
     options = dict(
-        study_name=name,
+        study_name=identity.name,
         storage=storage,
         sampler=TrialSeededTPE(cfg.tune.sampler_seed),
         pruner=PRUNERS[cfg.tune.pruner](cfg.tune),
@@ -216,15 +321,19 @@ def load_study(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            study, created = optuna.create_study(direction=direction, **options), True
+            study = optuna.create_study(direction=DIRECTIONS[cfg.tune.metric], **options)
+            created = True
+            study.set_user_attr("identity", identity.record())
         except optuna.exceptions.DuplicatedStudyError:
             study, created = optuna.load_study(**options), False
         study.set_metric_names([cfg.tune.metric])
-    if study.direction.name.lower() != direction:
+    # Absent for a moment while its creator is still writing it; else the digest's own settings.
+    made = study.user_attrs.get("identity", {}).get("settings", identity.settings)
+    if made != identity.settings:
         raise UserError(
-            f"study {name}: was created to {study.direction.name.lower()}, but tune.metric="
-            f"{cfg.tune.metric} needs {direction}; use the metric it was made with or delete it "
-            f"(optuna delete-study --study-name {name} --storage ...)"
+            f"study {identity.name}: holds trials of other settings ("
+            f"{'; '.join(_differences(made, identity.settings)[:3])}); delete it "
+            f"(optuna delete-study --study-name {identity.name} --storage ...)"
         )
     return study, created
 
@@ -400,7 +509,8 @@ def run_study(
             f"`covidtl split {dataset}` first"
         )
     url = cfg.tune.storage
-    study, created = load_study(cfg, model, init, dataset, url)
+    identity = study_identity(cfg, model, init, dataset, span)
+    study, created = load_study(cfg, identity, url)
     paper = cfg.train.learning_rates.get(model)
     baseline = [paper] if created and paper is not None and span[0] <= paper <= span[1] else []
     enqueue(study, baseline + list(enqueue_rates))
@@ -420,15 +530,17 @@ def run_study(
         "split_strategy": cfg.split.strategy,
         "git_commit": tracking.git_commit(), "manifest_sha256": tracking.file_sha256(
             paths.manifest_path(cfg, dataset)), "optuna_study": study.study_name,
+        "study_digest": identity.digest,
     }
     with mlflow.start_run(run_name=f"tune {study.study_name}", tags=tags) as parent:
         mlflow.log_params({
             "study": study.study_name, "storage": _shown(url), "trials_requested": trials,
             "total": total, "lr_low": span[0], "lr_high": span[1], "metric": cfg.tune.metric,
             "pruner": cfg.tune.pruner, "sampler_seed": cfg.tune.sampler_seed,
-            "epochs_per_trial": cfg.tune.epochs, "paper_lr": paper,
+            "epochs_per_trial": cfg.tune.epochs, "paper_lr": paper, "study_digest": identity.digest,
         })
         mlflow.log_text(tracking.config_yaml(cfg), "config.yaml")
+        mlflow.log_dict(identity.record(), "optuna/study_identity.json")
         callbacks = [optuna.study.MaxTrialsCallback(trials, states=FINISHED)] if total else []
         if to_run:
             study.optimize(
@@ -436,9 +548,7 @@ def run_study(
                 n_trials=to_run, callbacks=callbacks, gc_after_trial=True,
             )
         seconds = time.monotonic() - start
-        result = _summarise(
-            cfg, study, model, init, dataset, url, paper, seconds, parent.info.run_id
-        )
+        result = _summarise(cfg, study, identity, url, paper, seconds, parent.info.run_id)
         mlflow.log_metrics({
             f"best_{cfg.tune.metric}": result.best_value, "best_lr": result.best_lr,
             "best_trial": result.best_trial, "tune_seconds": seconds,
@@ -475,10 +585,11 @@ def _use_experiment(dataset: str) -> None:
 
 
 def _summarise(
-    cfg: Config, study: optuna.Study, model: str, init: str, dataset: str, url: str,
-    paper: float | None, seconds: float, run_id: str,
+    cfg: Config, study: optuna.Study, identity: StudyIdentity, url: str, paper: float | None,
+    seconds: float, run_id: str,
 ) -> TuneResult:
     """The study's best trial (all workers' trials), written to the tuned-rate file."""
+    model, init, dataset = identity.model, identity.init, identity.dataset
     trials = study.get_trials(deepcopy=False)
     counts = {
         state.name.lower(): sum(t.state == state for t in trials)
@@ -505,6 +616,7 @@ def _summarise(
         "paper_value": float(baseline[0].value) if baseline else None,
         "paper_val_accuracy": baseline[0].user_attrs.get("val_accuracy") if baseline else None,
         "epochs_per_trial": cfg.tune.epochs, "mlflow_run_id": run_id,
+        "identity": identity.record(),  # what `train --lr tuned` checks against its config
     }
     path = tuned_path(cfg, model, init, dataset)
     path.parent.mkdir(parents=True, exist_ok=True)

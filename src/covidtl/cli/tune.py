@@ -12,7 +12,8 @@ from covidtl.cli import AUTO_INT, config_from
 @click.option("--dataset", required=True, help="Dataset name from params.yaml, e.g. ct.")
 @click.option(
     "--trials", type=AUTO_INT, default=None,
-    help="Trials to run now [tune.trials]; re-running adds that many more to the same study.",
+    help="Trials to run now [tune.trials]; re-running with the same settings adds that many more "
+    "to the same study.",
 )
 @click.option(
     "--total", is_flag=True,
