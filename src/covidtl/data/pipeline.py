@@ -7,6 +7,7 @@ offline by `covidtl augment`.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import keras
@@ -69,8 +70,9 @@ def decode_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     return image
 
 
-def _load_rgb_array(path: bytes) -> np.ndarray:
-    return np.asarray(load_rgb(path.decode()), dtype=np.uint8)
+def _load_rgb_array(path: bytes | np.ndarray) -> np.ndarray:
+    # Graph mode hands numpy_function bytes, eager mode (`covidtl augment`) a 0-d array of them.
+    return np.asarray(load_rgb(os.fsdecode(np.asarray(path).item())), dtype=np.uint8)
 
 
 def make_dataset(
