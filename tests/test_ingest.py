@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import config, write_image
-from covidtl.data import ingest
+from covidtl.data import ingest, tables
 from covidtl.data.groups import series_number
 from covidtl.data.images import load_rgb
 from covidtl.errors import UserError
@@ -21,9 +21,12 @@ from covidtl.errors import UserError
 CONTRACT = ["path", "label", "source", "width", "height", "mode", "bytes", "sha256", "group"]
 
 
+def ingest_cfg(tmp_path, root, dataset="xray", **overrides):
+    return config(tmp_path / "work", **{f"data.datasets.{dataset}.path": str(root), **overrides})
+
+
 def run_ingest(tmp_path, root, dataset="xray", **overrides):
-    cfg = config(tmp_path / "work", **{f"data.datasets.{dataset}.path": str(root), **overrides})
-    return ingest.run(cfg, dataset, progress=False)
+    return ingest.run(ingest_cfg(tmp_path, root, dataset, **overrides), dataset, progress=False)
 
 
 @pytest.fixture
@@ -80,6 +83,9 @@ def test_manifest_contract_on_synthetic_xray(tmp_path, synth_data):
     m = pd.read_csv(tmp_path / "work" / "xray" / "manifest.csv", dtype={"group": str})
     assert CONTRACT == [c for c in m.columns if c in CONTRACT] and set(CONTRACT) <= set(m.columns)
     files = sorted(p for p in (synth_data / "xray").rglob("*") if p.is_file())
+    # On disk relative to the dataset root; read back through tables, a path that opens.
+    assert sorted(m["path"]) == sorted(p.relative_to(synth_data / "xray").as_posix() for p in files)
+    m = tables.read_manifest(ingest_cfg(tmp_path, synth_data / "xray"), "xray")
     assert sorted(m["path"]) == sorted(str(p.resolve()) for p in files)
     assert set(m["source"]) == {f"{s}/{c}" for s in ("train", "test") for c in ("Covid", "Normal", "Viral Pneumonia")}
     assert (m.loc[m["source"].str.endswith("Covid"), "label"] == "covid").all()
@@ -186,3 +192,4 @@ def test_real_xray_set_maps_three_classes_to_two(real_xray):
     assert m["label"].value_counts().to_dict() == {"non_covid": 180, "covid": 137}
     assert {"RGB", "L"} <= set(m["mode"])
     assert all(re.fullmatch(r"[0-9a-f]{64}", s) for s in m["sha256"])
+

@@ -29,6 +29,7 @@ def ingest(ctx: click.Context, dataset: str, path: str | None, jobs: int, quiet:
     """Check every image of DATASET and write its manifest, groups and quarantine report."""
     from covidtl import paths
     from covidtl.data import ingest as module
+    from covidtl.data import tables
 
     cfg = config_from(ctx, **{f"data.datasets.{dataset}.path": path})
     result = module.run(cfg, dataset, jobs=jobs, progress=not quiet)
@@ -41,7 +42,7 @@ def ingest(ctx: click.Context, dataset: str, path: str | None, jobs: int, quiet:
     click.echo(
         f"ingest {dataset}: {len(m)} images ({counts}) in {m['group'].nunique()} groups, "
         f"{len(result.quarantine)} quarantined, {len(result.skipped)} non-image files skipped "
-        f"-> {paths.manifest_path(cfg, dataset)}"
+        f"-> {paths.manifest_path(cfg, dataset)}, {tables.summary_path(cfg, dataset)}"
     )
 
 

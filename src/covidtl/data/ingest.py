@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from covidtl import paths
 from covidtl.config import Config
+from covidtl.data import tables
 from covidtl.data.groups import assign_groups
 from covidtl.data.images import IMAGE_SUFFIXES, Measured, measure_or_reason
 from covidtl.errors import UserError
@@ -45,21 +46,20 @@ class IngestResult:
 def dataset_root(cfg: Config, dataset: str) -> Path:
     """The folder holding the class folders, or one clear error saying how to point at it."""
     ds = cfg.dataset(dataset)
-    root = Path(ds.path).expanduser()
+    root = tables.dataset_root(cfg, dataset)
+    top = root.parent if ds.subdir else root
     key = f"data.datasets.{dataset}.path"
-    if not root.is_dir():
+    if not top.is_dir():
         hint = "run `covidtl synth` first" if Path(ds.path).parts[:1] == ("data",) else "download it"
         raise UserError(
-            f"{key}: folder {root} does not exist; {hint}, or point at it with "
+            f"{key}: folder {top} does not exist; {hint}, or point at it with "
             f"-S {key}=/path/to/{dataset} (or `covidtl ingest {dataset} --path ...`)"
         )
-    if ds.subdir:
-        root = root / ds.subdir
-        if not root.is_dir():
-            raise UserError(
-                f"data.datasets.{dataset}.subdir: {root} does not exist; "
-                f"set the subdir to one of: {_children(root.parent)}"
-            )
+    if not root.is_dir():
+        raise UserError(
+            f"data.datasets.{dataset}.subdir: {root} does not exist; "
+            f"set the subdir to one of: {_children(top)}"
+        )
     return root
 
 
@@ -105,10 +105,10 @@ def ingest(cfg: Config, dataset: str, jobs: int = 0, progress: bool = True) -> I
     measured = _measure_all([p for p, _, _ in files], cfg, jobs, progress, dataset)
     for (path, label, source), result in zip(files, measured):
         if isinstance(result, str):
-            bad.append({"path": str(path.resolve()), "reason": result})
+            bad.append({"path": os.path.abspath(path), "reason": result})
             continue
         rows.append({
-            "path": str(path.resolve()), "label": label, "source": source,
+            "path": os.path.abspath(path), "label": label, "source": source,
             "width": result.width, "height": result.height, "mode": result.mode,
             "bytes": result.bytes, "sha256": result.sha256, "dhash": result.dhash,
         })
@@ -138,13 +138,26 @@ def ingest(cfg: Config, dataset: str, jobs: int = 0, progress: bool = True) -> I
     return IngestResult(manifest, quarantine, skipped, empty)
 
 
+def summary(cfg: Config, dataset: str, result: IngestResult) -> dict:
+    """What ingest.json records: the root as written in params.yaml (not resolved) and the counts."""
+    ds = cfg.dataset(dataset)
+    classes = result.manifest["label"].value_counts()
+    return {
+        "root": ds.path,
+        "subdir": ds.subdir,
+        "images": int(len(result.manifest)),
+        "classes": {c: int(classes.get(c, 0)) for c in paths.CLASSES},
+        "quarantined": int(len(result.quarantine)),
+        "skipped_non_image": len(result.skipped),
+    }
+
+
 def run(cfg: Config, dataset: str, jobs: int = 0, progress: bool = True) -> IngestResult:
-    """Ingest and write data/<dataset>/manifest.csv and quarantine.csv."""
+    """Ingest and write data/<dataset>/manifest.csv, quarantine.csv and ingest.json."""
     result = ingest(cfg, dataset, jobs=jobs, progress=progress)
-    out = paths.manifest_path(cfg, dataset)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.manifest.to_csv(out, index=False)
-    result.quarantine.to_csv(paths.quarantine_path(cfg, dataset), index=False)
+    tables.write_manifest(cfg, dataset, result.manifest)
+    tables.write_quarantine(cfg, dataset, result.quarantine)
+    tables.write_summary(cfg, dataset, summary(cfg, dataset, result))
     return result
 
 
