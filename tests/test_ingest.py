@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -193,3 +194,24 @@ def test_real_xray_set_maps_three_classes_to_two(real_xray):
     assert {"RGB", "L"} <= set(m["mode"])
     assert all(re.fullmatch(r"[0-9a-f]{64}", s) for s in m["sha256"])
 
+
+def test_images_in_folders_of_no_class_are_counted_with_the_fix(tmp_path, image_folder):
+    root = image_folder({"Covid-19": 2, "No_findings": 3, "Pneumonia": 2, "Other scans": 1})
+    write_image(root / "stray.png", 99)
+    (root / "No_findings" / "notes.txt").write_text("a note, not an image\n")
+    result = run_ingest(tmp_path, root)
+    assert result.unmapped == {".": 1, "No_findings": 3, "Other scans": 1}
+    assert len(result.manifest) == 4 and [p.name for p in result.skipped] == ["notes.txt"]
+    summary = json.loads((tmp_path / "work" / "xray" / "ingest.json").read_text())
+    assert summary["unmapped_folders"] == result.unmapped and summary["unmapped_images"] == 5
+    assert summary["skipped_non_image"] == 1 and summary["images"] == 4
+    assert ingest.unmapped_warning("No_findings", 3) == (
+        "3 images in No_findings/ have no class and are left out; "
+        "map the folder with -S data.labels.no_findings=non_covid (or =covid)"
+    )
+    assert '-S "data.labels.other scans=non_covid"' in ingest.unmapped_warning("Other scans", 1)
+    assert "move them into a class folder" in ingest.unmapped_warning(".", 1)
+    # ... and the fix it names works.
+    fixed = run_ingest(tmp_path, root, **{"data.labels.no_findings": "non_covid",
+                                          "data.labels.other scans": "covid"})
+    assert fixed.unmapped == {".": 1} and len(fixed.manifest) == 8

@@ -118,12 +118,13 @@ def load_rows(cfg: Config, data: str, split: str, workdir: Path) -> tuple[pd.Dat
         )
     from covidtl.data import ingest
 
-    # A folder is ingested on the fly into a throw-away workdir, its root as given; the split does not apply.
+    # A folder is ingested on the fly into a throw-away workdir, its root as given; the split does
+    # not apply, and a class folder it cannot map stops the run (a partial score is a wrong one).
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.resolve().name) or "folder"
     on_the_fly = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, workdir=str(workdir), datasets={name: DatasetConfig(path=str(folder))},
     ))
-    result = ingest.run(on_the_fly, name, progress=False)
+    result = ingest.run(on_the_fly, name, progress=False, strict=True)
     for row in result.quarantine.itertuples():
         print(f"Quarantined: {row.path}: {row.reason}")
     return result.manifest, name, paths.manifest_path(on_the_fly, name)
