@@ -118,3 +118,22 @@ def test_augment_errors_name_the_fix(split_dir):
     assert result.exit_code == 2 and "covidtl split xray" in result.output
     with pytest.raises(Exception, match="covidtl augment ct"):
         load_offline_dataset(cfg, "ct", 32)
+
+
+def test_augmented_manifest_names_sources_relative_to_the_dataset_root(split_dir):
+    """Images under the dataset root are stored relative to it; read back, they open."""
+    from covidtl.data import tables
+
+    split = pd.read_csv(split_dir / "data" / "ct" / "split.csv")
+    split["path"] = [Path(p).name for p in split["path"]]  # as `covidtl split` now writes them
+    split.to_csv(split_dir / "data" / "ct" / "split.csv", index=False)
+    root = ["-S", "data.datasets.ct.path=images"]
+    result = CliRunner().invoke(main, ["--params", str(PARAMS), *SIZES, *root, "-S", "augment.copies_per_image=1",
+                                       "augment", "ct", "--size", "32"])
+    assert result.exit_code == 0, result.output
+    stored = pd.read_csv(split_dir / "data" / "ct" / "augmented" / "manifest.csv")
+    assert set(stored["source_path"]) == {f"{label}_{i}.png" for i, label in
+                                          enumerate(["non_covid", "covid"] * 4)}
+    cfg = load_config(PARAMS, {"data.datasets.ct.path": "images"})
+    read = tables.read_augmented_manifest(cfg, "ct")
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in read["source_path"])

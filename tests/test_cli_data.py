@@ -79,6 +79,20 @@ def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch, image_folder):
     assert result.stderr == "Error: elsewhere/xray/manifest.csv: no manifest yet; run `covidtl ingest xray` first\n"
 
 
+def test_ingest_warns_about_each_folder_of_no_class_and_counts_it(tmp_path, monkeypatch, image_folder):
+    monkeypatch.chdir(tmp_path)
+    root = image_folder({"Covid-19": 2, "No_findings": 3, "Pneumonia": 2})
+    result = covidtl("ingest", "xray", "--path", str(root), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (
+        "Warning: 3 images in No_findings/ have no class and are left out; "
+        "map the folder with -S data.labels.no_findings=non_covid (or =covid)\n"
+    )
+    assert "0 non-image files skipped, 3 images in folders of no class -> " in result.stdout
+    summary = json.loads((tmp_path / "data" / "xray" / "ingest.json").read_text())
+    assert summary["root"] == str(root) and summary["unmapped_folders"] == {"No_findings": 3}
+
+
 @pytest.mark.skipif(shutil.which("dvc") is None and not (Path(sys.executable).parent / "dvc").exists(),
                     reason="dvc is not installed")
 def test_dvc_repro_runs_the_data_stages_then_has_nothing_to_do(tmp_path):

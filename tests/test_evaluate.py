@@ -98,3 +98,29 @@ def test_cli_evaluate_and_its_errors(trained, tmp_path):
         bad = runner.invoke(main, base + ["evaluate", *args])
         assert bad.exit_code == 2, bad.output
         assert words in bad.output and "Traceback" not in bad.output
+
+
+def test_cli_evaluate_refuses_a_folder_with_class_folders_it_cannot_map(trained, tmp_path):
+    """Scoring 4 of 7 images would be a wrong score: name the folder, its count and the fix."""
+    tmp, cfg, result, uri = trained
+    folder = tmp_path / "hospital-c"
+    for name, n in (("Covid-19", 2), ("No_findings", 3), ("Pneumonia", 2)):
+        write_images_to(folder / name, n)
+    args = ["--params", str(ROOT / "params.yaml"), "evaluate", "--model-uri", str(result.model_path),
+            "--data", str(folder)]
+    bad = CliRunner().invoke(main, args)
+    assert bad.exit_code == 2, bad.output
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.output
+    assert f"{folder}: 3 images are in folders of no class (No_findings/ 3)" in bad.stderr
+    assert "-S data.labels.no_findings=non_covid (or =covid)" in bad.stderr
+    ok = CliRunner().invoke(main, ["-S", "data.labels.no_findings=non_covid", *args])
+    assert ok.exit_code == 0, ok.output
+    assert f"on {folder}: 7 images;" in ok.stdout  # mapped, every image is scored
+
+
+def write_images_to(folder: Path, n: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("L", (40, 40), 40 * i).save(folder / f"img{i}.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import config, write_image
-from covidtl.data import ingest
+from covidtl.data import ingest, tables
 from covidtl.data.groups import series_number
 from covidtl.data.images import load_rgb
 from covidtl.errors import UserError
@@ -21,9 +22,12 @@ from covidtl.errors import UserError
 CONTRACT = ["path", "label", "source", "width", "height", "mode", "bytes", "sha256", "group"]
 
 
+def ingest_cfg(tmp_path, root, dataset="xray", **overrides):
+    return config(tmp_path / "work", **{f"data.datasets.{dataset}.path": str(root), **overrides})
+
+
 def run_ingest(tmp_path, root, dataset="xray", **overrides):
-    cfg = config(tmp_path / "work", **{f"data.datasets.{dataset}.path": str(root), **overrides})
-    return ingest.run(cfg, dataset, progress=False)
+    return ingest.run(ingest_cfg(tmp_path, root, dataset, **overrides), dataset, progress=False)
 
 
 @pytest.fixture
@@ -80,6 +84,9 @@ def test_manifest_contract_on_synthetic_xray(tmp_path, synth_data):
     m = pd.read_csv(tmp_path / "work" / "xray" / "manifest.csv", dtype={"group": str})
     assert CONTRACT == [c for c in m.columns if c in CONTRACT] and set(CONTRACT) <= set(m.columns)
     files = sorted(p for p in (synth_data / "xray").rglob("*") if p.is_file())
+    # On disk relative to the dataset root; read back through tables, a path that opens.
+    assert sorted(m["path"]) == sorted(p.relative_to(synth_data / "xray").as_posix() for p in files)
+    m = tables.read_manifest(ingest_cfg(tmp_path, synth_data / "xray"), "xray")
     assert sorted(m["path"]) == sorted(str(p.resolve()) for p in files)
     assert set(m["source"]) == {f"{s}/{c}" for s in ("train", "test") for c in ("Covid", "Normal", "Viral Pneumonia")}
     assert (m.loc[m["source"].str.endswith("Covid"), "label"] == "covid").all()
@@ -186,3 +193,25 @@ def test_real_xray_set_maps_three_classes_to_two(real_xray):
     assert m["label"].value_counts().to_dict() == {"non_covid": 180, "covid": 137}
     assert {"RGB", "L"} <= set(m["mode"])
     assert all(re.fullmatch(r"[0-9a-f]{64}", s) for s in m["sha256"])
+
+
+def test_images_in_folders_of_no_class_are_counted_with_the_fix(tmp_path, image_folder):
+    root = image_folder({"Covid-19": 2, "No_findings": 3, "Pneumonia": 2, "Other scans": 1})
+    write_image(root / "stray.png", 99)
+    (root / "No_findings" / "notes.txt").write_text("a note, not an image\n")
+    result = run_ingest(tmp_path, root)
+    assert result.unmapped == {".": 1, "No_findings": 3, "Other scans": 1}
+    assert len(result.manifest) == 4 and [p.name for p in result.skipped] == ["notes.txt"]
+    summary = json.loads((tmp_path / "work" / "xray" / "ingest.json").read_text())
+    assert summary["unmapped_folders"] == result.unmapped and summary["unmapped_images"] == 5
+    assert summary["skipped_non_image"] == 1 and summary["images"] == 4
+    assert ingest.unmapped_warning("No_findings", 3) == (
+        "3 images in No_findings/ have no class and are left out; "
+        "map the folder with -S data.labels.no_findings=non_covid (or =covid)"
+    )
+    assert '-S "data.labels.other scans=non_covid"' in ingest.unmapped_warning("Other scans", 1)
+    assert "move them into a class folder" in ingest.unmapped_warning(".", 1)
+    # ... and the fix it names works.
+    fixed = run_ingest(tmp_path, root, **{"data.labels.no_findings": "non_covid",
+                                          "data.labels.other scans": "covid"})
+    assert fixed.unmapped == {".": 1} and len(fixed.manifest) == 8

@@ -96,3 +96,21 @@ def test_real_ct_and_xray_files_decode(shared_data):
     x, y = collect(make_dataset(rows, get_spec("densenet121"), config(), 64, training=True))
     assert x.shape == (8, 64, 64, 3) and np.isfinite(x).all()
     assert y.sum(axis=0).tolist() == [4, 4]
+
+
+def test_a_12_bit_png_trains_as_ingest_reads_it_not_near_black(tmp_path):
+    """A 16-bit PNG holding 12-bit data is stretched by its own range, as ingest's `load_rgb` does."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from covidtl.data.images import load_rgb
+
+    values = (np.arange(40 * 48, dtype=np.uint32).reshape(40, 48) * 4095 // (40 * 48 - 1)).astype(np.uint16)
+    path = tmp_path / "twelve-bit.png"
+    Image.fromarray(values).save(path)
+    rows = pd.DataFrame({"path": [str(path)], "label": ["covid"]})
+    cfg = config(**{"train.preprocessing": "rescale"})
+    x, _ = collect(make_dataset(rows, get_spec("custom_cnn"), cfg, 32, training=False))
+    expected = tf.image.resize(np.asarray(load_rgb(path)), (32, 32)).numpy() / 255.0
+    np.testing.assert_allclose(x[0], expected, atol=1e-6)
+    assert x.max() > 0.9  # 1/257 scaling would leave 12-bit data below 16/255

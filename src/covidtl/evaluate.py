@@ -21,11 +21,12 @@ import pandas as pd
 from covidtl import paths, tracking
 from covidtl.cells import Cell
 from covidtl.config import Config, DatasetConfig
+from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset
 from covidtl.errors import UserError
 from covidtl.metrics import classification_metrics
 from covidtl.models.registry import MODELS, get_spec
-from covidtl.train import load_split, predict, rows_of
+from covidtl.train import predict, rows_of
 
 SPLITS = ("test", "val", "train", "all")
 
@@ -107,7 +108,7 @@ def _name_from_model(model: keras.Model) -> str:
 def load_rows(cfg: Config, data: str, split: str, workdir: Path) -> tuple[pd.DataFrame, str, Path]:
     """(rows, dataset name, manifest path) for a configured dataset name or any image folder."""
     if data in cfg.data.datasets and not Path(data).is_dir():
-        table = load_split(cfg, data)
+        table = tables.read_split(cfg, data)
         return rows_of(table, split), data, paths.manifest_path(cfg, data)
     folder = Path(data)
     if not folder.is_dir():
@@ -118,12 +119,13 @@ def load_rows(cfg: Config, data: str, split: str, workdir: Path) -> tuple[pd.Dat
         )
     from covidtl.data import ingest
 
-    # A folder is ingested on the fly into a throw-away workdir; the split does not apply.
+    # A folder is ingested on the fly into a throw-away workdir, its root as given; the split does
+    # not apply, and a class folder it cannot map stops the run (a partial score is a wrong one).
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.resolve().name) or "folder"
     on_the_fly = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, workdir=str(workdir), datasets={name: DatasetConfig(path=str(folder))},
     ))
-    result = ingest.run(on_the_fly, name, progress=False)
+    result = ingest.run(on_the_fly, name, progress=False, strict=True)
     for row in result.quarantine.itertuples():
         print(f"Quarantined: {row.path}: {row.reason}")
     return result.manifest, name, paths.manifest_path(on_the_fly, name)

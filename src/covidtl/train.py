@@ -23,6 +23,7 @@ import pandas as pd
 from covidtl import paths, tracking
 from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label
 from covidtl.config import Config
+from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, make_offline_dataset
 from covidtl.errors import UserError
 from covidtl.metrics import classification_metrics
@@ -122,17 +123,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
 def load_split(cfg: Config, dataset: str) -> pd.DataFrame:
     """The dataset's split table (data/<dataset>/split.csv), or one line saying how to make it."""
-    path = paths.split_path(cfg, dataset)
-    if not path.is_file():
-        raise UserError(
-            f"{path}: no split table for dataset {dataset!r}; run `covidtl ingest {dataset}` "
-            f"and `covidtl split {dataset}` (or `dvc repro split@{dataset}`) first"
-        )
-    table = pd.read_csv(path, dtype={"group": str})
-    missing = {"path", "label", "split"} - set(table.columns)
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(sorted(missing))}; re-run covidtl split")
-    return table
+    return tables.read_split(cfg, dataset)
 
 
 def rows_of(table: pd.DataFrame, split: str) -> pd.DataFrame:

@@ -29,19 +29,23 @@ def ingest(ctx: click.Context, dataset: str, path: str | None, jobs: int, quiet:
     """Check every image of DATASET and write its manifest, groups and quarantine report."""
     from covidtl import paths
     from covidtl.data import ingest as module
+    from covidtl.data import tables
 
     cfg = config_from(ctx, **{f"data.datasets.{dataset}.path": path})
     result = module.run(cfg, dataset, jobs=jobs, progress=not quiet)
     for folder in result.empty_class_folders:
         click.echo(f"Warning: class folder {folder} is empty", err=True)
+    for folder, count in result.unmapped.items():
+        click.echo(f"Warning: {module.unmapped_warning(folder, count)}", err=True)
     for row in result.quarantine.itertuples():
         click.echo(f"Quarantined: {row.path}: {row.reason}", err=True)
     m = result.manifest
     counts = ", ".join(f"{k} {v}" for k, v in m["label"].value_counts().sort_index().items())
     click.echo(
         f"ingest {dataset}: {len(m)} images ({counts}) in {m['group'].nunique()} groups, "
-        f"{len(result.quarantine)} quarantined, {len(result.skipped)} non-image files skipped "
-        f"-> {paths.manifest_path(cfg, dataset)}"
+        f"{len(result.quarantine)} quarantined, {len(result.skipped)} non-image files skipped, "
+        f"{sum(result.unmapped.values())} images in folders of no class "
+        f"-> {paths.manifest_path(cfg, dataset)}, {tables.summary_path(cfg, dataset)}"
     )
 
 

@@ -16,9 +16,9 @@ import pandas as pd
 
 from covidtl import paths
 from covidtl.config import Config
+from covidtl.data import tables
 from covidtl.errors import UserError
 
-MANIFEST = "manifest.csv"
 BATCH = 32
 
 
@@ -31,13 +31,7 @@ def sizes_needed(cfg: Config) -> list[int]:
 
 def training_rows(cfg: Config, dataset: str) -> pd.DataFrame:
     """The training split only: augmenting before splitting is the paper's leak we avoid."""
-    split = paths.split_path(cfg, dataset)
-    if not split.exists():
-        raise UserError(f"{split}: no split table; run `covidtl split {dataset}` first")
-    table = pd.read_csv(split)
-    missing = {"path", "label", "split"} - set(table.columns)
-    if missing:
-        raise UserError(f"{split}: missing column(s) {', '.join(sorted(missing))}; re-run `covidtl split {dataset}`")
+    table = tables.read_split(cfg, dataset)
     return table[table["split"] == "train"].reset_index(drop=True)
 
 
@@ -59,7 +53,7 @@ def augment(cfg: Config, dataset: str, sizes: list[int] | None = None) -> pd.Dat
     out.mkdir(parents=True)
     manifests = [_write_size(cfg, rows, size, total, out) for size in sizes or sizes_needed(cfg)]
     manifest = pd.concat(manifests, ignore_index=True)
-    manifest.to_csv(out / MANIFEST, index=False)
+    tables.write_augmented_manifest(cfg, dataset, manifest)
     return manifest
 
 
@@ -101,15 +95,12 @@ def load_offline_dataset(cfg: Config, dataset: str, image_size: int):
     import tensorflow as tf
 
     out = paths.augmented_dir(cfg, dataset)
-    manifest_path = out / MANIFEST
-    if not manifest_path.exists():
-        raise UserError(f"{manifest_path}: no augmented set; run `covidtl augment {dataset}` first")
-    manifest = pd.read_csv(manifest_path)
+    manifest = tables.read_augmented_manifest(cfg, dataset)
     rows = manifest[manifest["size"] == image_size]
     if rows.empty:
         have = ", ".join(map(str, sorted(manifest["size"].unique())))
         raise UserError(
-            f"{manifest_path}: no images at {image_size} px (has {have}); run `covidtl augment {dataset}` "
+            f"{tables.augmented_manifest_path(cfg, dataset)}: no images at {image_size} px (has {have}); run `covidtl augment {dataset}` "
             "with the same study.models and train.image_size as training"
         )
     labels = rows["label"].map({name: i for i, name in enumerate(paths.CLASSES)}).to_numpy("int32")

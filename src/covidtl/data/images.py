@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-# What the training pipeline (tf.io.decode_image) reads; TIFF is recognised only to be quarantined.
+# The formats the training pipeline is built and tested for; TIFF is recognised only to be quarantined.
 READABLE_FORMATS = frozenset({"PNG", "JPEG", "BMP"})
 
 # Modes read as 8-bit RGB by `to_rgb`. Wide greyscale (16-bit PNG, 32-bit int or float TIFF) is

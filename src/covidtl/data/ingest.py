@@ -2,7 +2,8 @@
 
 The class of a file is the nearest folder above it whose name is a key of `data.labels`
 (case-insensitive), so `COVID/`, `CT/COVID/` and `train/Viral Pneumonia/` all work. Files that
-fail to decode go to the quarantine report with the reason; the rest go on.
+fail to decode go to the quarantine report with the reason; the rest go on. Images under no class
+folder are counted per folder: a warning here, an error when evaluating a folder.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from covidtl import paths
 from covidtl.config import Config
+from covidtl.data import tables
 from covidtl.data.groups import assign_groups
 from covidtl.data.images import IMAGE_SUFFIXES, Measured, measure_or_reason
 from covidtl.errors import UserError
@@ -40,33 +42,36 @@ class IngestResult:
     quarantine: pd.DataFrame
     skipped: list[Path]  # files that are not images by their suffix (notes, hidden files)
     empty_class_folders: list[Path]
+    # folder relative to the root ("." for the root itself) -> images in it that have no class
+    unmapped: dict[str, int] = field(default_factory=dict)
 
 
 def dataset_root(cfg: Config, dataset: str) -> Path:
     """The folder holding the class folders, or one clear error saying how to point at it."""
     ds = cfg.dataset(dataset)
-    root = Path(ds.path).expanduser()
+    root = tables.dataset_root(cfg, dataset)
+    top = root.parent if ds.subdir else root
     key = f"data.datasets.{dataset}.path"
-    if not root.is_dir():
+    if not top.is_dir():
         hint = "run `covidtl synth` first" if Path(ds.path).parts[:1] == ("data",) else "download it"
         raise UserError(
-            f"{key}: folder {root} does not exist; {hint}, or point at it with "
+            f"{key}: folder {top} does not exist; {hint}, or point at it with "
             f"-S {key}=/path/to/{dataset} (or `covidtl ingest {dataset} --path ...`)"
         )
-    if ds.subdir:
-        root = root / ds.subdir
-        if not root.is_dir():
-            raise UserError(
-                f"data.datasets.{dataset}.subdir: {root} does not exist; "
-                f"set the subdir to one of: {_children(root.parent)}"
-            )
+    if not root.is_dir():
+        raise UserError(
+            f"data.datasets.{dataset}.subdir: {root} does not exist; "
+            f"set the subdir to one of: {_children(top)}"
+        )
     return root
 
 
-def find_images(root: Path, labels: dict[str, str]) -> tuple[list[tuple[Path, str, str]], list[Path]]:
-    """(path, label, source) for each image-suffixed file under a class folder; and skipped files."""
+def find_images(
+    root: Path, labels: dict[str, str]
+) -> tuple[list[tuple[Path, str, str]], list[Path], dict[str, int]]:
+    """(path, label, source) per image under a class folder; skipped non-image files; unmapped counts."""
     labels = {name.lower(): cls for name, cls in labels.items()}
-    found, skipped = [], []
+    found, skipped, unmapped = [], [], {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         folder = Path(dirpath)
@@ -74,11 +79,26 @@ def find_images(root: Path, labels: dict[str, str]) -> tuple[list[tuple[Path, st
         label = _nearest_label(rel, labels)
         for name in sorted(filenames, key=_natural_key):
             path = folder / name
-            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or label is None:
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
                 skipped.append(path)
+            elif label is None:
+                unmapped[rel.as_posix()] = unmapped.get(rel.as_posix(), 0) + 1
             else:
                 found.append((path, label, rel.as_posix()))
-    return found, skipped
+    return found, skipped, unmapped
+
+
+def unmapped_fix(folder: str) -> str:
+    """How to give the images of an unmapped folder a class."""
+    if folder == ".":
+        return "move them into a class folder"
+    key = f"data.labels.{Path(folder).name.lower()}"
+    setting = f'-S "{key}=non_covid"' if " " in key else f"-S {key}=non_covid"
+    return f"map the folder with {setting} (or =covid)"
+
+
+def unmapped_warning(folder: str, count: int) -> str:
+    return f"{count} images in {_shown(folder)} have no class and are left out; {unmapped_fix(folder)}"
 
 
 def class_folders(root: Path, labels: dict[str, str]) -> dict[Path, str]:
@@ -93,22 +113,29 @@ def class_folders(root: Path, labels: dict[str, str]) -> dict[Path, str]:
     return out
 
 
-def ingest(cfg: Config, dataset: str, jobs: int = 0, progress: bool = True) -> IngestResult:
-    """Scan, decode, group and return the manifest and quarantine tables (nothing written)."""
+def ingest(
+    cfg: Config, dataset: str, jobs: int = 0, progress: bool = True, strict: bool = False
+) -> IngestResult:
+    """Scan, decode, group and return the manifest and quarantine tables (nothing written).
+
+    strict: images under no class folder stop the run (a test set scored in part is scored wrong).
+    """
     root = dataset_root(cfg, dataset)
     folders = class_folders(root, cfg.data.labels)
     _check_classes(root, folders, cfg, dataset)
-    files, skipped = find_images(root, cfg.data.labels)
+    files, skipped, unmapped = find_images(root, cfg.data.labels)
+    if strict and unmapped:
+        _refuse_unmapped(root, unmapped)
     empty = sorted(f for f in folders if not any(p.is_file() for p in f.rglob("*")))
 
     rows, bad, thumbs = [], [], []
     measured = _measure_all([p for p, _, _ in files], cfg, jobs, progress, dataset)
     for (path, label, source), result in zip(files, measured):
         if isinstance(result, str):
-            bad.append({"path": str(path.resolve()), "reason": result})
+            bad.append({"path": os.path.abspath(path), "reason": result})
             continue
         rows.append({
-            "path": str(path.resolve()), "label": label, "source": source,
+            "path": os.path.abspath(path), "label": label, "source": source,
             "width": result.width, "height": result.height, "mode": result.mode,
             "bytes": result.bytes, "sha256": result.sha256, "dhash": result.dhash,
         })
@@ -135,16 +162,31 @@ def ingest(cfg: Config, dataset: str, jobs: int = 0, progress: bool = True) -> I
         series_break=cfg.ingest.series_break,
     )
     quarantine = pd.DataFrame(bad, columns=QUARANTINE_COLUMNS)
-    return IngestResult(manifest, quarantine, skipped, empty)
+    return IngestResult(manifest, quarantine, skipped, empty, unmapped)
 
 
-def run(cfg: Config, dataset: str, jobs: int = 0, progress: bool = True) -> IngestResult:
-    """Ingest and write data/<dataset>/manifest.csv and quarantine.csv."""
-    result = ingest(cfg, dataset, jobs=jobs, progress=progress)
-    out = paths.manifest_path(cfg, dataset)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.manifest.to_csv(out, index=False)
-    result.quarantine.to_csv(paths.quarantine_path(cfg, dataset), index=False)
+def summary(cfg: Config, dataset: str, result: IngestResult) -> dict:
+    """What ingest.json records: the root as written in params.yaml (not resolved) and the counts."""
+    ds = cfg.dataset(dataset)
+    classes = result.manifest["label"].value_counts()
+    return {
+        "root": ds.path,
+        "subdir": ds.subdir,
+        "images": int(len(result.manifest)),
+        "classes": {c: int(classes.get(c, 0)) for c in paths.CLASSES},
+        "quarantined": int(len(result.quarantine)),
+        "skipped_non_image": len(result.skipped),
+        "unmapped_images": sum(result.unmapped.values()),
+        "unmapped_folders": result.unmapped,
+    }
+
+
+def run(cfg: Config, dataset: str, jobs: int = 0, progress: bool = True, strict: bool = False) -> IngestResult:
+    """Ingest and write data/<dataset>/manifest.csv, quarantine.csv and ingest.json."""
+    result = ingest(cfg, dataset, jobs=jobs, progress=progress, strict=strict)
+    tables.write_manifest(cfg, dataset, result.manifest)
+    tables.write_quarantine(cfg, dataset, result.quarantine)
+    tables.write_summary(cfg, dataset, summary(cfg, dataset, result))
     return result
 
 
@@ -168,6 +210,15 @@ def _check_classes(root: Path, folders: dict[Path, str], cfg: Config, dataset: s
         )
 
 
+def _refuse_unmapped(root: Path, unmapped: dict[str, int]) -> None:
+    counts = ", ".join(f"{_shown(folder)} {n}" for folder, n in unmapped.items())
+    fixes = "; ".join(sorted({unmapped_fix(folder) for folder in unmapped}))
+    raise UserError(
+        f"{root}: {sum(unmapped.values())} images are in folders of no class ({counts}), and a score "
+        f"on part of a test set is a wrong score; {fixes}"
+    )
+
+
 def _measure_all(
     files: list[Path], cfg: Config, jobs: int, progress: bool, dataset: str
 ) -> list[Measured | str]:
@@ -181,6 +232,10 @@ def _measure_all(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         return list(bar(pool.map(work, files, chunksize=16)))
+
+
+def _shown(folder: str) -> str:
+    return "the root folder" if folder == "." else f"{folder}/"
 
 
 def _nearest_label(rel: Path, labels: dict[str, str]) -> str | None:

@@ -7,6 +7,7 @@ offline by `covidtl augment`.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import keras
@@ -16,6 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from covidtl.config import AugmentConfig, Config
+from covidtl.data.images import load_rgb
 from covidtl.paths import CLASSES
 
 if TYPE_CHECKING:
@@ -60,11 +62,17 @@ def label_indices(table: pd.DataFrame) -> np.ndarray:
 
 def decode_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     """PNG/JPEG/BMP/GIF, any mode (greyscale, RGBA, 16-bit) -> float32 RGB in [0, 255]."""
-    data = tf.io.read_file(path)
-    image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
-    image = tf.image.resize(image, (image_size, image_size))
+    # Pillow through `load_rgb`, not tf.io.decode_image: ingest, training, evaluation and the
+    # offline set must turn a 16-bit scan into 8 bits the same way (stretched by its own range).
+    image = tf.numpy_function(_load_rgb_array, [path], tf.uint8, stateful=False)
+    image = tf.image.resize(tf.ensure_shape(image, (None, None, 3)), (image_size, image_size))
     image.set_shape((image_size, image_size, 3))
     return image
+
+
+def _load_rgb_array(path: bytes | np.ndarray) -> np.ndarray:
+    # Graph mode hands numpy_function bytes, eager mode (`covidtl augment`) a 0-d array of them.
+    return np.asarray(load_rgb(os.fsdecode(np.asarray(path).item())), dtype=np.uint8)
 
 
 def make_dataset(

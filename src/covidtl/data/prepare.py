@@ -26,7 +26,8 @@ def ensure_split(cfg: Config, dataset: str, say: Callable[[str], None] = print) 
         synth.generate(cfg.synth)
     if not paths.manifest_path(cfg, dataset).is_file():
         say(f"{paths.manifest_path(cfg, dataset)} is missing: ingesting {root} (covidtl ingest {dataset})")
-        ingest.run(cfg, dataset, progress=False)
+        for folder, count in ingest.run(cfg, dataset, progress=False).unmapped.items():
+            say(f"Warning: {ingest.unmapped_warning(folder, count)}")
     say(f"{table} is missing: splitting ({cfg.split.strategy}; covidtl split {dataset})")
     split.run(cfg, dataset)
     return table

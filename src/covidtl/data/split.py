@@ -6,7 +6,6 @@ split; `random` is the paper's image-level split, kept to measure how much it le
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from itertools import combinations
 
@@ -15,6 +14,7 @@ import pandas as pd
 
 from covidtl import paths
 from covidtl.config import Config, SplitConfig
+from covidtl.data import tables
 from covidtl.data.groups import near_duplicate_pairs, size_summary
 from covidtl.errors import UserError
 
@@ -110,14 +110,10 @@ def leakage_report(table: pd.DataFrame, near_duplicate_bits: int, cfg: SplitConf
 
 def run(cfg: Config, dataset: str) -> tuple[pd.DataFrame, dict]:
     """Read data/<dataset>/manifest.csv; write split.csv and leakage.json."""
-    source = paths.manifest_path(cfg, dataset)
-    if not source.exists():
-        raise UserError(f"{source}: no manifest yet; run `covidtl ingest {dataset}` first")
-    manifest = pd.read_csv(source, dtype={"group": str, "sha256": str, "dhash": str})
-    table = make_split(manifest, cfg.split)
+    table = make_split(tables.read_manifest(cfg, dataset), cfg.split)
     report = {"dataset": dataset, **leakage_report(table, cfg.ingest.near_duplicate_bits, cfg.split)}
-    table.to_csv(paths.split_path(cfg, dataset), index=False)
-    paths.leakage_path(cfg, dataset).write_text(json.dumps(report, indent=2) + "\n")
+    tables.write_split(cfg, dataset, table)
+    tables.write_json(paths.leakage_path(cfg, dataset), report)
     return table, report
 
 

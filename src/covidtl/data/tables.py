@@ -1,0 +1,153 @@
+"""A dataset's tables on disk (manifest, quarantine, split, the offline set's manifest, ingest.json).
+
+The one owner of their layout. On disk an image path is POSIX and relative to the dataset root
+(`data.datasets.<ds>.path` as written, plus `subdir`), so the same images give the same bytes in
+any checkout; in memory it is a path that opens (the root joined, absolute).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+
+from covidtl import paths
+from covidtl.config import Config
+from covidtl.errors import UserError
+
+# Read as text: ids such as "0123" or "1e5" must not turn into numbers.
+TEXT_COLUMNS = {c: str for c in ("path", "source_path", "label", "source", "mode", "sha256", "dhash", "group")}
+
+
+def dataset_root(cfg: Config, dataset: str) -> Path:
+    """Where the dataset's relative paths start: its path as written (~ expanded), plus subdir."""
+    ds = cfg.dataset(dataset)
+    root = Path(ds.path).expanduser()
+    return root / ds.subdir if ds.subdir else root
+
+
+def summary_path(cfg: Config, dataset: str) -> Path:
+    return paths.dataset_dir(cfg, dataset) / "ingest.json"
+
+
+def augmented_manifest_path(cfg: Config, dataset: str) -> Path:
+    return paths.augmented_dir(cfg, dataset) / "manifest.csv"
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def write_manifest(cfg: Config, dataset: str, manifest: pd.DataFrame) -> Path:
+    return _write_table(manifest, paths.manifest_path(cfg, dataset), dataset_root(cfg, dataset))
+
+
+def write_quarantine(cfg: Config, dataset: str, quarantine: pd.DataFrame) -> Path:
+    return _write_table(quarantine, paths.quarantine_path(cfg, dataset), dataset_root(cfg, dataset))
+
+
+def write_split(cfg: Config, dataset: str, table: pd.DataFrame) -> Path:
+    return _write_table(table, paths.split_path(cfg, dataset), dataset_root(cfg, dataset))
+
+
+def write_augmented_manifest(cfg: Config, dataset: str, manifest: pd.DataFrame) -> Path:
+    path = augmented_manifest_path(cfg, dataset)
+    return _write_table(manifest, path, dataset_root(cfg, dataset), column="source_path")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """A small JSON record (ingest.json, leakage.json), written whole or not at all."""
+    return _replace(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_summary(cfg: Config, dataset: str, summary: dict[str, Any]) -> Path:
+    return write_json(summary_path(cfg, dataset), summary)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def read_manifest(cfg: Config, dataset: str) -> pd.DataFrame:
+    """data/<dataset>/manifest.csv with usable paths, or one line saying to ingest first."""
+    path = paths.manifest_path(cfg, dataset)
+    if not path.is_file():
+        raise UserError(f"{path}: no manifest yet; run `covidtl ingest {dataset}` first")
+    return _read_table(path, dataset_root(cfg, dataset))
+
+
+def read_quarantine(cfg: Config, dataset: str) -> pd.DataFrame:
+    return _read_table(paths.quarantine_path(cfg, dataset), dataset_root(cfg, dataset))
+
+
+def read_split(cfg: Config, dataset: str) -> pd.DataFrame:
+    """data/<dataset>/split.csv with usable paths, or one line saying how to make it."""
+    path = paths.split_path(cfg, dataset)
+    if not path.is_file():
+        raise UserError(
+            f"{path}: no split table for dataset {dataset!r}; run `covidtl ingest {dataset}` "
+            f"and `covidtl split {dataset}` (or `dvc repro split@{dataset}`) first"
+        )
+    table = _read_table(path, dataset_root(cfg, dataset))
+    missing = {"path", "label", "split"} - set(table.columns)
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(sorted(missing))}; re-run `covidtl split {dataset}`")
+    return table
+
+
+def read_augmented_manifest(cfg: Config, dataset: str) -> pd.DataFrame:
+    path = augmented_manifest_path(cfg, dataset)
+    if not path.is_file():
+        raise UserError(f"{path}: no augmented set; run `covidtl augment {dataset}` first")
+    return _read_table(path, dataset_root(cfg, dataset), column="source_path")
+
+
+def read_summary(cfg: Config, dataset: str) -> dict[str, Any]:
+    return json.loads(summary_path(cfg, dataset).read_text())
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def relative_to_root(path: str | Path, root: Path) -> str:
+    """A path as stored: POSIX, relative to root; one outside root stays absolute."""
+    absolute, base = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    if absolute.is_relative_to(base):
+        return absolute.relative_to(base).as_posix()
+    real, real_base = absolute.resolve(), base.resolve()  # one of them reached through a symlink
+    if real.is_relative_to(real_base):
+        return real.relative_to(real_base).as_posix()
+    return str(absolute)
+
+
+def usable_path(stored: str, root: Path) -> str:
+    """A stored path as one that opens: root joined; an absolute one (an older table) as it is."""
+    if Path(stored).is_absolute():
+        return stored
+    return os.path.abspath(Path(root) / PurePosixPath(stored))
+
+
+def _write_table(frame: pd.DataFrame, path: Path, root: Path, column: str = "path") -> Path:
+    stored = frame.assign(**{column: [relative_to_root(p, root) for p in frame[column]]})
+    return _replace(path, lambda tmp: stored.to_csv(tmp, index=False))
+
+
+def _read_table(path: Path, root: Path, column: str = "path") -> pd.DataFrame:
+    table = pd.read_csv(path, dtype=TEXT_COLUMNS)
+    if column in table.columns:
+        table[column] = [usable_path(p, root) for p in table[column]]
+    return table
+
+
+def _replace(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Write beside the target, then rename: a failure never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
