@@ -12,7 +12,7 @@ from typing import Callable
 import keras
 from keras import layers
 
-from covidtl.cells import IMAGENET_FILES
+from covidtl.pretrained import IMAGENET_FILES
 from covidtl.config import TrainConfig
 from covidtl.errors import UserError
 from covidtl.models import weights
