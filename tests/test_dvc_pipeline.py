@@ -37,6 +37,33 @@ def declares(stage, key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in params_of(stage))
 
 
+def test_default_study_neither_writes_nor_reads_the_augmented_set(stages):
+    root = in_file(stages, "dvc.yaml")
+    cells = {name: s for name, s in root.items() if name.startswith("train@")}
+    assert len(cells) == 24
+    for name, stage in root.items():
+        assert not [p for p in paths_of(stage) if "augmented" in Path(p).parts], name
+        # So changing the offline set's size leaves every stage of `dvc repro` up to date.
+        for key in ("augment.copies_per_image", "augment.max_images", "augment.mode"):
+            assert not declares(stage, key), f"{name} declares {key}"
+    for name, cell in cells.items():
+        assert "-S augment.mode=online train " in cell.cmd, name  # whatever params.yaml says
+        for key in ("augment.rotation", "augment.zoom", "augment.horizontal_flip", "augment.seed"):
+            assert declares(cell, key), f"{name} reads {key} but does not declare it"
+
+
+def test_offline_study_is_its_own_pipeline_with_its_own_outputs(stages):
+    offline = in_file(stages, "augment/dvc.yaml")
+    assert {n for n in offline if "@" in n and n.split(":")[1].startswith("augment@")} == {
+        "augment/dvc.yaml:augment@ct", "augment/dvc.yaml:augment@xray"}
+    assert "data/ct/augmented" in paths_of(offline["augment/dvc.yaml:augment@ct"])
+    assert declares(offline["augment/dvc.yaml:augment@ct"], "augment.copies_per_image")
+    cell = offline["augment/dvc.yaml:train@vgg16-random-ct"]
+    assert "-S augment.mode=offline train " in cell.cmd
+    assert "data/ct/augmented" in paths_of(cell)
+    assert all(o.def_path.startswith("models-offline/vgg16-random-ct/") for o in cell.outs)
+
+
 def test_each_cell_depends_on_its_own_weights_record_and_weights_watch_the_folder(stages):
     root = in_file(stages, "dvc.yaml")
     study = yaml.safe_load((ROOT / "params.yaml").read_text())["study"]

@@ -116,6 +116,17 @@ def test_study_outputs_metrics_plots_and_report(repo):
     again = _run(repo, "dvc", "repro")
     assert "Running stage" not in again.stdout and "up to date" in again.stdout
 
+    # The default study augments online: no stored augmented set, and its size is no dependency.
+    assert not (repo / "data" / "ct" / "augmented").exists()
+    params = (repo / "params.yaml").read_text()
+    changed = params.replace("copies_per_image: 1", "copies_per_image: 3")
+    assert changed != params
+    (repo / "params.yaml").write_text(changed)
+    try:
+        assert "up to date" in _run(repo, "dvc", "status", "dvc.yaml").stdout
+    finally:
+        (repo / "params.yaml").write_text(params)
+
     metrics = json.loads(_run(repo, "dvc", "metrics", "show", "--json").stdout)
     shown = json.dumps(metrics)
     for cell in ("custom_cnn-random-ct", "vgg16-random-ct"):
