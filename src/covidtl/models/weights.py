@@ -38,7 +38,7 @@ def load_imagenet(base: keras.Model, spec: ModelSpec) -> None:
         record = pretrained.locate(spec.name, "imagenet", download=lambda: download_imagenet(spec))
         if record["status"] != "available":
             raise UserError(
-                f"init=imagenet: {spec.name} needs Keras' ImageNet file: {record['reason']}; put "
+                f"init=imagenet: {spec.name}: {record['reason']}; put "
                 f"{spec.imagenet_file} in {pretrained.WEIGHTS_DIR}/ or {pretrained.keras_cache_dir()} "
                 "(or point KERAS_HOME at a folder whose models/ holds it) and run again"
             )
