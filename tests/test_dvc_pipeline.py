@@ -13,7 +13,7 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.fixture(scope="module")
 def stages() -> dict:
-    """Every stage of every pipeline file, by its address (`train@vgg16-imagenet-ct`, `augment/dvc.yaml:…`)."""
+    """Every stage of every pipeline file by address (`train@vgg16-imagenet-ct`, `augment/dvc.yaml:…`)."""
     from dvc.repo import Repo
 
     with Repo(str(ROOT)) as repo:

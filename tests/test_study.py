@@ -35,7 +35,7 @@ CELLS = ["custom_cnn-random-ct", "vgg16-random-ct", "vgg16-imagenet-ct", "custom
 WEIGHTS = {f"weights@{m}-{i}" for m in TINY["study.models"] for i in TINY["study.inits"]}
 VGG16_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
-pytestmark = pytest.mark.timeout(1800)  # per test; the first two `dvc repro` runs: 8 min measured on 2 busy cores (load 9)
+pytestmark = pytest.mark.timeout(1800)  # per test; the whole file: 3.4 min on 2 cores (8 min at load 9)
 
 
 def _set(params: dict, dotted: str, value) -> None:
