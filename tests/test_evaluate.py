@@ -11,10 +11,9 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from covidtl.cli import main
-from covidtl.errors import UserError
 from covidtl.evaluate import evaluate
 from covidtl.train import train
-from helpers_train import make_workdir, write_images
+from helpers_train import make_workdir
 
 ROOT = Path(__file__).parents[1]
 

@@ -111,6 +111,7 @@ def test_weights_file_of_another_architecture_is_one_clear_error(tmp_path, train
 def test_imagenet_and_finetune_read_keras_cache(tmp_path, monkeypatch, train_cfg):
     """A weights file saved under the exact name keras.applications caches is what init=imagenet loads."""
     spec = get_spec("vgg16")
+    monkeypatch.chdir(tmp_path)  # no weights stage has recorded a file here
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     donor = base_of(build_model(spec, "random", train_cfg, image_size=32))
     cached = tmp_path / "keras" / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -126,6 +127,30 @@ def test_imagenet_and_finetune_read_keras_cache(tmp_path, monkeypatch, train_cfg
             np.testing.assert_array_equal(got, want)
 
 
+def test_training_loads_the_recorded_file_and_refuses_a_changed_one(tmp_path, monkeypatch, train_cfg):
+    """The file `covidtl weights` recorded is what init=imagenet loads, if its sha256 still matches."""
+    spec = get_spec("vgg16")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    donor, other = (base_of(build_model(spec, "random", train_cfg, image_size=32)) for _ in range(2))
+    save_keras_cache_file(other, tmp_path / "keras" / "models" / spec.imagenet_file)  # not this one
+    dropped = tmp_path / "weights" / spec.imagenet_file
+    save_keras_cache_file(donor, dropped)
+    assert CliRunner().invoke(main, ["weights", "vgg16", "--init", "imagenet"]).exit_code == 0
+
+    for got, want in zip(base_of(build_model(spec, "finetune", train_cfg, image_size=32)).get_weights(),
+                         donor.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+    save_keras_cache_file(other, dropped)  # replaced after the stage ran
+    with pytest.raises(UserError) as err:
+        build_model(spec, "imagenet", train_cfg, image_size=32)
+    message = str(err.value)
+    assert "\n" not in message and str(Path("weights") / spec.imagenet_file) in message
+    assert "changed since stage weights@vgg16-imagenet recorded it" in message
+    assert message.endswith("run `dvc repro`")
+
+
 def refuse_connections(monkeypatch):
     """This machine offline, whatever the network: every connection attempt fails at once."""
 
@@ -137,6 +162,7 @@ def refuse_connections(monkeypatch):
 
 
 def test_imagenet_offline_and_uncached_fails_fast_naming_the_file(tmp_path, monkeypatch, train_cfg):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
     refuse_connections(monkeypatch)
     started = time.monotonic()

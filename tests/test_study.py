@@ -1,8 +1,9 @@
 """The README's main command end to end: `dvc repro` of a tiny study in a copy of the repository.
 
 Tiny profile: custom CNN and VGG16 x random and ImageNet weights on the synthetic CT-like set; the
-ImageNet cells are skipped (custom CNN: none exist; VGG16: Keras' file not cached, no network). Also
-failure isolation: a failing cell leaves the others' results, and the next `dvc repro` re-runs only it.
+ImageNet cells are skipped (custom CNN: none exist; VGG16: Keras' file in neither weights/ nor Keras'
+cache, and no network). Also failure isolation: a failing cell leaves the others' results, and the
+next `dvc repro` re-runs only it; and a weights file dropped into weights/ trains exactly its cell.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ TINY = {
     "augment.copies_per_image": 1,
 }
 CELLS = ["custom_cnn-random-ct", "vgg16-random-ct", "vgg16-imagenet-ct", "custom_cnn-imagenet-ct"]
+WEIGHTS = {f"weights@{m}-{i}" for m in TINY["study.models"] for i in TINY["study.inits"]}
+VGG16_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
-pytestmark = pytest.mark.timeout(1800)  # two `dvc repro` runs: 8 min measured on 2 busy cores (load 9)
+pytestmark = pytest.mark.timeout(1800)  # per test; the whole file: 3.4 min on 2 cores (8 min at load 9)
 
 
 def _set(params: dict, dotted: str, value) -> None:
@@ -44,7 +47,11 @@ def _set(params: dict, dotted: str, value) -> None:
 
 
 def _run(cwd: Path, *args: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "KERAS_HOME"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "KERAS_HOME")) and k.lower() != "no_proxy"}
+    # Offline whatever the network: an empty Keras cache, and Keras' download through a closed port.
+    env.update(KERAS_HOME=str(cwd.parent / "keras-empty"), https_proxy="http://127.0.0.1:9",
+               HTTPS_PROXY="http://127.0.0.1:9")
     env.update(extra_env)
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -80,23 +87,25 @@ def repo(tmp_path_factory) -> Path:
     return dest
 
 
-def test_one_failing_cell_leaves_the_others_and_repro_reruns_only_it(repo, tmp_path_factory):
-    # A corrupt ImageNet weights file in Keras' cache: VGG16-imagenet fails, the rest finish.
-    keras_home = tmp_path_factory.mktemp("keras")
-    corrupt = keras_home / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    corrupt.parent.mkdir()
+def ran_stages(result: subprocess.CompletedProcess) -> set[str]:
+    return {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+
+
+def test_one_failing_cell_leaves_the_others_and_repro_reruns_only_it(repo):
+    # A corrupt ImageNet weights file in weights/: VGG16-imagenet fails, the rest finish.
+    corrupt = repo / "weights" / VGG16_FILE
     corrupt.write_bytes(b"not an HDF5 file")
-    first = _run(repo, "dvc", "repro", "--keep-going", check=False, KERAS_HOME=str(keras_home))
+    first = _run(repo, "dvc", "repro", "--keep-going", check=False)
     assert first.returncode != 0
     assert json.loads((repo / "models/custom_cnn-random-ct/metrics.json").read_text())["status"] == "ok"
     assert json.loads((repo / "models/vgg16-random-ct/metrics.json").read_text())["status"] == "ok"
     assert "Running stage 'report'" not in first.stdout  # it waits for every cell
 
-    # Weights gone: the cell is now skipped (not failed), and only it and the report run again.
+    # Weights gone: the cell is now skipped (not failed), and only it and the report train again
+    # (every weights@ stage watches weights/; only VGG16-imagenet's record changed).
     corrupt.unlink()
-    second = _run(repo, "dvc", "repro", KERAS_HOME=str(keras_home))
-    ran = {line.split("'")[1] for line in second.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train@vgg16-imagenet-ct", "report"}, second.stdout
+    second = _run(repo, "dvc", "repro")
+    assert ran_stages(second) == WEIGHTS | {"train@vgg16-imagenet-ct", "report"}, second.stdout
 
 
 def test_study_outputs_metrics_plots_and_report(repo):
@@ -106,6 +115,17 @@ def test_study_outputs_metrics_plots_and_report(repo):
     assert "up to date" in _run(repo, "dvc", "status", "dvc.yaml").stdout
     again = _run(repo, "dvc", "repro")
     assert "Running stage" not in again.stdout and "up to date" in again.stdout
+
+    # The default study augments online: no stored augmented set, and its size is no dependency.
+    assert not (repo / "data" / "ct" / "augmented").exists()
+    params = (repo / "params.yaml").read_text()
+    changed = params.replace("copies_per_image: 1", "copies_per_image: 3")
+    assert changed != params
+    (repo / "params.yaml").write_text(changed)
+    try:
+        assert "up to date" in _run(repo, "dvc", "status", "dvc.yaml").stdout
+    finally:
+        (repo / "params.yaml").write_text(params)
 
     metrics = json.loads(_run(repo, "dvc", "metrics", "show", "--json").stdout)
     shown = json.dumps(metrics)
@@ -130,6 +150,30 @@ def test_study_outputs_metrics_plots_and_report(repo):
     assert pd.isna(table.loc[("vgg16", "imagenet"), "test_accuracy"])
     for name in ("results.md", "fig5_6-ct.png", "fig7-epochs.png", "confusion-ct.png"):
         assert (repo / "reports" / name).stat().st_size > 0
+
+
+def test_weights_dropped_where_the_skip_message_says_train_exactly_their_cell(repo):
+    if not (repo / "reports").exists():
+        pytest.skip("needs the study run by the previous tests")
+    reason = json.loads((repo / "models/vgg16-imagenet-ct/metrics.json").read_text())["reason"]
+    assert f"put {VGG16_FILE} in weights/ (the folder stage weights@vgg16-imagenet watches)" in reason
+    assert reason.endswith("and run `dvc repro`")
+
+    # A valid VGG16 file (random weights saved as Keras' download: no ImageNet file offline).
+    code = (
+        "import sys, h5py, keras; from keras.src.legacy.saving import legacy_h5_format; "
+        "base = keras.applications.VGG16(include_top=False, weights=None); "
+        "f = h5py.File(sys.argv[1], 'w'); legacy_h5_format.save_weights_to_hdf5_group(f, base); f.close()"
+    )
+    _run(repo, sys.executable, "-c", code, str(repo / "weights" / VGG16_FILE))
+    again = _run(repo, "dvc", "repro")
+    assert ran_stages(again) == WEIGHTS | {"train@vgg16-imagenet-ct", "report"}, again.stdout
+    assert json.loads((repo / "models/vgg16-imagenet-ct/metrics.json").read_text())["status"] == "ok"
+    record = json.loads((repo / "data/weights/vgg16-imagenet.json").read_text())
+    assert (record["status"], record["path"]) == ("available", f"weights/{VGG16_FILE}")
+    assert "up to date" in _run(repo, "dvc", "status", "dvc.yaml").stdout
+    table = pd.read_csv(repo / "reports" / "results.csv").set_index(["model", "init"])
+    assert table.loc[("vgg16", "imagenet"), "status"] == "ok"
 
 
 def test_each_cell_declares_every_training_setting_it_reads():

@@ -5,58 +5,19 @@ Kept free of TensorFlow: a skipped cell of the DVC matrix costs a second, not an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
+
+from covidtl.files import atomic_path, atomic_write_text
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 MODEL_DIR = "model"  # models/<cell>/model/: model.keras + card.json, or SKIPPED.txt
 MODELS_ROOT = "models"
 PREDICTION_COLUMNS = ("actual", "predicted", "p_covid")
 INITS = ("random", "imagenet", "finetune")  # or a path to a weights file
-
-# The files keras.applications downloads (no top) into $KERAS_HOME/models; None: no ImageNet
-# weights exist for that model.
-IMAGENET_FILES: dict[str, str | None] = {
-    "custom_cnn": None,
-    "densenet121": "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "inceptionv3": "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "resnet101v2": "resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "vgg16": "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-}
-
-
-def keras_cache_dir() -> Path:
-    """Keras' download cache for weights: $KERAS_HOME/models, else ~/.keras/models."""
-    home = os.environ.get("KERAS_HOME")
-    if not home:
-        base = Path.home() if os.access(Path.home(), os.W_OK) else Path("/tmp")
-        home = str(base / ".keras")
-    return Path(home).expanduser() / "models"
-
-
-def imagenet_weights_path(model: str) -> Path | None:
-    """Where Keras keeps `model`'s ImageNet file; None when no ImageNet weights exist for it."""
-    name = IMAGENET_FILES[model]
-    return keras_cache_dir() / name if name is not None else None
-
-
-def unavailable_reason(model: str, init: str) -> str | None:
-    """Why a cell cannot run on this machine (ImageNet weights absent), checked before any work."""
-    if init not in ("imagenet", "finetune") or model not in IMAGENET_FILES:
-        return None
-    path = imagenet_weights_path(model)
-    if path is None:
-        return f"{model} has no ImageNet weights: the paper trains it from scratch only"
-    if not path.exists():
-        return (f"Keras' ImageNet file {path.name} is not in {path.parent}; copy it there "
-                "(or set KERAS_HOME) and run `dvc repro` again")
-    return None
 
 
 def write_skipped_cell(out: Path, reason: str) -> None:
@@ -224,20 +185,3 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _csv_number(value: Any) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path` (same suffix) that replaces it only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

@@ -24,6 +24,7 @@ from covidtl.config import Config, DatasetConfig
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset
 from covidtl.errors import UserError
+from covidtl.files import atomic_write_text
 from covidtl.metrics import classification_metrics
 from covidtl.models.registry import MODELS, get_spec
 from covidtl.train import predict, rows_of
@@ -183,6 +184,6 @@ def evaluate(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         clean = {k: (None if np.isnan(v) else v) for k, v in metrics.items()}
-        (out / "metrics.json").write_text(json.dumps(clean, indent=2) + "\n")
-        predictions[["actual", "predicted"]].to_csv(out / "predictions.csv", index=False)
+        atomic_write_text(out / "metrics.json", json.dumps(clean, indent=2) + "\n")
+        atomic_write_text(out / "predictions.csv", predictions.to_csv(index=False))
     return EvaluateResult(run.info.run_id, metrics, len(y_true))

@@ -19,6 +19,7 @@ from covidtl import paths, tracking
 from covidtl.cells import Cell
 from covidtl.config import Config
 from covidtl.errors import UserError
+from covidtl.files import atomic_write_text
 
 MODELS_ROOT = "models"  # cells.MODELS_ROOT
 REPORT_EXPERIMENT = "covidtl-report"
@@ -134,7 +135,7 @@ def results_table(
 def write_tables(table: pd.DataFrame, out: Path) -> list[Path]:
     """results.csv (all columns) and results.md (one table per dataset and split strategy)."""
     csv_path, md_path = out / "results.csv", out / "results.md"
-    table.to_csv(csv_path, index=False)
+    atomic_write_text(csv_path, table.to_csv(index=False))
     lines = [
         "# Study results",
         "",
@@ -151,7 +152,7 @@ def write_tables(table: pd.DataFrame, out: Path) -> list[Path]:
             lines.append(f"- {row['model']}-{row['init']}: {row['note']}")
         if len(notes):
             lines.append("")
-    md_path.write_text("\n".join(lines))
+    atomic_write_text(md_path, "\n".join(lines))
     return [csv_path, md_path]
 
 

@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 import warnings
@@ -35,10 +34,12 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from covidtl import paths, tracking
+from covidtl.cells import INITS, init_label
 from covidtl.config import Config, TuneConfig
-from covidtl.errors import UserError
 from covidtl.data.augment import MANIFEST as AUGMENTED_MANIFEST
-from covidtl.models.registry import INITS, get_spec, image_size_for, init_label
+from covidtl.errors import UserError
+from covidtl.files import atomic_write_text
+from covidtl.models.registry import get_spec, image_size_for
 from covidtl.train import train
 
 log = logging.getLogger(__name__)
@@ -619,10 +620,8 @@ def _summarise(
         "identity": identity.record(),  # what `train --lr tuned` checks against its config
     }
     path = tuned_path(cfg, model, init, dataset)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(record, sort_keys=False))
-    tmp.replace(path)  # atomic: a reader (train --lr tuned) never sees half a file
+    # atomic: a reader (train --lr tuned) never sees half a file
+    atomic_write_text(path, yaml.safe_dump(record, sort_keys=False))
     return TuneResult(
         study=study.study_name, run_id=run_id, best_lr=record["learning_rate"],
         best_value=record["value"], best_val_accuracy=record["val_accuracy"],

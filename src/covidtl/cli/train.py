@@ -47,7 +47,8 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
           max_train_samples, out, log_model, skip_unavailable, prepare) -> None:
     """Train MODEL from INIT on DATASET's split; logs one MLflow run and writes the cell's files."""
     from covidtl import paths
-    from covidtl.cells import unavailable_reason, write_skipped_cell
+    from covidtl.cells import write_skipped_cell
+    from covidtl.pretrained import unavailable_reason
 
     reason = unavailable_reason(model, init) if skip_unavailable else None
     if reason:

@@ -18,6 +18,7 @@ import pandas as pd
 from covidtl import paths
 from covidtl.config import Config
 from covidtl.errors import UserError
+from covidtl.files import atomic_path
 
 # Read as text: ids such as "0123" or "1e5" must not turn into numbers.
 TEXT_COLUMNS = {c: str for c in ("path", "source_path", "label", "source", "mode", "sha256", "dhash", "group")}
@@ -143,11 +144,6 @@ def _read_table(path: Path, root: Path, column: str = "path") -> pd.DataFrame:
 
 def _replace(path: Path, write: Callable[[Path], Any]) -> Path:
     """Write beside the target, then rename: a failure never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -12,7 +12,8 @@ from typing import Callable
 import keras
 from keras import layers
 
-from covidtl.cells import IMAGENET_FILES, INITS, init_label  # noqa: F401 (re-exported)
+from covidtl.cells import init_label
+from covidtl.pretrained import IMAGENET_FILES
 from covidtl.config import TrainConfig
 from covidtl.errors import UserError
 from covidtl.models import weights

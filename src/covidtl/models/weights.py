@@ -1,7 +1,10 @@
-"""Where initial weights come from: Keras' ImageNet cache, or a weights file of the user's.
+"""Where initial weights come from: the ImageNet file the weights stage recorded, or a user's file.
 
-ImageNet files are the ones keras.applications downloads into `$KERAS_HOME/models` (default
-`~/.keras/models`). Offline and uncached, loading fails in seconds with one line naming the file.
+ImageNet files are the ones keras.applications downloads; `covidtl.pretrained` finds them
+(`weights/`, then Keras' cache `$KERAS_HOME/models`) and records which file, with its sha256.
+Training loads the recorded file after checking its hash; without a record (a run outside DVC) it
+looks the same way and downloads through Keras. Offline and uncached, loading fails in seconds
+with one line naming the file.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import keras
 
-from covidtl import cells
+from covidtl import pretrained
 from covidtl.errors import UserError
 
 if TYPE_CHECKING:
@@ -24,39 +27,42 @@ DOWNLOAD_TIMEOUT_S = 10
 
 
 def imagenet_weights_path(spec: ModelSpec) -> Path:
-    return cells.imagenet_weights_path(spec.name)  # the one table of Keras' file names
+    """Where Keras keeps (and downloads) `spec`'s ImageNet file."""
+    return pretrained.imagenet_weights_path(spec.name)  # the one table of Keras' file names
 
 
 def load_imagenet(base: keras.Model, spec: ModelSpec) -> None:
-    """Load Keras' ImageNet weights into `base`, downloading them through Keras if uncached."""
-    path = imagenet_weights_path(spec)
-    if not path.exists():
-        _download_through_keras(base, spec, path)
+    """Load `spec`'s ImageNet weights into `base`: the recorded file, else found or downloaded."""
+    path = pretrained.recorded_imagenet_file(spec.name)
+    if path is None:
+        record = pretrained.locate(spec.name, "imagenet", download=lambda: download_imagenet(spec))
+        if record["status"] != "available":
+            raise UserError(
+                f"init=imagenet: {spec.name}: {record['reason']}; put "
+                f"{spec.imagenet_file} in {pretrained.WEIGHTS_DIR}/ or {pretrained.keras_cache_dir()} "
+                "(or point KERAS_HOME at a folder whose models/ holds it) and run again"
+            )
+        path = Path(record["path"])
     load_weights_file(base, str(path), what="ImageNet weights")
 
 
-def _download_through_keras(base: keras.Model, spec: ModelSpec, path: Path) -> None:
+def download_imagenet(spec: ModelSpec) -> Path:
+    """Download `spec`'s ImageNet file through Keras into its cache; UserError(Keras' reason) if not."""
     # keras.applications downloads (and checks the hash of) the file into its cache; a short
     # socket timeout makes an offline machine fail in seconds instead of hanging.
+    path = imagenet_weights_path(spec)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-            spec.backbone(include_top=False, weights="imagenet", input_shape=base.input_shape[1:])
+            spec.backbone(include_top=False, weights="imagenet")
     except Exception as exc:  # noqa: BLE001 - any download failure means the same fix
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"init=imagenet: {spec.name} needs Keras' ImageNet file {spec.imagenet_file}, which "
-            f"is not in {path.parent} and could not be downloaded ({reason}); copy that file "
-            f"to {path} (or point KERAS_HOME at a folder whose models/ holds it) and run again"
-        ) from None
+        raise UserError(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__) from None
     finally:
         socket.setdefaulttimeout(previous)
-    if not path.exists():  # Keras used its import-time cache: look there too
-        raise UserError(
-            f"init=imagenet: Keras downloaded {spec.imagenet_file} outside {path.parent}; "
-            "set KERAS_HOME before starting covidtl so both agree"
-        )
+    if not path.exists():  # Keras used its import-time cache
+        raise UserError(f"Keras saved it outside {path.parent}; set KERAS_HOME before starting covidtl")
+    return path
 
 
 def load_weights_file(model: keras.Model, path: str, what: str = "weights file") -> None:

@@ -1,0 +1,147 @@
+"""Initial weights as an input of the pipeline: find Keras' ImageNet file, record which file it is.
+
+Stage `weights@<model>-<init>` writes one record per model x init (`data/weights/<model>-<init>.json`):
+the file with its sha256, where it was found, or why there is none and the fix. Study cells depend
+on their record, and training loads the file it names. Free of TensorFlow: a record of a file on
+disk, and a skipped cell, cost a second, not an import of Keras.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from covidtl.errors import UserError
+from covidtl.files import atomic_write_text
+
+# The files keras.applications downloads (no top) into $KERAS_HOME/models; None: no ImageNet
+# weights exist for that model.
+IMAGENET_FILES: dict[str, str | None] = {
+    "custom_cnn": None,
+    "densenet121": "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "inceptionv3": "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "resnet101v2": "resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "vgg16": "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+}
+PRETRAINED_INITS = ("imagenet", "finetune")
+# The project folder the weights stages declare as their dependency: a file dropped here is seen
+# by `dvc repro`. Keras' own cache lies outside the repository (and moves with KERAS_HOME), so
+# DVC cannot watch it.
+WEIGHTS_DIR = Path("weights")
+RECORDS_DIR = Path("data/weights")
+
+
+def keras_cache_dir() -> Path:
+    """Keras' download cache for weights: $KERAS_HOME/models, else ~/.keras/models."""
+    home = os.environ.get("KERAS_HOME")
+    if not home:
+        base = Path.home() if os.access(Path.home(), os.W_OK) else Path("/tmp")
+        home = str(base / ".keras")
+    return Path(home).expanduser() / "models"
+
+
+def imagenet_weights_path(model: str) -> Path | None:
+    """Where Keras keeps `model`'s ImageNet file; None when no ImageNet weights exist for it."""
+    name = IMAGENET_FILES[model]
+    return keras_cache_dir() / name if name is not None else None
+
+
+def record_path(model: str, init: str, root: Path = RECORDS_DIR) -> Path:
+    return Path(root) / f"{model}-{init}.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def locate(
+    model: str,
+    init: str,
+    download: Callable[[], Path] | None = None,
+    folder: Path = WEIGHTS_DIR,
+) -> dict[str, Any]:
+    """The record of `model`'s initial weights for `init`: the file found (folder, Keras' cache,
+    then `download`), or why there is none."""
+    if model not in IMAGENET_FILES:
+        raise UserError(f"{model!r}: unknown model; choose one of {', '.join(IMAGENET_FILES)}")
+    record: dict[str, Any] = {"model": model, "init": init}
+    if init not in PRETRAINED_INITS:
+        return {**record, "status": "not_needed", "reason": f"init={init} needs no weights file"}
+    name = IMAGENET_FILES[model]
+    if name is None:
+        return {**record, "status": "unavailable",
+                "reason": f"{model} has no ImageNet weights: the paper trains it from scratch only"}
+    for found_in, path in (("project", Path(folder) / name), ("keras_cache", keras_cache_dir() / name)):
+        if path.is_file():
+            return _available(record, name, path, found_in)
+    missing = f"Keras' ImageNet file {name} is neither in {folder}/ nor in {keras_cache_dir()}"
+    if download is not None:
+        try:
+            return _available(record, name, download(), "keras_download")
+        except UserError as exc:  # offline: the reason, in one line
+            missing += f", and Keras could not download it ({exc})"
+    stage = f"weights@{model}-{init}"
+    return {**record, "status": "unavailable", "file": name, "reason": missing,
+            "fix": f"put {name} in {folder}/ (the folder stage {stage} watches) and run `dvc repro`"}
+
+
+def _available(record: dict[str, Any], name: str, path: Path, found_in: str) -> dict[str, Any]:
+    return {**record, "status": "available", "file": name, "path": str(path), "found_in": found_in,
+            "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def message(record: dict[str, Any]) -> str:
+    """Why a record's cell cannot run, with the fix, in one line."""
+    return "; ".join(filter(None, (record.get("reason"), record.get("fix"))))
+
+
+def write_record(record: dict[str, Any], root: Path = RECORDS_DIR) -> Path:
+    path = record_path(record["model"], record["init"], root)
+    return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def read_record(model: str, init: str, root: Path = RECORDS_DIR) -> dict[str, Any] | None:
+    path = record_path(model, init, root)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def unavailable_reason(model: str, init: str) -> str | None:
+    """Why a cell cannot run here: its weights stage's record, else a look on disk (no download)."""
+    if init not in PRETRAINED_INITS or model not in IMAGENET_FILES:
+        return None
+    record = read_record(model, init) or locate(model, init)
+    return message(record) if record["status"] == "unavailable" else None
+
+
+def recorded_imagenet_file(model: str) -> Path | None:
+    """The ImageNet file the weights stage recorded for `model`, checked unchanged; None if none."""
+    for init in PRETRAINED_INITS:
+        record = read_record(model, init)
+        if record and record["status"] == "available":
+            return verified_file(record)
+    return None
+
+
+def verified_file(record: dict[str, Any]) -> Path:
+    """The file a record names, if it still holds the bytes the weights stage found."""
+    path = Path(record["path"])
+    if path.is_file() and file_sha256(path) == record["sha256"]:
+        return path
+    stage = f"weights@{record['model']}-{record['init']}"
+    # A file in weights/ is a dependency of the stage; one in Keras' cache is not, so DVC must be
+    # told to look again.
+    rerun = ("`dvc repro`" if record["found_in"] == "project"
+             else f"`dvc repro --force --single-item {stage}`, then `dvc repro`")
+    state = "changed" if path.is_file() else "is gone"
+    raise UserError(
+        f"{path}: this ImageNet file {state} since stage {stage} recorded it in "
+        f"{record_path(record['model'], record['init'])} (sha256 {record['sha256'][:12]}…); run {rerun}"
+    )

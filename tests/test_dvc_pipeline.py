@@ -1,0 +1,87 @@
+"""The study's DVC pipelines as DVC resolves them: each cell depends on what it reads, nothing more."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict:
+    """Every stage of every pipeline file by address (`train@vgg16-imagenet-ct`, `augment/dvc.yaml:…`)."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        return {stage.addressing: stage for stage in repo.index.stages}
+
+
+def in_file(stages: dict, dvcfile: str) -> dict:
+    return {name: s for name, s in stages.items() if s.dvcfile.relpath == dvcfile}
+
+
+def params_of(stage) -> list[str]:
+    return [key for dep in stage.deps if hasattr(dep, "params") for key in dep.params]
+
+
+def paths_of(stage) -> list[str]:
+    return [d.def_path for d in stage.deps if not hasattr(d, "params")] + [o.def_path for o in stage.outs]
+
+
+def declares(stage, key: str) -> bool:
+    """Whether a change of params.yaml's `key` changes `stage` (the key or a group holding it)."""
+    return any(key == p or key.startswith(p + ".") for p in params_of(stage))
+
+
+def test_default_study_neither_writes_nor_reads_the_augmented_set(stages):
+    root = in_file(stages, "dvc.yaml")
+    cells = {name: s for name, s in root.items() if name.startswith("train@")}
+    assert len(cells) == 24
+    for name, stage in root.items():
+        assert not [p for p in paths_of(stage) if "augmented" in Path(p).parts], name
+        # So changing the offline set's size leaves every stage of `dvc repro` up to date.
+        for key in ("augment.copies_per_image", "augment.max_images", "augment.mode"):
+            assert not declares(stage, key), f"{name} declares {key}"
+    for name, cell in cells.items():
+        assert "-S augment.mode=online train " in cell.cmd, name  # whatever params.yaml says
+        for key in ("augment.rotation", "augment.zoom", "augment.horizontal_flip", "augment.seed"):
+            assert declares(cell, key), f"{name} reads {key} but does not declare it"
+
+
+def test_offline_study_is_its_own_pipeline_with_its_own_outputs(stages):
+    offline = in_file(stages, "augment/dvc.yaml")
+    assert {n for n in offline if "@" in n and n.split(":")[1].startswith("augment@")} == {
+        "augment/dvc.yaml:augment@ct", "augment/dvc.yaml:augment@xray"}
+    assert "data/ct/augmented" in paths_of(offline["augment/dvc.yaml:augment@ct"])
+    assert declares(offline["augment/dvc.yaml:augment@ct"], "augment.copies_per_image")
+    cell = offline["augment/dvc.yaml:train@vgg16-random-ct"]
+    assert "-S augment.mode=offline train " in cell.cmd
+    assert "data/ct/augmented" in paths_of(cell)
+    assert all(o.def_path.startswith("models-offline/vgg16-random-ct/") for o in cell.outs)
+
+
+def test_each_cell_depends_on_its_own_weights_record_and_weights_watch_the_folder(stages):
+    root = in_file(stages, "dvc.yaml")
+    study = yaml.safe_load((ROOT / "params.yaml").read_text())["study"]
+    weights = {name for name in root if name.startswith("weights@")}
+    assert weights == {f"weights@{m}-{i}" for m in study["models"] for i in study["inits"]}
+    for name in weights:
+        stage = root[name]
+        assert stage.cmd.startswith("covidtl weights ")
+        assert "weights" in paths_of(stage)  # the folder where a user drops Keras' file
+        assert [o.def_path for o in stage.outs] == [f"data/weights/{name.split('@')[1]}.json"]
+    for name, cell in root.items():
+        if not name.startswith("train@"):
+            continue
+        model, init, _ = name.split("@")[1].split("-")
+        records = [p for p in paths_of(cell) if p.startswith(("data/weights", "weights"))]
+        assert records == [f"data/weights/{model}-{init}.json"], name
+    assert not [name for name, s in root.items() if s.always_changed]  # `dvc status` can be clean
+
+    ignored = subprocess.run(["git", "check-ignore", "-q", "weights/vgg16.h5"], cwd=ROOT)
+    kept = subprocess.run(["git", "check-ignore", "-q", "weights/README.md"], cwd=ROOT)
+    assert (ignored.returncode, kept.returncode) == (0, 1)  # the files stay out of git
