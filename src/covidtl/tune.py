@@ -36,7 +36,7 @@ from sqlalchemy.engine import make_url
 from covidtl import paths, tracking
 from covidtl.cells import INITS, init_label
 from covidtl.config import Config, TuneConfig
-from covidtl.data.augment import MANIFEST as AUGMENTED_MANIFEST
+from covidtl.data import tables
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
 from covidtl.models.registry import get_spec, image_size_for
@@ -128,7 +128,7 @@ def study_identity(
                        seed=aug.seed)
     else:  # trials read the stored set; its manifest says which copies it holds
         augment.update(dataclasses.asdict(aug), manifest_sha256=tracking.file_sha256(
-            paths.augmented_dir(cfg, dataset) / AUGMENTED_MANIFEST))
+            tables.augmented_manifest_path(cfg, dataset)))
     settings: dict[str, Any] = {
         "model": model, "init": init_label(init), "dataset": dataset,
         "tune": {"epochs": cfg.tune.epochs, "metric": cfg.tune.metric, "space": space},
