@@ -185,6 +185,7 @@ def test_cli_imagenet_offline_is_one_error_line(tmp_path, monkeypatch):
     make_workdir(tmp_path)
     result = CliRunner().invoke(main, [
         "--params", str(ROOT / "params.yaml"), "-S", f"data.workdir={tmp_path / 'data'}",
+        "-S", f"data.datasets.tiny.path={tmp_path / 'images'}",
         "-S", "train.image_size.resnet50=32", "train", "--model", "resnet50", "--init", "imagenet",
         "--dataset", "tiny", "--out", str(tmp_path / "out"),
     ])

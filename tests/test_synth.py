@@ -37,10 +37,10 @@ def test_layout_matches_the_real_datasets(synth_data):
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path, synth_data):
-    cfg = SynthConfig(images_per_class=60, slices_per_patient=10, size=128, seed=7)
+    cfg = SynthConfig(out="data/synth", images_per_class=60, slices_per_patient=10, size=128, seed=7)
     synth.generate(cfg, tmp_path / "again")
     assert digests(tmp_path / "again") == digests(synth_data)
-    small = SynthConfig(images_per_class=6, slices_per_patient=3, size=64, seed=8)
+    small = SynthConfig(out="data/synth", images_per_class=6, slices_per_patient=3, size=64, seed=8)
     counts = synth.generate(small, tmp_path / "other")
     assert counts == {"ct": 12, "xray": 12}
     with Image.open(tmp_path / "other" / "ct" / "COVID" / "Covid (1).png") as im:
