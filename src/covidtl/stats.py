@@ -204,7 +204,10 @@ def paired_difference(
     y_true, prob_a, prob_b, groups=None, *, metric: str = "accuracy", resamples: int = 2000,
     confidence: float = 0.95, seed: int = 0, threshold: float = 0.5,
 ) -> Difference:
-    """Paired group bootstrap of metric(a) - metric(b): both models scored on the same resampled groups."""
+    """Paired group bootstrap of metric(a) - metric(b) (accuracy, roc_auc or any of METRICS).
+
+    Both models are scored on the same resampled groups, so what they share cancels out.
+    """
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
     _check_confidence(confidence)
@@ -212,7 +215,8 @@ def paired_difference(
     _, pb = covid_probability(y_true, prob_b)
 
     def difference(w: np.ndarray) -> dict[str, np.ndarray]:
-        return {metric: _metrics(y, pa, w, threshold, np.nan)[metric] - _metrics(y, pb, w, threshold, np.nan)[metric]}
+        a, b = (_metrics(y, p, w, threshold, fill=np.nan)[metric] for p in (pa, pb))
+        return {metric: a - b}
 
     point = float(difference(np.ones((1, y.size)))[metric][0])
     d = _bootstrap(y, groups, resamples, seed, difference)[metric]
