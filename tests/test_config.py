@@ -23,6 +23,9 @@ def run(*args: str):
         ("ingest.near_duplicate_bits=-1", "Error: ingest.near_duplicate_bits: -1 must be >= 0"),
         ("split.strategy=stratified", "Error: split.strategy: 'stratified' is not one of grouped, random"),
         ("data.datasets.ct.series=maybe", "Error: data.datasets.ct.series: expected true or false, got 'maybe'"),
+        ("eval.bootstrap=50", "Error: eval.bootstrap: 50 must be 0 (no intervals) or >= 100"),
+        ("eval.confidence=95", "Error: eval.confidence: 95.0 must be in (0, 1), e.g. 0.95"),
+        ("eval.operating_point=sens:0.9", "Error: eval.operating_point: 'sens:0.9' is not a rule; use youden,"),
     ],
 )
 def test_bad_override_is_one_line_and_exit_2(override, message):

@@ -131,6 +131,14 @@ class ReportConfig:
 
 
 @dataclass
+class EvalConfig:
+    bootstrap: int
+    confidence: float
+    seed: int
+    operating_point: str
+
+
+@dataclass
 class Config:
     synth: SynthConfig
     data: DataConfig
@@ -141,6 +149,7 @@ class Config:
     study: StudyConfig
     tune: TuneConfig
     report: ReportConfig
+    eval: EvalConfig
 
     def dataset(self, name: str) -> DatasetConfig:
         """The named dataset, or one clear error listing the known names."""
@@ -348,6 +357,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"tune.bounds.{model}: learning-rate bounds must be > 0, got {bounds}")
         if low >= high:
             raise ConfigError(f"tune.bounds.{model}: lower bound {low} is not below upper {high}")
+    if cfg.eval.bootstrap != 0 and cfg.eval.bootstrap < 100:
+        # The 2.5% tail of fewer resamples is two or three values: an interval of noise.
+        raise ConfigError(f"eval.bootstrap: {cfg.eval.bootstrap} must be 0 (no intervals) or >= 100")
+    if not 0 < cfg.eval.confidence < 1:
+        raise ConfigError(f"eval.confidence: {cfg.eval.confidence} must be in (0, 1), e.g. 0.95")
+    from covidtl.stats import parse_rule  # here, not above: stats imports paths, which imports this module
+
+    try:
+        parse_rule(cfg.eval.operating_point, where="eval.operating_point")
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
     for name, cls in cfg.data.labels.items():
         if cls not in ("covid", "non_covid"):
             raise ConfigError(f"data.labels.{name}: {cls!r} must be covid or non_covid")
