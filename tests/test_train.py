@@ -128,13 +128,22 @@ def test_cell_outputs_are_written(trained):
     metrics = json.loads((cell / "metrics.json").read_text())
     assert metrics.pop("status") == "ok"
     assert metrics.pop("run_id") == result.run_id  # the one run the report reads for this cell
-    assert set(metrics) == set(TEST_METRICS) | {"epochs_used"}
-    assert metrics == pytest.approx({**result.metrics, "epochs_used": 1})
+    assert metrics.pop("epochs_used") == 1
+    threshold = metrics.pop("operating_threshold")
+    # JSON has no NaN: an undefined value (an interval on 4 test images) is null.
+    assert metrics == pytest.approx({k: None if np.isnan(v) else v for k, v in result.metrics.items()})
+    for key in TEST_METRICS + ["test_balanced_accuracy", "test_brier"]:  # every metric has its interval
+        low, high = metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"]
+        assert low is None or 0 <= low <= high <= 1, key
+    for key in ("accuracy", "balanced_accuracy", "recall_covid", "recall_non_covid"):
+        assert 0 <= metrics[f"test_op_{key}"] <= 1  # the same test images at the operating point
+    card = json.loads((cell / "model" / "card.json").read_text())
+    assert card["operating_point"]["threshold"] == threshold and card["operating_point"]["rule"] == "youden"
+    assert card["operating_point"]["chosen_on"] == "validation"
     predictions = pd.read_csv(cell / "predictions.csv")
-    assert list(predictions.columns) == ["actual", "predicted", "p_covid"]
-    assert ((predictions["p_covid"] >= 0.5) == (predictions["predicted"] == "covid")).all()
-    assert set(predictions["actual"]) == {"covid", "non_covid"}
-    assert (predictions["actual"] == predictions["predicted"]).mean() == pytest.approx(metrics["test_accuracy"])
+    assert list(predictions.columns) == ["path", "group", "actual", "predicted", "p_covid"]
+    assert not predictions["path"].str.startswith("/").any()  # relative to the dataset root
+    assert len(predictions) == metrics["test_images"]
     history = pd.read_csv(cell / "history.csv")
     assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
     assert history["epoch"].tolist() == [1]
@@ -152,8 +161,9 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_model(trained, tracking_u
         assert key in params, key
     assert params["train.batch_size"] == "8" and params["model"] == "custom_cnn"
     assert float(params["learning_rate"]) == cfg.train.learning_rates["custom_cnn"]
-    for key in TEST_METRICS + ["epochs_used", "train_seconds"]:
+    for key in TEST_METRICS + ["epochs_used", "train_seconds", "operating_threshold", "test_brier"]:
         assert key in run.data.metrics, key
+    assert "test_accuracy_ci_low" in run.data.metrics and "test_op_accuracy" in run.data.metrics
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         steps = [m.step for m in client.get_metric_history(result.run_id, key)]
         assert steps == [1], key
@@ -175,6 +185,7 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_model(trained, tracking_u
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {
         "config.yaml", "card.json", "training_curves.png", "test_confusion_matrix.png",
+        "test_roc_pr_calibration.png",
         "test_confusion_matrix.json", "test_classification_report.txt",
     } <= artifacts
     matrix = json.loads(Path(client.download_artifacts(result.run_id, "test_confusion_matrix.json", str(tmp))).read_text())

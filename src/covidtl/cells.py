@@ -5,6 +5,8 @@ Kept free of TensorFlow: a skipped cell of the DVC matrix costs a second, not an
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from covidtl.files import atomic_path, atomic_write_text
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 MODEL_DIR = "model"  # models/<cell>/model/: model.keras + card.json, or SKIPPED.txt
 MODELS_ROOT = "models"
-PREDICTION_COLUMNS = ("actual", "predicted", "p_covid")
+PREDICTION_COLUMNS = ("path", "group", "actual", "predicted", "p_covid")
 INITS = ("random", "imagenet", "finetune")  # or a path to a weights file
 
 
@@ -53,7 +55,7 @@ class Cell:
         model/model.keras, model/card.json   (or model/SKIPPED.txt)   the DVC output
         metrics.json    status, test metrics, epochs_used, run_id      written last: the record
         history.csv     one row per epoch
-        predictions.csv actual, predicted, p_covid per test image
+        predictions.csv path, group, actual, predicted (at 0.5), p_covid per test image
         config.yaml     the complete params that ran (a params file: `covidtl --params` re-runs it)
     """
 
@@ -129,16 +131,13 @@ class Cell:
         atomic_write_text(self.card_file, json.dumps(card, indent=2) + "\n")
         atomic_write_text(self.config_file, config_yaml)
         epochs = len(history.get("loss", []))
-        rows = [",".join(["epoch", *EPOCH_METRICS])]
-        for i in range(epochs):
-            values = [history.get(k, [math.nan] * epochs)[i] for k in EPOCH_METRICS]
-            rows.append(",".join([str(i + 1), *(_csv_number(v) for v in values)]))
-        atomic_write_text(self.history_file, "\n".join(rows) + "\n")
+        rows = [
+            {"epoch": i + 1, **{k: history.get(k, [math.nan] * epochs)[i] for k in EPOCH_METRICS}}
+            for i in range(epochs)
+        ]
+        atomic_write_text(self.history_file, _csv(("epoch", *EPOCH_METRICS), rows))
         if predictions is not None:
-            lines = [",".join(PREDICTION_COLUMNS)]
-            lines += [",".join(_csv_number(row[c]) if c == "p_covid" else str(row[c])
-                               for c in PREDICTION_COLUMNS) for row in predictions]
-            atomic_write_text(self.predictions_file, "\n".join(lines) + "\n")
+            atomic_write_text(self.predictions_file, _csv(PREDICTION_COLUMNS, predictions))
         atomic_write_text(self.metrics_file, json.dumps(_json_safe(metrics), indent=2) + "\n")
 
     def write_failed(self, run_id: str, reason: str) -> None:
@@ -152,8 +151,8 @@ class Cell:
         self.model_file.unlink(missing_ok=True)
         self.card_file.unlink(missing_ok=True)
         atomic_write_text(self.model_dir / "SKIPPED.txt", reason + "\n")
-        atomic_write_text(self.predictions_file, ",".join(PREDICTION_COLUMNS) + "\n")
-        atomic_write_text(self.history_file, ",".join(["epoch", *EPOCH_METRICS]) + "\n")
+        atomic_write_text(self.predictions_file, _csv(PREDICTION_COLUMNS, []))
+        atomic_write_text(self.history_file, _csv(("epoch", *EPOCH_METRICS), []))
         atomic_write_text(self.metrics_file, json.dumps({"status": "skipped", "reason": reason}, indent=2) + "\n")
 
     # ---- reading
@@ -183,5 +182,11 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
 
 
-def _csv_number(value: Any) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
+def _csv(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
+    """CSV text (quoted where needed: file names hold commas and brackets); NaN as empty."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return out.getvalue()

@@ -165,13 +165,55 @@ def log_history(history: dict[str, list[float]]) -> None:
 
 
 def log_evaluation(y_true: np.ndarray, prob: np.ndarray, prefix: str = "test") -> None:
-    """Confusion matrix (PNG + JSON) and the classification report of one scored set."""
-    y_pred = np.asarray(prob).argmax(axis=1)
+    """Confusion matrix (PNG + JSON) and the classification report of one scored set (at 0.5)."""
+    from covidtl import stats
+
+    y_true, p_covid = stats.covid_probability(y_true, prob)
+    positive = CLASSES.index("covid")
+    y_pred = np.where(p_covid >= 0.5, positive, 1 - positive)
     matrix = confusion(y_true, y_pred)
     mlflow.log_dict({"labels": list(CLASSES), "matrix": matrix}, f"{prefix}_confusion_matrix.json")
     mlflow.log_figure(confusion_figure(matrix), f"{prefix}_confusion_matrix.png")
     plt.close("all")
     mlflow.log_text(report_text(y_true, y_pred), f"{prefix}_classification_report.txt")
+
+
+def log_curves(scores, prefix: str = "test") -> None:
+    """ROC and precision-recall curves and the reliability diagram of one scored set, as one figure."""
+    mlflow.log_figure(curves_and_calibration_figure(scores), f"{prefix}_roc_pr_calibration.png")
+    plt.close("all")
+
+
+def curves_and_calibration_figure(scores, title: str = ""):
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    from covidtl import stats
+
+    y, p = scores.y_true, scores.p_covid
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    if len(np.unique(y)) == 2:
+        fpr, tpr, _ = roc_curve(y, p)
+        axes[0].plot(fpr, tpr, label=f"AUC {auc(fpr, tpr):.3f}")
+        precision, recall, _ = precision_recall_curve(y, p)
+        axes[1].plot(recall, precision, label=f"prevalence {y.mean():.2f}")
+        axes[1].axhline(y.mean(), color="grey", lw=0.8, ls=":")
+    axes[0].plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    axes[0].set(xlabel="1 - specificity", ylabel="sensitivity (COVID recall)", title="ROC")
+    axes[1].set(xlabel="recall (COVID)", ylabel="precision (COVID)", title="precision-recall")
+    rel = stats.reliability(y, p)
+    axes[2].plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    axes[2].plot(rel.mean_predicted, rel.observed, marker="o",
+                 label=f"ECE {rel.ece:.3f}, Brier {stats.brier(y, p):.3f}")
+    axes[2].set(xlabel="mean predicted p(COVID)", ylabel="observed COVID fraction", title="reliability")
+    for ax in axes:
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 def confusion_figure(matrix: list[list[int]]):

@@ -24,9 +24,8 @@ from covidtl import paths, tracking
 from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label
 from covidtl.config import Config
 from covidtl.data import tables
-from covidtl.data.pipeline import make_dataset, make_offline_dataset
+from covidtl.data.pipeline import make_dataset, make_offline_dataset, readable_rows
 from covidtl.errors import UserError
-from covidtl.metrics import classification_metrics
 from covidtl.models.registry import (
     ModelSpec,
     build_model,
@@ -34,6 +33,7 @@ from covidtl.models.registry import (
     image_size_for,
     learning_rate_for,
 )
+from covidtl.scores import DEFAULT_THRESHOLD, Scores, choose_operating_point
 
 # ignore_errors() leaves the first epoch's length unknown; Keras then warns at its end.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
@@ -274,26 +274,30 @@ def fit(
 
 @dataclass
 class Scored:
-    y_true: np.ndarray
-    prob: np.ndarray
-    metrics: dict[str, float]  # `test_`-prefixed
+    rows: pd.DataFrame  # the split's readable images, in prediction order
+    scores: Scores
 
-    def prediction_rows(self) -> list[dict[str, Any]]:
-        positive = paths.CLASSES.index(paths.POSITIVE)
+    def prediction_rows(self, root: Path) -> list[dict[str, Any]]:
+        """predictions.csv: each image (path relative to the dataset root), its group, the truth,
+        the call at 0.5 and p_covid."""
+        predicted = self.scores.predicted()
+        groups = self.rows["group"] if "group" in self.rows else [""] * len(self.rows)
         return [
-            {"actual": paths.CLASSES[t], "predicted": paths.CLASSES[p], "p_covid": float(q[positive])}
-            for t, p, q in zip(self.y_true, self.prob.argmax(axis=1), self.prob)
+            {"path": tables.relative_to_root(path, root), "group": group, "actual": paths.CLASSES[t],
+             "predicted": paths.CLASSES[c], "p_covid": float(p)}
+            for path, group, t, c, p in zip(self.rows["path"], groups, self.scores.y_true,
+                                            predicted, self.scores.p_covid)
         ]
 
 
 def score(plan: Plan, net: keras.Model, split: str = "test") -> Scored | None:
-    """The model's metrics on one split (None if that split holds no readable image)."""
-    ds = make_dataset(plan.rows(split), plan.spec, plan.cfg, plan.image_size, training=False)
-    y_true, prob = predict(net, ds)
+    """The model's predictions on one split (None if that split holds no readable image)."""
+    rows = readable_rows(plan.rows(split))
+    y_true, prob = predict(net, make_dataset(rows, plan.spec, plan.cfg, plan.image_size, training=False))
     if not len(y_true):
         return None
-    metrics = {f"{split}_{k}": v for k, v in classification_metrics(y_true, prob).items()}
-    return Scored(y_true, prob, metrics)
+    groups = rows["group"].to_numpy() if "group" in rows else None
+    return Scored(rows, Scores.of(y_true, prob, groups))
 
 
 # --------------------------------------------------------------------------- the run
@@ -329,8 +333,8 @@ def train(
     tracking.use_experiment(dataset)
     with mlflow.start_run(run_name=run_name or plan.name, nested=nested) as run:
         try:
-            model_path, fitted, scored = _run(plan, net, train_ds, val_ds, extra_callbacks,
-                                              evaluate_test, log_model, run.info.run_id)
+            model_path, fitted, metrics = _run(plan, net, train_ds, val_ds, extra_callbacks,
+                                               evaluate_test, log_model, run.info.run_id)
         except BaseException as exc:
             plan.cell.write_failed(run.info.run_id, f"{type(exc).__name__}: {str(exc)[:300]}")
             raise
@@ -339,7 +343,7 @@ def train(
         run_id=run.info.run_id,
         epochs_used=fitted.epochs_used,
         history=fitted.history,
-        metrics=scored.metrics if scored else {},
+        metrics=metrics,
         model_path=model_path,
         train_seconds=fitted.seconds,
     )
@@ -348,7 +352,7 @@ def train(
 def _run(
     plan: Plan, net: keras.Model, train_ds, val_ds, callbacks, evaluate_test: bool, log_model: bool,
     run_id: str,
-) -> tuple[Path, Fitted, Scored | None]:
+) -> tuple[Path, Fitted, dict[str, float]]:
     """Inside the run: log what it is, fit, score, write the cell's files, log the results."""
     log_plan(plan)
     fitted = fit(plan, net, train_ds, val_ds, callbacks)
@@ -356,19 +360,29 @@ def _run(
     mlflow.set_tag("stopped_by", fitted.stopped_by)
     tracking.log_history(fitted.history)
 
-    scored = score(plan, net) if evaluate_test else None
+    operating = {"rule": plan.cfg.eval.operating_point, "threshold": DEFAULT_THRESHOLD,
+                 "chosen_on": "none: the run scored no split"}
+    scored, metrics = None, {}
+    if evaluate_test:
+        val = score(plan, net, "val")
+        operating = choose_operating_point(val.scores if val else None, plan.cfg.eval.operating_point)
+        mlflow.log_metric("operating_threshold", operating["threshold"])
+        scored = score(plan, net, "test")
     if scored is not None:
-        tracking.log_metrics(scored.metrics)
-        tracking.log_evaluation(scored.y_true, scored.prob, prefix="test")
+        metrics = scored.scores.summary("test", plan.cfg.eval, operating["threshold"])
+        tracking.log_metrics(metrics)
+        tracking.log_evaluation(scored.scores.y_true, scored.scores.p_covid, prefix="test")
+        tracking.log_curves(scored.scores, prefix="test")
 
     clean = inference_copy(net)
     model_path = plan.cell.save_model(clean.save)
-    card = model_card(plan, fitted, run_id)
+    card = model_card(plan, fitted, run_id, operating)
+    root = tables.dataset_root(plan.cfg, plan.dataset)
     plan.cell.write_results(
-        metrics={"status": "ok", **(scored.metrics if scored else {}),
-                 "epochs_used": fitted.epochs_used, "run_id": run_id},
+        metrics={"status": "ok", **metrics, "epochs_used": fitted.epochs_used,
+                 "operating_threshold": operating["threshold"], "run_id": run_id},
         history=fitted.history,
-        predictions=scored.prediction_rows() if scored else None,
+        predictions=scored.prediction_rows(root) if scored else None,
         config_yaml=tracking.config_yaml(plan.cfg),
         card=card,
     )
@@ -377,7 +391,7 @@ def _run(
     if log_model:  # the study passes False: the DVC output is the one stored copy
         tracking.log_keras_model(clean, example_batch(val_ds))
     _remove_checkpoint(plan.cell)
-    return model_path, fitted, scored
+    return model_path, fitted, metrics
 
 
 def log_plan(plan: Plan) -> None:
@@ -398,7 +412,7 @@ def log_plan(plan: Plan) -> None:
     )
 
 
-def model_card(plan: Plan, fitted: Fitted, run_id: str) -> dict[str, Any]:
+def model_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any]) -> dict[str, Any]:
     """card.json beside model.keras: what evaluate and predict need, and what the model is."""
     return {
         "model": plan.model, "init": plan.init, "dataset": plan.dataset,
@@ -406,6 +420,8 @@ def model_card(plan: Plan, fitted: Fitted, run_id: str) -> dict[str, Any]:
         "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
         "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
         "epochs_used": fitted.epochs_used, "run_id": run_id,
+        # Read by everything that scores this model: evaluate, predict, the external sets.
+        "operating_point": operating,
         "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
     }
 

@@ -1,0 +1,87 @@
+"""One model's predictions on one set of images, and every figure reported about them.
+
+Point metrics at 0.5 and at the model's operating point, each with a group (patient) bootstrap
+interval (`covidtl.stats`), Brier score and calibration error. Used wherever a model is scored:
+training's test split, `covidtl evaluate`, the external test sets and the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from covidtl import stats
+from covidtl.config import EvalConfig
+from covidtl.paths import CLASSES, POSITIVE
+
+# The metrics also reported at the operating point (threshold chosen on the validation split).
+AT_OPERATING_POINT = (
+    "accuracy", "balanced_accuracy", "recall_covid", "recall_non_covid", "precision_covid", "f1_covid",
+)
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass
+class Scores:
+    y_true: np.ndarray  # class indices in CLASSES order
+    p_covid: np.ndarray
+    groups: np.ndarray | None = None  # patient groups: what the bootstrap resamples
+
+    @classmethod
+    def of(cls, y_true, prob, groups=None) -> Scores:
+        y, p = stats.covid_probability(y_true, prob)
+        if groups is not None and len(groups) != len(y):
+            groups = None  # a file dropped at decode time: images stand alone rather than misalign
+        return cls(y, p, None if groups is None else np.asarray(groups))
+
+    def __len__(self) -> int:
+        return len(self.y_true)
+
+    def predicted(self, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+        positive = CLASSES.index(POSITIVE)
+        return np.where(self.p_covid >= threshold, positive, 1 - positive)
+
+    def point(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
+        return {**stats.metrics_at(self.y_true, self.p_covid, threshold),
+                "brier": stats.brier(self.y_true, self.p_covid)}
+
+    def summary(
+        self, prefix: str, cfg: EvalConfig, operating_threshold: float | None = None
+    ) -> dict[str, float]:
+        """Flat `<prefix>_<metric>` values with `_ci_low` / `_ci_high`, and `<prefix>_op_*` at
+        the operating point; `<prefix>_ece` and `<prefix>_images`."""
+        out: dict[str, float] = {}
+        levels = [("", DEFAULT_THRESHOLD, stats.METRICS)]
+        if operating_threshold is not None:
+            levels.append(("op_", operating_threshold, AT_OPERATING_POINT))
+        for tag, threshold, names in levels:
+            point = self.point(threshold)
+            intervals = self.intervals(cfg, threshold)
+            for name in names:
+                out[f"{prefix}_{tag}{name}"] = point[name]
+                if name in intervals:
+                    low, high = intervals[name]
+                    out[f"{prefix}_{tag}{name}_ci_low"] = low
+                    out[f"{prefix}_{tag}{name}_ci_high"] = high
+        out[f"{prefix}_ece"] = stats.reliability(self.y_true, self.p_covid).ece
+        out[f"{prefix}_images"] = float(len(self))
+        return out
+
+    def intervals(self, cfg: EvalConfig, threshold: float = DEFAULT_THRESHOLD) -> dict[str, tuple[float, float]]:
+        if not cfg.bootstrap:
+            return {}
+        return stats.bootstrap_intervals(
+            self.y_true, self.p_covid, self.groups, resamples=cfg.bootstrap,
+            confidence=cfg.confidence, seed=cfg.seed, threshold=threshold,
+        )
+
+
+def choose_operating_point(scores: Scores | None, rule: str) -> dict[str, Any]:
+    """The threshold `rule` picks on the validation split, or 0.5 where it cannot (one class)."""
+    if scores is None or len(np.unique(scores.y_true)) < 2:
+        return {"rule": rule, "threshold": DEFAULT_THRESHOLD, "chosen_on": "none: validation split "
+                "lacks a class, 0.5 kept"}
+    threshold = stats.operating_point(scores.y_true, scores.p_covid, rule)
+    return {"rule": rule, "threshold": float(threshold), "chosen_on": "validation"}
