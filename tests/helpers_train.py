@@ -11,6 +11,7 @@ from PIL import Image
 
 from covidtl.config import load_config
 
+ROOT_PARAMS = Path(__file__).parents[1] / "params.yaml"
 SPLIT_COLUMNS = ["path", "label", "source", "width", "height", "mode", "bytes", "sha256", "group", "split"]
 
 
@@ -82,4 +83,4 @@ def make_workdir(tmp: Path, dataset: str = "tiny", files: list[Path] | None = No
                              "vgg16": 32, "inceptionv3": 75},
     }
     settings.update(overrides)
-    return load_config(Path(__file__).parents[1] / "params.yaml", settings), table
+    return load_config(ROOT_PARAMS, settings), table

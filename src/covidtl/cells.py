@@ -36,8 +36,8 @@ def cell_name(model: str, init: str, dataset: str) -> str:
 
 
 def init_label(init: str) -> str:
-    """`random|imagenet|finetune` as given; a weights file becomes `file-<stem>`."""
-    if init in INITS:
+    """`random|imagenet|finetune` as given; a weights file becomes `file-<stem>` (a label stays as it is)."""
+    if init in INITS or (init.startswith("file-") and "/" not in init and "." not in init):
         return init
     name = init.rstrip("/").rsplit("/", 1)[-1]
     for suffix in (".weights.h5", ".h5", ".hdf5"):

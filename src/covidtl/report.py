@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from covidtl import paths, tracking
-from covidtl.cells import Cell
+from covidtl.cells import Cell, init_label
+from covidtl.comparisons import Scored, comparison_table, in_words
 from covidtl.config import Config
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
@@ -25,9 +26,20 @@ MODELS_ROOT = "models"  # cells.MODELS_ROOT
 REPORT_EXPERIMENT = "covidtl-report"
 CLASS_METRICS = ("recall", "precision", "f1")
 AVERAGES = ("covid", "non_covid", "micro", "macro")
-METRICS = (
-    ["test_accuracy", "test_roc_auc"]
+POINT_METRICS = (
+    ["test_accuracy", "test_roc_auc", "test_balanced_accuracy", "test_brier"]
     + [f"test_{m}_{a}" for m in CLASS_METRICS for a in AVERAGES]
+)
+# Shown in results.md as "value [low, high]"; the rest of the intervals are in results.csv.
+HEADLINE = ["test_accuracy", "test_roc_auc", "test_balanced_accuracy", "test_recall_covid",
+            "test_recall_non_covid", "test_brier"]
+OPERATING = ["operating_threshold", "test_op_accuracy", "test_op_balanced_accuracy",
+             "test_op_recall_covid", "test_op_recall_non_covid"]
+METRICS = (
+    POINT_METRICS
+    + [f"{m}_ci_{end}" for m in POINT_METRICS for end in ("low", "high")]
+    + ["test_ece", "test_images", *OPERATING]
+    + [f"{m}_ci_{end}" for m in OPERATING[1:] for end in ("low", "high")]
     + ["epochs_used", "train_seconds"]
 )
 KEY = ["group", "dataset", "model", "init", "split_strategy"]
@@ -65,7 +77,7 @@ def workspace_rows(cfg: Config, models_root: str | Path = MODELS_ROOT) -> pd.Dat
         for model in cfg.study.models:
             for init in cfg.study.inits:
                 cell = Cell.of(model, init, dataset, models_root)
-                row = {"group": WORKSPACE, "dataset": dataset, "model": model, "init": init,
+                row = {"group": WORKSPACE, "dataset": dataset, "model": model, "init": init_label(init),
                        "split_strategy": cfg.split.strategy, "status": "missing", "note": "",
                        "run_id": None, **dict.fromkeys(METRICS, float("nan"))}
                 record = cell.read_metrics()
@@ -132,7 +144,9 @@ def results_table(
 # --------------------------------------------------------------------------- write
 
 
-def write_tables(table: pd.DataFrame, out: Path) -> list[Path]:
+def write_tables(
+    table: pd.DataFrame, out: Path, confidence: float, sections: list[str] = ()
+) -> list[Path]:
     """results.csv (all columns) and results.md (one table per dataset and split strategy)."""
     csv_path, md_path = out / "results.csv", out / "results.md"
     atomic_write_text(csv_path, table.to_csv(index=False))
@@ -144,16 +158,41 @@ def write_tables(table: pd.DataFrame, out: Path) -> list[Path]:
         "`—` = no result (status says why); never a zero.",
         "",
     ]
-    shown = ["model", "init", "status", *METRICS, "run_id"]
+    shown = ["model", "init", "status", *HEADLINE, "test_images", "operating_threshold",
+             "test_op_balanced_accuracy", "epochs_used", "train_seconds", "run_id"]
+    lines += [
+        f"Values at threshold 0.5 with their {confidence:.0%} group-bootstrap interval "
+        "(resampling the test split's patient groups); `op_` = at the operating point chosen on "
+        "the validation split (`operating_threshold`). Differences between two cells are judged "
+        "in *Paired comparisons* below, not by eye.",
+        "",
+    ]
     for (group, dataset, strategy), part in table.groupby(["group", "dataset", "split_strategy"], sort=False):
-        lines += [f"## {group}: {dataset} — split {strategy}", "", _markdown(part[shown]), ""]
+        lines += [f"## {group}: {dataset} — split {strategy}", "", _markdown(_with_intervals(part)[shown]), ""]
         notes = part[part["note"] != ""]
         for _, row in notes.iterrows():
             lines.append(f"- {row['model']}-{row['init']}: {row['note']}")
         if len(notes):
             lines.append("")
+    lines += list(sections)
     atomic_write_text(md_path, "\n".join(lines))
     return [csv_path, md_path]
+
+
+def _with_intervals(part: pd.DataFrame) -> pd.DataFrame:
+    """Headline metrics as "0.750 [0.610, 0.860]" strings."""
+    shown = part.copy()
+    for metric in [*HEADLINE, "test_op_balanced_accuracy"]:
+        low, high = f"{metric}_ci_low", f"{metric}_ci_high"
+        shown[metric] = [
+            "—" if pd.isna(v) else (f"{v:.3f}" if pd.isna(lo) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]")
+            for v, lo, hi in zip(part[metric], _column(part, low), _column(part, high))
+        ]
+    return shown
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    return frame[name] if name in frame else pd.Series(float("nan"), index=frame.index)
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -162,7 +201,8 @@ def _markdown(frame: pd.DataFrame) -> str:
             if pd.isna(value):
                 return "—"
             # Counts and seconds read better whole; scores keep three decimals.
-            return f"{value:.0f}" if column in ("epochs_used", "train_seconds") else f"{value:.3f}"
+            whole = ("epochs_used", "train_seconds", "test_images")
+            return f"{value:.0f}" if column in whole else f"{value:.3f}"
         if value is None or (column == "run_id" and pd.isna(value)):
             return "—"
         return str(value)
@@ -194,7 +234,9 @@ def plot_metrics(table: pd.DataFrame, dataset: str, out: Path) -> Path:
             values = [rows[col].get(m, float("nan")) if col in rows else float("nan") for m in models]
             xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(models))]
             label = init if len(columns) == 1 else f"{init} · {_class_label(col)}"
-            ax.bar(xs, [0 if pd.isna(v) else v for v in values], width, label=label)
+            errors = _error_bars(rows, col, models, values)
+            ax.bar(xs, [0 if pd.isna(v) else v for v in values], width, label=label,
+                   yerr=errors, capsize=2, error_kw={"lw": 0.8})
             for x, v in zip(xs, values):
                 if pd.isna(v):  # Missing is written, not drawn as a zero-height bar.
                     ax.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
@@ -202,12 +244,23 @@ def plot_metrics(table: pd.DataFrame, dataset: str, out: Path) -> Path:
         ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{dataset}: test metrics per model, random vs ImageNet weights")
+    fig.suptitle(f"{dataset}: test metrics per model, random vs ImageNet weights "
+                 "(bars: group-bootstrap intervals)")
     fig.tight_layout()
     path = out / f"fig5_6-{dataset}.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _error_bars(rows: pd.DataFrame, column: str, models: list[str], values: list[float]):
+    """Matplotlib's (2, n) yerr from a metric's interval columns; zero where there is none."""
+    low, high = f"{column}_ci_low", f"{column}_ci_high"
+    if low not in rows or high not in rows:
+        return None
+    below = [v - rows[low].get(m, float("nan")) for m, v in zip(models, values)]
+    above = [rows[high].get(m, float("nan")) - v for m, v in zip(models, values)]
+    return [[0 if pd.isna(e) else max(e, 0) for e in below], [0 if pd.isna(e) else max(e, 0) for e in above]]
 
 
 def _class_label(column: str) -> str:
@@ -324,12 +377,17 @@ def build_report(
     out = Path(cfg.report.out)
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(cfg, models_root, experiments)
-    files = write_tables(table, out)
-    # The paper's figures show the workspace's cells; the side-by-side plot adds the experiments.
+    # The paper's figures and the paired tests use the workspace's cells; experiments are extra.
     current = table[table["group"] == WORKSPACE]
+    scored = scored_cells(current, Path(models_root))
+    comparisons = comparison_table(scored, cfg.eval)
+    files = write_tables(table, out, cfg.eval.confidence, comparison_section(comparisons))
+    files.append(out / "comparisons.csv")
+    atomic_write_text(files[-1], comparisons.to_csv(index=False))
     for dataset in dict.fromkeys(current["dataset"]):
         files.append(plot_metrics(current, dataset, out))
         files.append(plot_confusions(current, dataset, out, Path(models_root)))
+        files.append(plot_calibration([c for c in scored if c.dataset == dataset], dataset, out))
     files.append(plot_epochs(current, out))
     split_plot = plot_split_strategies(table, out)
     if split_plot:
@@ -338,6 +396,60 @@ def build_report(
     if log:
         report.run_id = log_report(table, out)
     return report
+
+
+def scored_cells(table: pd.DataFrame, models_root: Path) -> list[Scored]:
+    """The finished cells' test predictions (path, group, actual, p_covid), for paired tests."""
+    cells = []
+    for row in table[table["status"] == "ok"].itertuples():
+        file = Cell.of(row.model, row.init, row.dataset, models_root).predictions_file
+        try:
+            frame = pd.read_csv(file, dtype={"group": str})
+        except (OSError, ValueError):
+            continue
+        if {"path", "actual", "p_covid"} <= set(frame.columns) and len(frame):
+            cells.append(Scored(row.dataset, row.model, row.init, frame))
+    return cells
+
+
+def comparison_section(comparisons: pd.DataFrame) -> list[str]:
+    lines = ["## Paired comparisons", ""]
+    if comparisons.empty:
+        return lines + ["No pair of finished cells to compare (each model against the custom CNN, "
+                        "each pre-trained init against random weights).", ""]
+    lines += [
+        "Each model against the custom CNN (same init) and each pre-trained init against random "
+        f"weights (same model), on the same test images: accuracy by a paired group bootstrap, ROC "
+        f"AUC by DeLong's test (interval: paired group bootstrap); p-values Holm-adjusted across "
+        f"all {len(comparisons)} comparisons below (`comparisons.csv`).",
+        "",
+    ]
+    lines += [f"- {in_words(row)}" for _, row in comparisons.iterrows()]
+    return lines + [""]
+
+
+def plot_calibration(cells: list[Scored], dataset: str, out: Path) -> Path:
+    """Reliability diagram of every finished cell of a dataset: predicted vs observed COVID rate."""
+    import matplotlib.pyplot as plt
+
+    from covidtl import stats
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="perfectly calibrated")
+    for cell in cells:
+        y = (cell.predictions["actual"] == "covid").astype(int).to_numpy()
+        p = cell.predictions["p_covid"].to_numpy(float)
+        rel = stats.reliability(y, p)
+        ax.plot(rel.mean_predicted, rel.observed, marker="o",
+                label=f"{cell.name}: ECE {rel.ece:.3f}, Brier {stats.brier(y, p):.3f}")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="mean predicted p(COVID)",
+           ylabel="observed COVID fraction", title=f"{dataset}: calibration on the test split")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path = out / f"calibration-{dataset}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def log_report(table: pd.DataFrame, out: Path) -> str:
