@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -74,3 +76,8 @@ def test_report_compares_a_pretrained_init_with_random_weights(tmp_path, monkeyp
     assert "## Paired comparisons" in md and "file-donor vs random weights (vgg16)" in md
     assert "distinguishable from zero" in md and "Holm-adjusted p" in md
     assert (tmp_path / "reports" / "calibration-tiny.png").read_bytes()[:4] == b"\x89PNG"
+    card = (tmp_path / "reports" / "cards" / "vgg16-file-donor-tiny.md").read_text()
+    for part in ("Research only: not a diagnostic device", "**Operating point.** youden",
+                 "**Failure modes measured.**", "None scored: nothing here says how it fares elsewhere"):
+        assert part in card
+    assert json.loads((tmp_path / "reports" / "cards" / "vgg16-file-donor-tiny.json").read_text())["run_id"]

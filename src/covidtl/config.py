@@ -41,6 +41,8 @@ class DatasetConfig:
     path: str
     subdir: str | None = None
     series: bool = False
+    # A known limit of the data that every model card trained on it repeats (e.g. a shortcut).
+    caution: str | None = None
 
 
 @dataclass

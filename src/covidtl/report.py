@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidtl import paths, tracking
+from covidtl.cards import model_card, write_cards
 from covidtl.cells import Cell, init_label
 from covidtl.comparisons import Scored, comparison_table, in_words
 from covidtl.config import Config
@@ -23,6 +24,7 @@ from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
 
 MODELS_ROOT = "models"  # cells.MODELS_ROOT
+EXTERNAL_ROOT = "external"  # covidtl external: external/<dataset>/<cell>/<set>/
 REPORT_EXPERIMENT = "covidtl-report"
 CLASS_METRICS = ("recall", "precision", "f1")
 AVERAGES = ("covid", "non_covid", "micro", "macro")
@@ -389,6 +391,11 @@ def build_report(
         files.append(plot_confusions(current, dataset, out, Path(models_root)))
         files.append(plot_calibration([c for c in scored if c.dataset == dataset], dataset, out))
     files.append(plot_epochs(current, out))
+    files += write_cards([
+        model_card(cfg, Cell.of(row["model"], row["init"], row["dataset"], models_root), row,
+                   external_scores(row["dataset"], Cell.of(row["model"], row["init"], row["dataset"]).name))
+        for row in current[current["status"] == "ok"].to_dict("records")
+    ], out)
     split_plot = plot_split_strategies(table, out)
     if split_plot:
         files.append(split_plot)
@@ -396,6 +403,19 @@ def build_report(
     if log:
         report.run_id = log_report(table, out)
     return report
+
+
+def external_scores(dataset: str, cell: str, root: Path = Path(EXTERNAL_ROOT)) -> dict[str, dict]:
+    """Each external test set's scores of one cell (`covidtl external`), by set name."""
+    import json
+
+    found = {}
+    for file in sorted((root / dataset / cell).glob("*/metrics.json")):
+        try:
+            found[file.parent.name] = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def scored_cells(table: pd.DataFrame, models_root: Path) -> list[Scored]:

@@ -1,0 +1,166 @@
+"""Model cards: what a trained cell is, how good it is with intervals, and where it fails.
+
+Assembled by the report, where every input exists (the cell's card.json and test metrics, the
+split's leakage report, the external test sets' scores); written to `reports/cards/<cell>.json`
+and `.md`. The failure modes are the study's own measurements, stated as findings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from covidtl import paths
+from covidtl.cells import Cell
+from covidtl.config import Config
+from covidtl.files import atomic_write_text
+
+INTENDED_USE = (
+    "Research only: not a diagnostic device. It has not been validated for clinical use; its "
+    "figures come from small public datasets and do not transfer to other hospitals by default."
+)
+# Thresholds for stating a measured weakness; each finding quotes its own numbers.
+EXTERNAL_DROP = 0.10  # AUC lower than in-dataset by more than this
+WIDE_INTERVAL = 0.20  # an AUC interval wider than this says little
+LOW_RECALL = 0.60
+HIGH_ECE = 0.10
+
+
+def _value(metrics: dict[str, Any], key: str) -> float:
+    value = metrics.get(key)
+    return float("nan") if value is None else float(value)
+
+
+def _with_interval(metrics: dict[str, Any], key: str) -> str:
+    v, lo, hi = (_value(metrics, k) for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
+    if math.isnan(v):
+        return "—"
+    return f"{v:.3f}" if math.isnan(lo) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def failure_modes(
+    cfg: Config, dataset: str, metrics: dict[str, Any], external: dict[str, dict[str, Any]],
+    strategy: str,
+) -> list[str]:
+    """Weaknesses the study measured for this model, each with its figures."""
+    found = []
+    auc = _value(metrics, "test_roc_auc")
+    for name, scored in external.items():
+        ext_auc = _value(scored, "all_roc_auc")
+        if not math.isnan(ext_auc) and not math.isnan(auc) and auc - ext_auc > EXTERNAL_DROP:
+            found.append(f"Does not hold up on {name} (another collection): ROC AUC "
+                         f"{_with_interval(scored, 'all_roc_auc')} against {auc:.3f} on its own test split.")
+        specificity = _value(scored, "all_recall_non_covid")
+        if specificity < 1 - LOW_RECALL:
+            found.append(f"Calls most non-COVID images of {name} COVID (specificity {specificity:.3f}).")
+    for key, what in (("test_recall_covid", "misses COVID cases"),
+                      ("test_recall_non_covid", "calls non-COVID cases COVID")):
+        value = _value(metrics, key)
+        if value < LOW_RECALL:
+            found.append(f"At threshold 0.5 it {what} (recall {_with_interval(metrics, key)}).")
+    low, high = _value(metrics, "test_roc_auc_ci_low"), _value(metrics, "test_roc_auc_ci_high")
+    if not math.isnan(low) and high - low > WIDE_INTERVAL:
+        found.append(f"The test split is too small to pin it down: ROC AUC interval "
+                     f"[{low:.3f}, {high:.3f}] ({int(_value(metrics, 'test_images'))} images).")
+    ece = _value(metrics, "test_ece")
+    if ece > HIGH_ECE:
+        found.append(f"Its probabilities are poorly calibrated (expected calibration error {ece:.3f}).")
+    if strategy == "random":
+        found.append("Trained and tested on the paper's image-level split: images of one patient "
+                     "are in both, so its figures overstate performance on new patients.")
+    caution = cfg.dataset(dataset).caution if dataset in cfg.data.datasets else None
+    if caution:
+        found.append(caution.rstrip(".") + ".")
+    return found
+
+
+def model_card(
+    cfg: Config, cell: Cell, row: dict[str, Any], external: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The card of one finished cell (row: its line of the report's results table)."""
+    dataset = row["dataset"]
+    trained = cell.read_card()
+    leakage = _read_json(paths.leakage_path(cfg, dataset))
+    metrics = {k: v for k, v in row.items() if k.startswith(("test_", "operating_"))}
+    return {
+        "cell": cell.name, "model": row["model"], "init": row["init"], "run_id": row.get("run_id"),
+        "intended_use": INTENDED_USE,
+        "data": {
+            "dataset": dataset, "split_strategy": row.get("split_strategy"),
+            "images": leakage.get("counts"), "groups": leakage.get("groups"),
+            "same_patient_pairs_across_splits": leakage.get("crossing_pairs", {}).get("same_group_total"),
+            "near_duplicate_pairs_across_splits": leakage.get("crossing_pairs", {}).get("near_duplicate_total"),
+        },
+        "training": {k: trained.get(k) for k in ("image_size", "preprocessing", "learning_rate",
+                                                 "lr_source", "epochs_used", "git_commit")},
+        "operating_point": trained.get("operating_point"),
+        "test_metrics": metrics,
+        "external": external,
+        "failure_modes": failure_modes(cfg, dataset, metrics, external, row.get("split_strategy", "")),
+    }
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    data, metrics = card["data"], card["test_metrics"]
+    op = card.get("operating_point") or {}
+    lines = [
+        f"# Model card: {card['cell']}", "", f"**Intended use.** {card['intended_use']}", "",
+        f"**Model.** {card['model']}, init {card['init']}; MLflow run `{card['run_id']}`; "
+        f"training {json.dumps(card['training'])}.", "",
+        f"**Data.** {data['dataset']}, split `{data['split_strategy']}`: images per split and class "
+        f"{json.dumps(data['images'])}; same-patient pairs across splits "
+        f"{data['same_patient_pairs_across_splits']}, near-duplicate pairs "
+        f"{data['near_duplicate_pairs_across_splits']}.", "",
+        f"**Operating point.** {op.get('rule')} → threshold {op.get('threshold')} "
+        f"(chosen on: {op.get('chosen_on')}).", "",
+        "**Test split** (95% group-bootstrap intervals unless stated):", "",
+        "| metric | at 0.5 | at the operating point |", "|---|---|---|",
+    ]
+    for key in ("accuracy", "balanced_accuracy", "roc_auc", "recall_covid", "recall_non_covid", "brier"):
+        op_key = f"test_op_{key}"
+        lines.append(f"| {key} | {_with_interval(metrics, f'test_{key}')} | "
+                     f"{_with_interval(metrics, op_key) if op_key in metrics else '—'} |")
+    lines.append("")
+    if card["external"]:
+        lines += ["**External test sets** (never used for training or selection):", "",
+                  "| set | images | accuracy | balanced accuracy | ROC AUC |", "|---|---|---|---|---|"]
+        for name, scored in card["external"].items():
+            lines.append(f"| {name} | {scored.get('all_images', '—')} | {_with_interval(scored, 'all_accuracy')} | "
+                         f"{_with_interval(scored, 'all_balanced_accuracy')} | {_with_interval(scored, 'all_roc_auc')} |")
+        lines.append("")
+    else:
+        lines += ["**External test sets.** None scored: nothing here says how it fares elsewhere.", ""]
+    lines += ["**Failure modes measured.**", ""]
+    lines += [f"- {f}" for f in card["failure_modes"]] or ["- None crossed the report's thresholds."]
+    return "\n".join(lines) + "\n"
+
+
+def write_cards(cards: list[dict[str, Any]], out: Path) -> list[Path]:
+    """reports/cards/<cell>.json and .md for each card."""
+    written = []
+    for card in cards:
+        base = out / "cards" / card["cell"]
+        text = json.dumps(_json_safe(card), indent=2, default=str)
+        written.append(atomic_write_text(base.with_suffix(".json"), text + "\n"))
+        written.append(atomic_write_text(base.with_suffix(".md"), card_markdown(card)))
+    return written
+
+
+def _json_safe(value: Any) -> Any:
+    # JSON has no NaN: an undefined figure is null.
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
