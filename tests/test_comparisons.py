@@ -76,6 +76,8 @@ def test_report_compares_a_pretrained_init_with_random_weights(tmp_path, monkeyp
     assert "## Paired comparisons" in md and "file-donor vs random weights (vgg16)" in md
     assert "distinguishable from zero" in md and "Holm-adjusted p" in md
     assert (tmp_path / "reports" / "calibration-tiny.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Grad-CAM samples" in md and "(gradcam/custom_cnn-random-tiny.png)" in md
+    assert (tmp_path / "reports" / "gradcam" / "custom_cnn-random-tiny.png").read_bytes()[:4] == b"\x89PNG"
     card = (tmp_path / "reports" / "cards" / "vgg16-file-donor-tiny.md").read_text()
     for part in ("Research only: not a diagnostic device", "**Operating point.** youden",
                  "**Failure modes measured.**", "None scored: nothing here says how it fares elsewhere"):

@@ -144,6 +144,7 @@ def test_cell_outputs_are_written(trained):
     assert list(predictions.columns) == ["path", "group", "actual", "predicted", "p_covid"]
     assert not predictions["path"].str.startswith("/").any()  # relative to the dataset root
     assert len(predictions) == metrics["test_images"]
+    assert (cell / "gradcam.png").read_bytes()[:4] == b"\x89PNG"  # the seeded TP/FP/TN/FN sample
     history = pd.read_csv(cell / "history.csv")
     assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
     assert history["epoch"].tolist() == [1]
@@ -185,7 +186,7 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_model(trained, tracking_u
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {
         "config.yaml", "card.json", "training_curves.png", "test_confusion_matrix.png",
-        "test_roc_pr_calibration.png",
+        "test_roc_pr_calibration.png", "test_gradcam_samples.png",
         "test_confusion_matrix.json", "test_classification_report.txt",
     } <= artifacts
     matrix = json.loads(Path(client.download_artifacts(result.run_id, "test_confusion_matrix.json", str(tmp))).read_text())

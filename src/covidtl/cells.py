@@ -56,6 +56,7 @@ class Cell:
         metrics.json    status, test metrics, epochs_used, run_id      written last: the record
         history.csv     one row per epoch
         predictions.csv path, group, actual, predicted (at 0.5), p_covid per test image
+        gradcam.png     a seeded sample of test TP/FP/TN/FN with their Grad-CAM maps
         config.yaml     the complete params that ran (a params file: `covidtl --params` re-runs it)
     """
 
@@ -98,6 +99,10 @@ class Cell:
         return self.dir / "config.yaml"
 
     @property
+    def gradcam_file(self) -> Path:
+        return self.dir / "gradcam.png"
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.dir / "checkpoint"
 
@@ -108,6 +113,7 @@ class Cell:
         that describes another model than the one on disk."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file.unlink(missing_ok=True)
+        self.gradcam_file.unlink(missing_ok=True)
         (self.model_dir / "SKIPPED.txt").unlink(missing_ok=True)
 
     def save_model(self, save: Callable[[Path], None]) -> Path:
@@ -139,6 +145,12 @@ class Cell:
         if predictions is not None:
             atomic_write_text(self.predictions_file, _csv(PREDICTION_COLUMNS, predictions))
         atomic_write_text(self.metrics_file, json.dumps(_json_safe(metrics), indent=2) + "\n")
+
+    def save_figure(self, figure, path: Path) -> Path:
+        """A matplotlib figure as PNG, written whole or not at all."""
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=80)
+        return path
 
     def write_failed(self, run_id: str, reason: str) -> None:
         """The record of a run that stopped with an error: the report shows it as failed."""

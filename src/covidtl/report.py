@@ -383,7 +383,10 @@ def build_report(
     current = table[table["group"] == WORKSPACE]
     scored = scored_cells(current, Path(models_root))
     comparisons = comparison_table(scored, cfg.eval)
-    files = write_tables(table, out, cfg.eval.confidence, comparison_section(comparisons))
+    gradcams = copy_gradcams(current, Path(models_root), out)
+    sections = comparison_section(comparisons) + gradcam_section(gradcams)
+    files = write_tables(table, out, cfg.eval.confidence, sections)
+    files += list(gradcams.values())
     files.append(out / "comparisons.csv")
     atomic_write_text(files[-1], comparisons.to_csv(index=False))
     for dataset in dict.fromkeys(current["dataset"]):
@@ -445,6 +448,32 @@ def comparison_section(comparisons: pd.DataFrame) -> list[str]:
         "",
     ]
     lines += [f"- {in_words(row)}" for _, row in comparisons.iterrows()]
+    return lines + [""]
+
+
+def copy_gradcams(table: pd.DataFrame, models_root: Path, out: Path) -> dict[str, Path]:
+    """Each finished cell's Grad-CAM sample (models/<cell>/gradcam.png) into reports/gradcam/."""
+    import shutil
+
+    copied = {}
+    for row in table[table["status"] == "ok"].itertuples():
+        cell = Cell.of(row.model, row.init, row.dataset, models_root)
+        if cell.gradcam_file.is_file():
+            target = out / "gradcam" / f"{cell.name}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cell.gradcam_file, target)
+            copied[cell.name] = target
+    return copied
+
+
+def gradcam_section(copied: dict[str, Path]) -> list[str]:
+    if not copied:
+        return []
+    lines = ["## Grad-CAM samples", "",
+             "A seeded sample of each cell's test images — true and false positives and negatives — "
+             "with the Grad-CAM map of the predicted class (red: most weight). At the quick profile's "
+             "32 px a backbone's last feature map is 1 x 1, so its map shows no place.", ""]
+    lines += [f"- {name}: ![{name}](gradcam/{path.name})" for name, path in copied.items()]
     return lines + [""]
 
 

@@ -26,12 +26,14 @@ from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, make_offline_dataset, readable_rows
 from covidtl.errors import UserError
+from covidtl.explain import sample_figure
 from covidtl.models.registry import (
     ModelSpec,
     build_model,
     get_spec,
     image_size_for,
     learning_rate_for,
+    preprocess_for,
 )
 from covidtl.scores import DEFAULT_THRESHOLD, Scores, choose_operating_point
 
@@ -373,6 +375,12 @@ def _run(
         tracking.log_metrics(metrics)
         tracking.log_evaluation(scored.scores.y_true, scored.scores.p_covid, prefix="test")
         tracking.log_curves(scored.scores, prefix="test")
+        if len(scored.rows) == len(scored.scores):  # a file dropped at decode time: no aligned sample
+            figure = sample_figure(net, preprocess_for(plan.spec, plan.cfg.train.preprocessing),
+                                   scored.rows, scored.scores.y_true, scored.scores.p_covid,
+                                   seed=plan.cfg.eval.seed)
+            plan.cell.save_figure(figure, plan.cell.gradcam_file)
+            mlflow.log_figure(figure, "test_gradcam_samples.png")
 
     clean = inference_copy(net)
     model_path = plan.cell.save_model(clean.save)
