@@ -25,7 +25,8 @@ def test_synth_ingest_split_from_a_fresh_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = covidtl("synth")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "synth: 120 CT-like and 120 X-ray-like images in data/synth\n"
+    assert result.stdout == ("synth: 120 CT-like and 120 X-ray-like images in data/synth; "
+                             "second site (external test sets): 40 and 40\n")
 
     result = covidtl("ingest", "ct", "--quiet")
     assert result.exit_code == 0, result.output

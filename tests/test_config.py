@@ -26,6 +26,11 @@ def run(*args: str):
         ("eval.bootstrap=50", "Error: eval.bootstrap: 50 must be 0 (no intervals) or >= 100"),
         ("eval.confidence=95", "Error: eval.confidence: 95.0 must be in (0, 1), e.g. 0.95"),
         ("eval.operating_point=sens:0.9", "Error: eval.operating_point: 'sens:0.9' is not a rule; use youden,"),
+        ("external.ct=[{name: a, path: x}, {name: a, path: y}]",
+         "Error: external.ct[1].name: 'a' is already the name of external.ct[0]"),
+        ("external.ct=[{name: ../a, path: x}]", "Error: external.ct[0].name: '../a' is not a folder-safe name"),
+        ("external.mri=[{name: a, path: x}]", "Error: external.mri: no dataset 'mri' in data.datasets"),
+        ("external.ct=[{path: x}]", "Error: external.ct[0].name: missing from"),
     ],
 )
 def test_bad_override_is_one_line_and_exit_2(override, message):
@@ -33,6 +38,14 @@ def test_bad_override_is_one_line_and_exit_2(override, message):
     assert result.exit_code == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
     assert result.stdout == ""
+
+
+def test_external_sets_default_to_the_second_site_and_take_one_override(tmp_path):
+    cfg = config(tmp_path)
+    assert [(s.name, s.path, s.series) for s in cfg.external["ct"]] == [("ct-site2", "data/synth/ct-site2", True)]
+    assert [s.name for s in cfg.external["xray"]] == ["xray-site2"]
+    real = config(tmp_path, **{"external.ct": [{"name": "ct-external", "path": "../shared/data/ct-external"}]})
+    assert real.external["ct"][0].series is False  # optional, like a dataset's
 
 
 def test_bad_params_file_names_the_key(tmp_path):
@@ -85,7 +98,7 @@ def test_a_missing_or_incomplete_params_file_is_refused(tmp_path, write, message
 
 def test_config_types_hold_no_second_set_of_defaults():
     """Every value a stage reads comes from the params file: the dataclasses declare no defaults,
-    except the optional keys of a dataset entry (subdir, series)."""
+    except the optional keys of a dataset entry and of an external set (subdir, series)."""
     import dataclasses
 
     from covidtl import config as module
@@ -93,7 +106,7 @@ def test_config_types_hold_no_second_set_of_defaults():
     defaulted = [
         f"{cls.__name__}.{f.name}"
         for cls in vars(module).values()
-        if dataclasses.is_dataclass(cls) and cls is not module.DatasetConfig
+        if dataclasses.is_dataclass(cls) and cls not in (module.DatasetConfig, module.ExternalSet)
         for f in dataclasses.fields(cls)
         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
     ]

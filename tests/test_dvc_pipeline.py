@@ -85,3 +85,14 @@ def test_each_cell_depends_on_its_own_weights_record_and_weights_watch_the_folde
     ignored = subprocess.run(["git", "check-ignore", "-q", "weights/vgg16.h5"], cwd=ROOT)
     kept = subprocess.run(["git", "check-ignore", "-q", "weights/README.md"], cwd=ROOT)
     assert (ignored.returncode, kept.returncode) == (0, 1)  # the files stay out of git
+
+
+def test_external_stage_per_dataset_reads_the_cells_and_writes_only_its_folder(stages):
+    root = in_file(stages, "dvc.yaml")
+    stage = root["external@ct"]
+    assert stage.cmd == "covidtl external ct --quiet"
+    assert [o.def_path for o in stage.outs] == ["external/ct"]  # not into models/<cell>/
+    assert {"models", "data/synth", "src/covidtl/external.py", "src/covidtl/evaluate.py"} <= set(paths_of(stage))
+    assert declares(stage, "external.ct") and not declares(stage, "external.xray")
+    assert declares(stage, "study.models") and declares(stage, "ingest.series_break")
+    assert "external" in paths_of(root["report"])

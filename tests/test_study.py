@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent
 TINY = {
     "synth.images_per_class": 30,
     "synth.slices_per_patient": 5,
+    "synth.site2_images_per_class": 10,
     "study.models": ["custom_cnn", "vgg16"],
     "study.inits": ["random", "imagenet"],
     "study.datasets": ["ct"],
@@ -100,12 +101,13 @@ def test_one_failing_cell_leaves_the_others_and_repro_reruns_only_it(repo):
     assert json.loads((repo / "models/custom_cnn-random-ct/metrics.json").read_text())["status"] == "ok"
     assert json.loads((repo / "models/vgg16-random-ct/metrics.json").read_text())["status"] == "ok"
     assert "Running stage 'report'" not in first.stdout  # it waits for every cell
+    assert "Running stage 'external@ct'" not in first.stdout  # so does the external scoring
 
     # Weights gone: the cell is now skipped (not failed), and only it and the report train again
     # (every weights@ stage watches weights/; only VGG16-imagenet's record changed).
     corrupt.unlink()
     second = _run(repo, "dvc", "repro")
-    assert ran_stages(second) == WEIGHTS | {"train@vgg16-imagenet-ct", "report"}, second.stdout
+    assert ran_stages(second) == WEIGHTS | {"train@vgg16-imagenet-ct", "external@ct", "report"}, second.stdout
 
 
 def test_study_outputs_metrics_plots_and_report(repo):
@@ -151,6 +153,17 @@ def test_study_outputs_metrics_plots_and_report(repo):
     for name in ("results.md", "fig5_6-ct.png", "fig7-epochs.png", "confusion-ct.png"):
         assert (repo / "reports" / name).stat().st_size > 0
 
+    # The external stage: every trained cell scored on the default second site, the others listed.
+    external = json.loads((repo / "external" / "ct" / "results.json").read_text())
+    assert external["sets"]["ct-site2"]["images"] == 20 and external["sets"]["ct-site2"]["quarantined"] == 0
+    for cell in ("custom_cnn-random-ct", "vgg16-random-ct"):
+        record = external["cells"][cell]
+        assert record["status"] == "ok" and record["run_id"] == json.loads(
+            (repo / "models" / cell / "metrics.json").read_text())["run_id"]
+        assert 0 <= record["scores"]["ct-site2"]["metrics"]["all_accuracy"] <= 1
+        assert (repo / "external" / "ct" / cell / "ct-site2" / "predictions.csv").is_file()
+    assert external["cells"]["vgg16-imagenet-ct"]["status"] == "skipped"
+
 
 def test_weights_dropped_where_the_skip_message_says_train_exactly_their_cell(repo):
     if not (repo / "reports").exists():
@@ -167,7 +180,7 @@ def test_weights_dropped_where_the_skip_message_says_train_exactly_their_cell(re
     )
     _run(repo, sys.executable, "-c", code, str(repo / "weights" / VGG16_FILE))
     again = _run(repo, "dvc", "repro")
-    assert ran_stages(again) == WEIGHTS | {"train@vgg16-imagenet-ct", "report"}, again.stdout
+    assert ran_stages(again) == WEIGHTS | {"train@vgg16-imagenet-ct", "external@ct", "report"}, again.stdout
     assert json.loads((repo / "models/vgg16-imagenet-ct/metrics.json").read_text())["status"] == "ok"
     record = json.loads((repo / "data/weights/vgg16-imagenet.json").read_text())
     assert (record["status"], record["path"]) == ("available", f"weights/{VGG16_FILE}")

@@ -37,12 +37,14 @@ def test_layout_matches_the_real_datasets(synth_data):
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path, synth_data):
-    cfg = SynthConfig(out="data/synth", images_per_class=60, slices_per_patient=10, size=128, seed=7)
+    cfg = SynthConfig(out="data/synth", images_per_class=60, slices_per_patient=10, size=128, seed=7,
+                      site2_images_per_class=20)
     synth.generate(cfg, tmp_path / "again")
     assert digests(tmp_path / "again") == digests(synth_data)
-    small = SynthConfig(out="data/synth", images_per_class=6, slices_per_patient=3, size=64, seed=8)
+    small = SynthConfig(out="data/synth", images_per_class=6, slices_per_patient=3, size=64, seed=8,
+                        site2_images_per_class=4)
     counts = synth.generate(small, tmp_path / "other")
-    assert counts == {"ct": 12, "xray": 12}
+    assert counts == {"ct": 12, "xray": 12, "ct-site2": 8, "xray-site2": 8}
     with Image.open(tmp_path / "other" / "ct" / "COVID" / "Covid (1).png") as im:
         assert max(im.size) <= 64
 
@@ -78,3 +80,30 @@ def test_ct_series_groups_are_the_synthetic_patients(tmp_path, synth_data):
     # same patient <=> same group
     assert m.groupby("patient")["group"].nunique().eq(1).all()
     assert m["group"].nunique() == m["patient"].nunique() == 12
+
+
+def _grey(files) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("L"), dtype=float) for p in files]
+
+
+def test_second_site_has_both_classes_and_another_scanner_look(tmp_path, synth_data):
+    """Same classes from the same generator, other patients; another window and a wider field."""
+    for first, second in (("ct", "ct-site2"), ("xray", "xray-site2")):
+        one = _grey(p for p in (synth_data / first).rglob("*") if p.is_file())
+        two = _grey(p for p in (synth_data / second).rglob("*") if p.is_file())
+        assert len(two) == 40
+        # contrast: the second site's window compresses the grey levels
+        assert np.mean([x.std() for x in two]) < np.mean([x.std() for x in one]) - 2
+    ct1 = _grey((synth_data / "ct").rglob("*.png"))
+    ct2 = _grey((synth_data / "ct-site2").rglob("*.jpg"))
+    assert {x.shape for x in ct2} == {(128, 128)} and len({x.shape for x in ct1}) > 10  # uncropped
+    assert np.mean([x.mean() for x in ct2]) > np.mean([x.mean() for x in ct1]) + 3  # lifted blacks
+    # the round field of view: corners black, the field's edge (air inside it) grey
+    assert max(x[:4, :4].mean() for x in ct2) < 10 and min(x[64, 8:14].mean() for x in ct2) > 25
+
+    cfg = config(tmp_path, **{"data.datasets.ct.path": str(synth_data / "ct-site2")})
+    m = ingest.ingest(cfg, "ct", jobs=1, progress=False).manifest
+    assert m["label"].value_counts().to_dict() == {"covid": 20, "non_covid": 20}
+    first = ingest.ingest(config(tmp_path, **{"data.datasets.ct.path": str(synth_data / "ct")}),
+                          "ct", jobs=1, progress=False).manifest
+    assert not set(m["sha256"]) & set(first["sha256"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class SynthConfig:
     slices_per_patient: int
     size: int
     seed: int
+    site2_images_per_class: int
 
 
 @dataclass
@@ -43,6 +45,15 @@ class DatasetConfig:
     series: bool = False
     # A known limit of the data that every model card trained on it repeats (e.g. a shortcut).
     caution: str | None = None
+
+
+@dataclass
+class ExternalSet:
+    """One external test folder of a dataset: scored, never trained or selected on."""
+
+    name: str
+    path: str
+    series: bool = False
 
 
 @dataclass
@@ -150,6 +161,7 @@ class Config:
     train: TrainConfig
     study: StudyConfig
     tune: TuneConfig
+    external: dict[str, list[ExternalSet]]
     report: ReportConfig
     eval: EvalConfig
 
@@ -319,6 +331,7 @@ def validate(cfg: Config) -> None:
         "synth.images_per_class": cfg.synth.images_per_class,
         "synth.slices_per_patient": cfg.synth.slices_per_patient,
         "synth.size": cfg.synth.size,
+        "synth.site2_images_per_class": cfg.synth.site2_images_per_class,
         "ingest.hash_size": cfg.ingest.hash_size,
         "ingest.thumbnail": cfg.ingest.thumbnail,
         "augment.copies_per_image": cfg.augment.copies_per_image,
@@ -373,6 +386,32 @@ def validate(cfg: Config) -> None:
     for name, cls in cfg.data.labels.items():
         if cls not in ("covid", "non_covid"):
             raise ConfigError(f"data.labels.{name}: {cls!r} must be covid or non_covid")
+    _validate_external(cfg)
+
+
+# An external set's name is a folder name (external/<dataset>/<cell>/<name>/) and an MLflow tag.
+EXTERNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _validate_external(cfg: Config) -> None:
+    seen: dict[str, str] = {}
+    for dataset, sets in cfg.external.items():
+        if dataset not in cfg.data.datasets:
+            known = ", ".join(sorted(cfg.data.datasets)) or "none"
+            raise ConfigError(f"external.{dataset}: no dataset {dataset!r} in data.datasets (known: {known})")
+        for i, entry in enumerate(sets):
+            key = f"external.{dataset}[{i}].name"
+            if not EXTERNAL_NAME.fullmatch(entry.name):
+                raise ConfigError(
+                    f"{key}: {entry.name!r} is not a folder-safe name; use letters, digits, '.', '_' "
+                    "and '-', starting with a letter or digit (e.g. ct-external)"
+                )
+            if entry.name in seen:
+                raise ConfigError(f"{key}: {entry.name!r} is already the name of {seen[entry.name]}; "
+                                  "give each external set its own name")
+            seen[entry.name] = f"external.{dataset}[{i}]"
+            if not entry.path:
+                raise ConfigError(f"external.{dataset}[{i}].path: empty; give the folder of class folders")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

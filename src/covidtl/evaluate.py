@@ -22,7 +22,7 @@ from covidtl import paths, tracking
 from covidtl.cells import Cell
 from covidtl.config import Config, DatasetConfig
 from covidtl.data import tables
-from covidtl.data.pipeline import make_dataset
+from covidtl.data.pipeline import make_dataset, readable_rows
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
 from covidtl.metrics import classification_metrics
@@ -132,6 +132,71 @@ def load_rows(cfg: Config, data: str, split: str, workdir: Path) -> tuple[pd.Dat
     return result.manifest, name, paths.manifest_path(on_the_fly, name)
 
 
+@dataclass
+class Scored:
+    """A model's outputs on a table of images, aligned row by row."""
+
+    rows: pd.DataFrame  # the images scored, in order (unreadable files dropped)
+    y_true: np.ndarray
+    prob: np.ndarray
+    image_size: int
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_{k}": v for k, v in classification_metrics(self.y_true, self.prob).items()}
+
+    def predictions(self) -> pd.DataFrame:
+        return pd.DataFrame({
+            "actual": [paths.CLASSES[i] for i in self.y_true],
+            "predicted": [paths.CLASSES[i] for i in self.prob.argmax(axis=1)],
+            "p_covid": self.prob[:, paths.CLASSES.index(paths.POSITIVE)],
+        })
+
+
+def scoring_config(cfg: Config, loaded: LoadedModel) -> Config:
+    """Score with the preprocessing the model was trained with, whatever params.yaml says now."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, preprocessing=loaded.preprocessing))
+
+
+def score_rows(cfg: Config, loaded: LoadedModel, rows: pd.DataFrame) -> Scored:
+    """The loaded model's softmax outputs on `rows` (path, label) at its own input size."""
+    cfg = scoring_config(cfg, loaded)
+    size = int(loaded.model.input_shape[1])
+    rows = readable_rows(rows)
+    y_true, prob = predict(loaded.model, make_dataset(rows, get_spec(loaded.name), cfg, size, training=False))
+    if len(y_true) != len(rows):
+        # A file that passed PIL's check but not TensorFlow's decode was dropped: rows no longer align.
+        raise UserError(f"{len(rows) - len(y_true)} of {len(rows)} images could not be decoded; "
+                        "run `covidtl ingest` on their folder to find and quarantine them")
+    return Scored(rows.reset_index(drop=True), y_true, prob, size)
+
+
+def log_scored(
+    cfg: Config,
+    loaded: LoadedModel,
+    scored: Scored,
+    *,
+    prefix: str,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, object],
+) -> str:
+    """One kind=evaluate MLflow run of a scored set: metrics, confusion matrix, predictions."""
+    tracking.use_experiment(experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.set_tags({
+            "model": loaded.name, "init": loaded.init, "git_commit": tracking.git_commit(),
+            "kind": "evaluate", "source_run_id": loaded.source_run_id or "none",
+            **tracking.experiment_tags(), **tags,
+        })
+        tracking.log_config(scoring_config(cfg, loaded))
+        mlflow.log_params({**params, "images": len(scored.y_true), "image_size": scored.image_size})
+        tracking.log_metrics(scored.metrics(prefix))
+        tracking.log_evaluation(scored.y_true, scored.prob, prefix=prefix)
+        mlflow.log_text(scored.predictions().to_csv(index=False), "predictions.csv")
+    return run.info.run_id
+
+
 def evaluate(
     cfg: Config,
     model_uri: str,
@@ -144,46 +209,28 @@ def evaluate(
     if split not in SPLITS:
         raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
     loaded = load_trained(model_uri, cfg)
-    spec = get_spec(loaded.name)
-    size = int(loaded.model.input_shape[1])
-    # Score with the preprocessing the model was trained with, whatever params.yaml says now.
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, preprocessing=loaded.preprocessing))
     with tempfile.TemporaryDirectory(prefix="covidtl-eval-") as tmp:
         rows, dataset, manifest = load_rows(cfg, data, split, Path(tmp))
-        scored = split if dataset in cfg.data.datasets else "all"
+        scored_split = split if dataset in cfg.data.datasets else "all"
         if rows.empty:
-            raise UserError(f"--data {data}: the {scored} split holds no image")
-        y_true, prob = predict(loaded.model, make_dataset(rows, spec, cfg, size, training=False))
+            raise UserError(f"--data {data}: the {scored_split} split holds no image")
+        scored = score_rows(cfg, loaded, rows)
         manifest_sha = tracking.file_sha256(manifest)
-    if not len(y_true):
+    if not len(scored.y_true):
         raise UserError(f"--data {data}: no image could be decoded")
-    metrics = {f"{scored}_{k}": v for k, v in classification_metrics(y_true, prob).items()}
+    metrics = scored.metrics(scored_split)
     cell = paths.cell_name(loaded.name, loaded.init, dataset)
-
-    tracking.use_experiment(dataset)
-    with mlflow.start_run(run_name=run_name or f"evaluate-{cell}") as run:
-        mlflow.set_tags({
-            "model": loaded.name, "init": loaded.init, "dataset": dataset,
-            "split_strategy": cfg.split.strategy if dataset in cfg.data.datasets else "none",
-            "git_commit": tracking.git_commit(), "manifest_sha256": manifest_sha,
-            "cell": cell, "kind": "evaluate", "model_uri": model_uri,
-            "source_run_id": loaded.source_run_id or "none",
-        })
-        tracking.log_config(cfg)
-        mlflow.log_params({"model_uri": model_uri, "data": str(data), "split": scored,
-                           "images": len(y_true), "image_size": size})
-        tracking.log_metrics(metrics)
-        tracking.log_evaluation(y_true, prob, prefix=scored)
-        predictions = pd.DataFrame({
-            "actual": [paths.CLASSES[i] for i in y_true],
-            "predicted": [paths.CLASSES[i] for i in prob.argmax(axis=1)],
-            "p_covid": prob[:, paths.CLASSES.index(paths.POSITIVE)],
-        })
-        mlflow.log_text(predictions.to_csv(index=False), "predictions.csv")
+    run_id = log_scored(
+        cfg, loaded, scored, prefix=scored_split, experiment=dataset,
+        run_name=run_name or f"evaluate-{cell}",
+        tags={"dataset": dataset, "cell": cell, "model_uri": model_uri, "manifest_sha256": manifest_sha,
+              "split_strategy": cfg.split.strategy if dataset in cfg.data.datasets else "none"},
+        params={"model_uri": model_uri, "data": str(data), "split": scored_split},
+    )
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         clean = {k: (None if np.isnan(v) else v) for k, v in metrics.items()}
         atomic_write_text(out / "metrics.json", json.dumps(clean, indent=2) + "\n")
-        atomic_write_text(out / "predictions.csv", predictions.to_csv(index=False))
-    return EvaluateResult(run.info.run_id, metrics, len(y_true))
+        atomic_write_text(out / "predictions.csv", scored.predictions().to_csv(index=False))
+    return EvaluateResult(run_id, metrics, len(scored.y_true))

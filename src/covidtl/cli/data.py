@@ -11,12 +11,13 @@ from covidtl.cli import config_from
 @click.option("--out", default=None, help="Folder to write (default: synth.out).")
 @click.pass_context
 def synth(ctx: click.Context, out: str | None) -> None:
-    """Write the embedded synthetic CT-like and X-ray-like datasets."""
+    """Write the embedded synthetic CT-like and X-ray-like datasets and their second sites."""
     from covidtl.data import synth as module
 
     cfg = config_from(ctx, **{"synth.out": out})
     counts = module.generate(cfg.synth)
-    click.echo(f"synth: {counts['ct']} CT-like and {counts['xray']} X-ray-like images in {cfg.synth.out}")
+    click.echo(f"synth: {counts['ct']} CT-like and {counts['xray']} X-ray-like images in {cfg.synth.out}; "
+               f"second site (external test sets): {counts['ct-site2']} and {counts['xray-site2']}")
 
 
 @click.command()

@@ -5,6 +5,11 @@ lungs or (X-ray) a denser, one-sided pneumonia-like patch, so brightness alone d
 class away. CT-like files are numbered series: consecutive numbers are slices of one synthetic
 patient that change slowly, and a new patient starts abruptly, as in the SARS-CoV-2 CT set.
 Everything is drawn from `synth.seed`: the same parameters give byte-identical files.
+
+A small "second site" per modality (ct-site2/, xray-site2/) is the default external test set: the
+same classes from the same generator, other patients, and another scanner's look (intensity and
+contrast, more noise, a little blur, a wider field of view: the CT slice inside a round scanner
+field with the table below, the film with collimator borders and a side marker).
 """
 
 from __future__ import annotations
@@ -20,14 +25,22 @@ from covidtl.config import SynthConfig
 CT_FOLDERS = {"covid": ("COVID", "Covid"), "non_covid": ("non-COVID", "Non-Covid")}
 XRAY_FOLDERS = {"covid": ("Covid",), "non_covid": ("Normal", "Viral Pneumonia")}
 XRAY_TEST_FRACTION = 0.2
+# Random-stream keys of the second site: other numbers than the first site's 1, 2, 3 draw other
+# patients, so no second-site image is a near-duplicate of a training image.
+SITE2_CT_PATIENT, SITE2_CT_SLICE, SITE2_XRAY, SITE2_LOOK = 11, 12, 13, 14
 
 
 def generate(cfg: SynthConfig, out: str | Path | None = None) -> dict[str, int]:
-    """Write <out>/ct and <out>/xray afresh; returns the number of files per dataset."""
+    """Write <out>/ct, xray, ct-site2 and xray-site2 afresh; returns the number of files per folder."""
     root = Path(out or cfg.out)
-    for sub in ("ct", "xray"):
+    for sub in ("ct", "xray", "ct-site2", "xray-site2"):
         shutil.rmtree(root / sub, ignore_errors=True)
-    return {"ct": write_ct(cfg, root / "ct"), "xray": write_xray(cfg, root / "xray")}
+    return {
+        "ct": write_ct(cfg, root / "ct"),
+        "xray": write_xray(cfg, root / "xray"),
+        "ct-site2": write_ct_site2(cfg, root / "ct-site2"),
+        "xray-site2": write_xray_site2(cfg, root / "xray-site2"),
+    }
 
 
 def write_ct(cfg: SynthConfig, root: Path) -> int:
@@ -70,6 +83,39 @@ def write_xray(cfg: SynthConfig, root: Path) -> int:
                     image.convert("RGB").save(target / f"{i + 1:03d}.png")
                 else:
                     image.save(target / f"{i + 1:03d}.jpeg", quality=92)
+                count += 1
+    return count
+
+
+def write_ct_site2(cfg: SynthConfig, root: Path) -> int:
+    """<root>/COVID/img<N>.jpg and <root>/non-COVID/img<N>.jpg (N = 0, 1, ...), as ct-external."""
+    count = 0
+    n = cfg.site2_images_per_class
+    for code, (label, (folder, _)) in enumerate(CT_FOLDERS.items()):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        number = 0
+        for p in range(-(-n // cfg.slices_per_patient)):
+            patient = _ct_patient(np.random.default_rng([cfg.seed, SITE2_CT_PATIENT, code, p]), label == "covid")
+            for s in range(min(cfg.slices_per_patient, n - p * cfg.slices_per_patient)):
+                rng = np.random.default_rng([cfg.seed, SITE2_CT_SLICE, code, p, s])
+                t = (s + 0.5) / cfg.slices_per_patient
+                image = _site2_ct(_ct_slice(patient, t, cfg.size, rng), cfg.size, rng)
+                image.convert("RGB").save(root / folder / f"img{number}.jpg", quality=90)
+                number += 1
+                count += 1
+    return count
+
+
+def write_xray_site2(cfg: SynthConfig, root: Path) -> int:
+    """<root>/{Covid,Normal,Viral Pneumonia}/site2-NNN.png: one folder per class, no train/test."""
+    count = 0
+    for code, (label, folders) in enumerate(XRAY_FOLDERS.items()):
+        for f, folder in enumerate(folders):
+            n = cfg.site2_images_per_class // len(folders) + (f < cfg.site2_images_per_class % len(folders))
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rng = np.random.default_rng([cfg.seed, SITE2_XRAY, code, f, i])
+                _site2_xray(_xray(folder, cfg.size, rng), cfg.size, rng).save(root / folder / f"site2-{i + 1:03d}.png")
                 count += 1
     return count
 
@@ -166,6 +212,42 @@ def _xray(folder: str, size: int, rng: np.random.Generator) -> Image.Image:
     img += rng.normal(0, 0.035, img.shape)
     pose = rng.uniform(-8, 8), rng.uniform(-0.08, 0.08, size=2)
     return _pose(_to_image(img, blur=1.0), *pose)
+
+
+def _site2_ct(slice_: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    """Another scanner: the cropped slice shrunk into a round field of view over a table, a softer
+    window (brighter, lower contrast), a little blur and more noise, on a square canvas."""
+    inner = max(8, round(size * 0.62))
+    scale = inner / max(slice_.size)
+    body = slice_.resize((max(1, round(slice_.width * scale)), max(1, round(slice_.height * scale))),
+                         Image.BILINEAR)
+    y, x = np.mgrid[0:size, 0:size]
+    r = np.hypot(x - size / 2, y - size / 2) / (size / 2)
+    img = np.full((size, size), 0.12)  # air inside the field, brighter than the first site's black
+    table = (y > size * 0.8) & (y < size * 0.86)
+    img[table] = 0.55
+    top, left = (size - body.height) // 2 - round(size * 0.04), (size - body.width) // 2
+    patch = np.asarray(body, dtype=np.float64) / 255
+    region = img[top:top + body.height, left:left + body.width]
+    img[top:top + body.height, left:left + body.width] = np.maximum(region, patch)
+    img = 0.15 + 0.7 * img ** 0.8  # another window: lifted blacks, compressed whites
+    img += rng.normal(0, 0.06, img.shape)
+    img[r > 0.96] = 0.0  # outside the scanner's round field
+    return _to_image(img, blur=1.2)
+
+
+def _site2_xray(film: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    """Another X-ray room: harder exposure (brighter, flatter), more noise, collimator borders and
+    a bright side marker; the film itself a little smaller and off-centre."""
+    inner = round(size * 0.82)
+    small = np.asarray(film.resize((inner, inner), Image.BILINEAR), dtype=np.float64) / 255
+    img = np.zeros((size, size))
+    top, left = int(rng.integers(0, size - inner + 1)), int(rng.integers(0, size - inner + 1))
+    img[top:top + inner, left:left + inner] = 0.2 + 0.65 * small
+    img += rng.normal(0, 0.07, img.shape)
+    m = max(3, size // 16)
+    img[top + 2:top + 2 + m, left + 2:left + 2 + m] = 0.95  # the side marker
+    return _to_image(img, blur=1.1)
 
 
 def _vessels(rng: np.random.Generator, mask: np.ndarray, shape, density: float = 0.006) -> np.ndarray:
