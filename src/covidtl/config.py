@@ -43,6 +43,8 @@ class DatasetConfig:
     path: str
     subdir: str | None = None
     series: bool = False
+    # Slices share a fixed frame (full-field CT): compare them without it (see data.groups).
+    shared_frame: bool = False
     # A known limit of the data that every model card trained on it repeats (e.g. a shortcut).
     caution: str | None = None
 
@@ -54,6 +56,7 @@ class ExternalSet:
     name: str
     path: str
     series: bool = False
+    shared_frame: bool = False  # as DatasetConfig.shared_frame
 
 
 @dataclass

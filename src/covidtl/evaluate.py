@@ -20,13 +20,13 @@ import pandas as pd
 
 from covidtl import paths, tracking
 from covidtl.cells import Cell
-from covidtl.config import Config, DatasetConfig
+from covidtl.config import Config, DatasetConfig, EvalConfig
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, readable_rows
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
-from covidtl.metrics import classification_metrics
 from covidtl.models.registry import MODELS, get_spec
+from covidtl.scores import Scores
 from covidtl.train import predict, rows_of
 
 SPLITS = ("test", "val", "train", "all")
@@ -39,6 +39,8 @@ class LoadedModel:
     init: str
     preprocessing: str
     source_run_id: str | None
+    # The threshold chosen on the validation split when it was trained (None: an older model).
+    operating_threshold: float | None = None
 
 
 @dataclass
@@ -67,6 +69,7 @@ def load_trained(model_uri: str, cfg: Config) -> LoadedModel:
         return LoadedModel(
             model, card.get("model") or _name_from_model(model), card.get("init", "unknown"),
             card.get("preprocessing", cfg.train.preprocessing), card.get("run_id"),
+            (card.get("operating_point") or {}).get("threshold"),
         )
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
@@ -79,12 +82,14 @@ def load_trained(model_uri: str, cfg: Config) -> LoadedModel:
             f"--model-uri {model_uri}: cannot load it from {tracking.tracking_uri()} ({first}); "
             "check the run id (`mlflow ui`) and MLFLOW_TRACKING_URI"
         ) from None
-    params = {}
+    params, metrics = {}, {}
     if info.run_id:
-        params = mlflow.get_run(info.run_id).data.params
+        run = mlflow.get_run(info.run_id)
+        params, metrics = run.data.params, run.data.metrics
     return LoadedModel(
         model, params.get("model") or _name_from_model(model), params.get("init", "unknown"),
         params.get("train.preprocessing", cfg.train.preprocessing), info.run_id,
+        metrics.get("operating_threshold"),
     )
 
 
@@ -141,8 +146,13 @@ class Scored:
     prob: np.ndarray
     image_size: int
 
-    def metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_{k}": v for k, v in classification_metrics(self.y_true, self.prob).items()}
+    def scores(self) -> Scores:
+        groups = self.rows["group"].astype(str).to_numpy() if "group" in self.rows else None
+        return Scores.of(self.y_true, self.prob, groups)
+
+    def metrics(self, prefix: str, cfg: EvalConfig, threshold: float | None = None) -> dict[str, float]:
+        """Every metric with its group-bootstrap interval, at 0.5 and at `threshold` (`<prefix>_op_*`)."""
+        return self.scores().summary(prefix, cfg, threshold)
 
     def predictions(self) -> pd.DataFrame:
         return pd.DataFrame({
@@ -191,8 +201,11 @@ def log_scored(
         })
         tracking.log_config(scoring_config(cfg, loaded))
         mlflow.log_params({**params, "images": len(scored.y_true), "image_size": scored.image_size})
-        tracking.log_metrics(scored.metrics(prefix))
+        tracking.log_metrics(scored.metrics(prefix, cfg.eval, loaded.operating_threshold))
+        if loaded.operating_threshold is not None:
+            mlflow.log_metric("operating_threshold", loaded.operating_threshold)
         tracking.log_evaluation(scored.y_true, scored.prob, prefix=prefix)
+        tracking.log_curves(scored.scores(), prefix=prefix)
         mlflow.log_text(scored.predictions().to_csv(index=False), "predictions.csv")
     return run.info.run_id
 
@@ -218,7 +231,7 @@ def evaluate(
         manifest_sha = tracking.file_sha256(manifest)
     if not len(scored.y_true):
         raise UserError(f"--data {data}: no image could be decoded")
-    metrics = scored.metrics(scored_split)
+    metrics = scored.metrics(scored_split, cfg.eval, loaded.operating_threshold)
     cell = paths.cell_name(loaded.name, loaded.init, dataset)
     run_id = log_scored(
         cfg, loaded, scored, prefix=scored_split, experiment=dataset,

@@ -96,7 +96,8 @@ def set_config(cfg: Config, entry: ExternalSet, workdir: Path) -> Config:
     """cfg with the external folder as the one dataset, named like the set: ingest's own rules apply."""
     return dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, workdir=str(workdir),
-        datasets={entry.name: DatasetConfig(path=entry.path, subdir=None, series=entry.series)},
+        datasets={entry.name: DatasetConfig(path=entry.path, subdir=None, series=entry.series,
+                                            shared_frame=entry.shared_frame)},
     ))
 
 
@@ -161,7 +162,9 @@ def score_dataset(
             cells[cell.name] = record
     results = {
         "dataset": dataset,
-        "threshold": 0.5,  # argmax of the two-unit softmax, as covidtl evaluate scores
+        # all_* at 0.5, all_op_* at each cell's own operating point (its card); 95% intervals
+        # resample the external set's groups (its manifest's).
+        "threshold": 0.5,
         "sets": {s.entry.name: s.summary() for s in sets},
         "cells": cells,
     }
@@ -181,7 +184,7 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
     scores = {}
     for s in sets:
         scored = score_rows(cfg, loaded, s.manifest)
-        metrics = scored.metrics("all")
+        metrics = scored.metrics("all", cfg.eval, loaded.operating_threshold)
         predictions = scored.predictions().assign(
             path=[tables.relative_to_root(p, s.root) for p in scored.rows["path"]],
             group=scored.rows["group"].to_numpy(),

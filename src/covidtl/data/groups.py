@@ -124,8 +124,14 @@ def assign_groups(
     near_duplicate_bits: int,
     series: bool,
     series_break: float,
+    shared_frame: bool = False,
 ) -> list[str]:
-    """One group id per image ('g00001' ...), numbered in the order the images are given."""
+    """One group id per image ('g00001' ...), numbered in the order the images are given.
+
+    shared_frame: the series' images share a fixed frame (full-field CT slices: the scanner's
+    circle, the table), which makes every slice correlate with every other; the folder's mean
+    thumbnail is removed first, so what is compared is the anatomy.
+    """
     n = len(sha256)
     uf = UnionFind(n)
     first_of: dict[str, int] = {}
@@ -135,12 +141,20 @@ def assign_groups(
         uf.union(int(i), int(j))
     if series:
         for members in _series_orders(sources, names):
-            cuts = set(series_cuts(thumbs[members], sizes[members], series_break).tolist())
+            compared = _without_shared_frame(thumbs[members]) if shared_frame else thumbs[members]
+            cuts = set(series_cuts(compared, sizes[members], series_break).tolist())
             for k in range(1, len(members)):
                 if k not in cuts:
                     uf.union(members[k - 1], members[k])
     ids: dict[int, str] = {}
     return [ids.setdefault(uf.find(i), f"g{len(ids) + 1:05d}") for i in range(n)]
+
+
+def _without_shared_frame(thumbs: np.ndarray) -> np.ndarray:
+    """Thumbnails minus their mean, renormalised: dot products are again correlations."""
+    centred = thumbs - thumbs.mean(axis=0)
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    return centred / np.where(norms > 0, norms, 1.0)
 
 
 def _series_orders(sources: Sequence[str], names: Sequence[str]) -> list[np.ndarray]:

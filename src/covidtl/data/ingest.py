@@ -160,6 +160,7 @@ def ingest(
         near_duplicate_bits=cfg.ingest.near_duplicate_bits,
         series=ds.series,
         series_break=cfg.ingest.series_break,
+        shared_frame=ds.shared_frame,
     )
     quarantine = pd.DataFrame(bad, columns=QUARANTINE_COLUMNS)
     return IngestResult(manifest, quarantine, skipped, empty, unmapped)
