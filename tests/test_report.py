@@ -136,3 +136,21 @@ def test_a_cell_whose_run_is_not_in_the_store_says_so(study, monkeypatch, tmp_pa
                               "report", "--no-log"], catch_exceptions=False)
     row = pd.read_csv(study / "reports" / "results.csv").iloc[0]
     assert row["status"] == "missing" and "is not in" in row["note"] and pd.isna(row["test_accuracy"])
+
+
+def test_cross_dataset_table_puts_external_sets_beside_the_test_split(study):
+    scored = study / "external" / "ct" / "custom_cnn-random-ct" / "ct-site2"
+    scored.mkdir(parents=True)
+    (scored / "metrics.json").write_text(json.dumps({
+        "all_accuracy": 0.55, "all_accuracy_ci_low": 0.41, "all_accuracy_ci_high": 0.69,
+        "all_roc_auc": 0.60, "all_images": 40}))
+    CliRunner().invoke(main, ["--params", str(PARAMS), "-S", "study.models=[custom_cnn]",
+                              "-S", "study.inits=[random]", "-S", "study.datasets=[ct]",
+                              "report", "--no-log"], catch_exceptions=False)
+    cross = pd.read_csv(study / "reports" / "cross_dataset.csv").set_index("scored_on")
+    assert cross.loc["test split", "accuracy"] == pytest.approx(0.75)
+    assert cross.loc["ct-site2", "accuracy"] == pytest.approx(0.55) and cross.loc["ct-site2", "images"] == 40
+    md = (study / "reports" / "results.md").read_text()
+    assert "| ct | custom_cnn-random | ct-site2 | 40 | 0.550 [0.410, 0.690] |" in md
+    card = (study / "reports" / "cards" / "custom_cnn-random-ct.md").read_text()
+    assert "| ct-site2 | 40 | 0.550 [0.410, 0.690] |" in card

@@ -384,9 +384,12 @@ def build_report(
     scored = scored_cells(current, Path(models_root))
     comparisons = comparison_table(scored, cfg.eval)
     gradcams = copy_gradcams(current, Path(models_root), out)
-    sections = comparison_section(comparisons) + gradcam_section(gradcams)
+    cross = cross_dataset_table(current)
+    sections = (cross_dataset_section(cross) + comparison_section(comparisons)
+                + gradcam_section(gradcams))
     files = write_tables(table, out, cfg.eval.confidence, sections)
     files += list(gradcams.values())
+    files.append(atomic_write_text(out / "cross_dataset.csv", cross.to_csv(index=False)))
     files.append(out / "comparisons.csv")
     atomic_write_text(files[-1], comparisons.to_csv(index=False))
     for dataset in dict.fromkeys(current["dataset"]):
@@ -406,6 +409,50 @@ def build_report(
     if log:
         report.run_id = log_report(table, out)
     return report
+
+
+CROSS_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "recall_covid", "recall_non_covid")
+
+
+def cross_dataset_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Each finished cell on its own test split beside each external set, with intervals."""
+    rows = []
+    for row in table[table["status"] == "ok"].to_dict("records"):
+        name = Cell.of(row["model"], row["init"], row["dataset"]).name
+        scored = {"test split": {k.replace("test_", "", 1): v for k, v in row.items()
+                                 if isinstance(k, str) and k.startswith("test_")}}
+        scored.update({s: {k.replace("all_", "", 1): v for k, v in m.items()}
+                       for s, m in external_scores(row["dataset"], name).items()})
+        for scored_on, metrics in scored.items():
+            out = {"dataset": row["dataset"], "cell": f"{row['model']}-{row['init']}",
+                   "scored_on": scored_on, "images": metrics.get("images")}
+            for m in CROSS_METRICS:
+                for suffix in ("", "_ci_low", "_ci_high"):
+                    out[f"{m}{suffix}"] = metrics.get(f"{m}{suffix}")
+            rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def cross_dataset_section(cross: pd.DataFrame) -> list[str]:
+    lines = ["## Cross-dataset: own test split and external test sets", ""]
+    if cross.empty or set(cross["scored_on"]) == {"test split"}:
+        return lines + ["No external test set scored (`external` in params.yaml, stage "
+                        "external@<dataset>): nothing here says how the models fare elsewhere.", ""]
+    lines += ["Threshold 0.5; 95% intervals resample each set's groups. External sets were never "
+              "used for training or selection.", "",
+              "| dataset | cell | scored on | images | " + " | ".join(CROSS_METRICS) + " |",
+              "|" + "---|" * (4 + len(CROSS_METRICS))]
+    for row in cross.to_dict("records"):
+        values = []
+        for m in CROSS_METRICS:
+            v, lo, hi = (row.get(f"{m}{s}") for s in ("", "_ci_low", "_ci_high"))
+            values.append("—" if v is None or pd.isna(v) else
+                          f"{v:.3f}" if lo is None or pd.isna(lo) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]")
+        images = row["images"]
+        shown = "—" if images is None or pd.isna(images) else f"{images:.0f}"
+        lines.append(f"| {row['dataset']} | {row['cell']} | {row['scored_on']} | {shown} | "
+                     + " | ".join(values) + " |")
+    return lines + [""]
 
 
 def external_scores(dataset: str, cell: str, root: Path = Path(EXTERNAL_ROOT)) -> dict[str, dict]:
