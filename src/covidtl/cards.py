@@ -15,7 +15,7 @@ from typing import Any
 from covidtl import paths
 from covidtl.cells import Cell
 from covidtl.config import Config
-from covidtl.files import atomic_write_text
+from covidtl.files import atomic_write_text, json_text
 
 INTENDED_USE = (
     "Research only: not a diagnostic device. It has not been validated for clinical use; its "
@@ -142,21 +142,9 @@ def write_cards(cards: list[dict[str, Any]], out: Path) -> list[Path]:
     written = []
     for card in cards:
         base = out / "cards" / card["cell"]
-        text = json.dumps(_json_safe(card), indent=2, default=str)
-        written.append(atomic_write_text(base.with_suffix(".json"), text + "\n"))
+        written.append(atomic_write_text(base.with_suffix(".json"), json_text(card)))
         written.append(atomic_write_text(base.with_suffix(".md"), card_markdown(card)))
     return written
-
-
-def _json_safe(value: Any) -> Any:
-    # JSON has no NaN: an undefined figure is null.
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _read_json(path: Path) -> dict[str, Any]:

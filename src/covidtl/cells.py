@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from covidtl.files import atomic_path, atomic_write_text
+from covidtl.files import atomic_path, atomic_write_text, json_text
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 MODEL_DIR = "model"  # models/<cell>/model/: model.keras + card.json, or SKIPPED.txt
@@ -144,7 +144,7 @@ class Cell:
         atomic_write_text(self.history_file, _csv(("epoch", *EPOCH_METRICS), rows))
         if predictions is not None:
             atomic_write_text(self.predictions_file, _csv(PREDICTION_COLUMNS, predictions))
-        atomic_write_text(self.metrics_file, json.dumps(_json_safe(metrics), indent=2) + "\n")
+        atomic_write_text(self.metrics_file, json_text(metrics))
 
     def save_figure(self, figure, path: Path) -> Path:
         """A matplotlib figure as PNG, written whole or not at all."""
@@ -187,11 +187,6 @@ class Cell:
         """The MLflow run that produced this cell's result (None if skipped or missing)."""
         metrics = self.read_metrics() or {}
         return metrics.get("run_id") or None
-
-
-def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
-    # JSON has no NaN (e.g. AUC on a one-class test set): null says "undefined".
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
 
 
 def _csv(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:

@@ -24,7 +24,7 @@ from covidtl.config import Config, DatasetConfig, EvalConfig
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, readable_rows
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text
+from covidtl.files import atomic_write_text, json_text
 from covidtl.models.registry import MODELS, get_spec
 from covidtl.scores import Scores
 from covidtl.train import predict, rows_of
@@ -243,7 +243,6 @@ def evaluate(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        clean = {k: (None if np.isnan(v) else v) for k, v in metrics.items()}
-        atomic_write_text(out / "metrics.json", json.dumps(clean, indent=2) + "\n")
+        atomic_write_text(out / "metrics.json", json_text(metrics))
         atomic_write_text(out / "predictions.csv", scored.predictions().to_csv(index=False))
     return EvaluateResult(run_id, metrics, len(scored.y_true))

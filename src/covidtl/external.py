@@ -31,7 +31,7 @@ from covidtl.cells import MODELS_ROOT, Cell
 from covidtl.config import Config, DatasetConfig, ExternalSet
 from covidtl.data import ingest, tables
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text
+from covidtl.files import atomic_write_text, json_text
 
 EXTERNAL_ROOT = "external"
 PREDICTION_COLUMNS = ["path", "group", "actual", "predicted", "p_covid"]
@@ -168,7 +168,7 @@ def score_dataset(
         "sets": {s.entry.name: s.summary() for s in sets},
         "cells": cells,
     }
-    atomic_write_text(out.results_file, json.dumps(_json_safe(results), indent=2) + "\n")
+    atomic_write_text(out.results_file, json_text(results))
     return ExternalResult(results, out)
 
 
@@ -191,7 +191,7 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
         )[PREDICTION_COLUMNS]
         folder = out.scored_dir(cell.name, s.entry.name)
         atomic_write_text(folder / "predictions.csv", predictions.to_csv(index=False))
-        atomic_write_text(folder / "metrics.json", json.dumps(_json_safe(metrics), indent=2) + "\n")
+        atomic_write_text(folder / "metrics.json", json_text(metrics))
         entry: dict[str, Any] = {"images": len(scored.y_true), "metrics": metrics}
         if log:
             entry["evaluate_run_id"] = log_scored(
@@ -211,12 +211,3 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
     return scores
 
 
-def _json_safe(value: Any) -> Any:
-    # JSON has no NaN (e.g. AUC on a one-class set): null says "undefined".
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
