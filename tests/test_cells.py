@@ -29,7 +29,7 @@ def test_skipped_cell_files_and_no_tensorflow_import(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "cell" / "metrics.json").read_text()) == {
         "status": "skipped", "reason": "no weights here"}
     assert (tmp_path / "cell" / "model" / "SKIPPED.txt").read_text().strip() == "no weights here"
-    assert (tmp_path / "cell" / "predictions.csv").read_text() == "actual,predicted,p_covid\n"
+    assert (tmp_path / "cell" / "predictions.csv").read_text() == "path,group,actual,predicted,p_covid\n"
 
     # The CLI path of a skipped cell must not pay for importing TensorFlow.
     code = (
