@@ -83,3 +83,14 @@ def test_report_compares_a_pretrained_init_with_random_weights(tmp_path, monkeyp
                  "**Failure modes measured.**", "None scored: nothing here says how it fares elsewhere"):
         assert part in card
     assert json.loads((tmp_path / "reports" / "cards" / "vgg16-file-donor-tiny.json").read_text())["run_id"]
+
+
+def test_a_comparison_that_cannot_be_tested_says_so():
+    from covidtl.comparisons import in_words
+
+    row = pd.Series({"dataset": "ct", "question": "resnet50 vs the custom CNN (random)", "metric": "roc_auc",
+                     "a_value": 0.0, "b_value": 1.0, "difference": -1.0, "ci_low": float("nan"),
+                     "ci_high": float("nan"), "images": 20, "p_holm": float("nan"),
+                     "distinguishable": False, "test": "DeLong"})
+    words = in_words(row)
+    assert "cannot be tested on these images" in words and "no interval" in words

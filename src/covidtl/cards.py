@@ -16,6 +16,7 @@ from covidtl import paths
 from covidtl.cells import Cell
 from covidtl.config import Config
 from covidtl.files import atomic_write_text, json_text
+from covidtl.scores import with_interval
 
 INTENDED_USE = (
     "Research only: not a diagnostic device. It has not been validated for clinical use; its "
@@ -34,10 +35,7 @@ def _value(metrics: dict[str, Any], key: str) -> float:
 
 
 def _with_interval(metrics: dict[str, Any], key: str) -> str:
-    v, lo, hi = (_value(metrics, k) for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
-    if math.isnan(v):
-        return "—"
-    return f"{v:.3f}" if math.isnan(lo) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    return with_interval(*(metrics.get(k) for k in (key, f"{key}_ci_low", f"{key}_ci_high")))
 
 
 def failure_modes(

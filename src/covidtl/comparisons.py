@@ -95,9 +95,14 @@ def comparison_table(cells: list[Scored], cfg: EvalConfig) -> pd.DataFrame:
 
 def in_words(row: pd.Series) -> str:
     """One sentence a reader can act on."""
-    verdict = ("distinguishable from zero" if row["distinguishable"]
-               else "not distinguishable from zero")
+    if pd.isna(row["p_holm"]):
+        verdict = "cannot be tested on these images (the test is undefined: too few of them)"
+    elif row["distinguishable"]:
+        verdict = "distinguishable from zero"
+    else:
+        verdict = "not distinguishable from zero"
+    interval = ("no interval" if pd.isna(row["ci_low"])
+                else f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]")
     return (f"{row['dataset']}: {row['question']}: {row['metric']} {row['a_value']:.3f} vs "
-            f"{row['b_value']:.3f}, difference {row['difference']:+.3f} "
-            f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] on {row['images']} images — {verdict} "
-            f"({row['test']}, Holm-adjusted p = {row['p_holm']:.3g}).")
+            f"{row['b_value']:.3f}, difference {row['difference']:+.3f} {interval} on "
+            f"{row['images']} images — {verdict} ({row['test']}, Holm-adjusted p = {row['p_holm']:.3g}).")

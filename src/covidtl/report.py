@@ -22,6 +22,7 @@ from covidtl.comparisons import Scored, comparison_table, in_words
 from covidtl.config import Config
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
+from covidtl.scores import with_interval
 
 MODELS_ROOT = "models"  # cells.MODELS_ROOT
 EXTERNAL_ROOT = "external"  # covidtl external: external/<dataset>/<cell>/<set>/
@@ -164,7 +165,9 @@ def write_tables(
              "test_op_balanced_accuracy", "epochs_used", "train_seconds", "run_id"]
     lines += [
         f"Values at threshold 0.5 with their {confidence:.0%} group-bootstrap interval "
-        "(resampling the test split's patient groups); `op_` = at the operating point chosen on "
+        "(resampling the test split's patient groups; `[n/a]`: the metric is undefined in most "
+        "resamples, e.g. AUC when a resample holds one class, so no interval is given); `op_` = "
+        "at the operating point chosen on "
         "the validation split (`operating_threshold`). Differences between two cells are judged "
         "in *Paired comparisons* below, not by eye.",
         "",
@@ -185,11 +188,8 @@ def _with_intervals(part: pd.DataFrame) -> pd.DataFrame:
     """Headline metrics as "0.750 [0.610, 0.860]" strings."""
     shown = part.copy()
     for metric in [*HEADLINE, "test_op_balanced_accuracy"]:
-        low, high = f"{metric}_ci_low", f"{metric}_ci_high"
-        shown[metric] = [
-            "—" if pd.isna(v) else (f"{v:.3f}" if pd.isna(lo) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]")
-            for v, lo, hi in zip(part[metric], _column(part, low), _column(part, high))
-        ]
+        shown[metric] = [with_interval(v, lo, hi) for v, lo, hi in zip(
+            part[metric], _column(part, f"{metric}_ci_low"), _column(part, f"{metric}_ci_high"))]
     return shown
 
 
@@ -443,11 +443,8 @@ def cross_dataset_section(cross: pd.DataFrame) -> list[str]:
               "| dataset | cell | scored on | images | " + " | ".join(CROSS_METRICS) + " |",
               "|" + "---|" * (4 + len(CROSS_METRICS))]
     for row in cross.to_dict("records"):
-        values = []
-        for m in CROSS_METRICS:
-            v, lo, hi = (row.get(f"{m}{s}") for s in ("", "_ci_low", "_ci_high"))
-            values.append("—" if v is None or pd.isna(v) else
-                          f"{v:.3f}" if lo is None or pd.isna(lo) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]")
+        values = [with_interval(*(row.get(f"{m}{s}") for s in ("", "_ci_low", "_ci_high")))
+                  for m in CROSS_METRICS]
         images = row["images"]
         shown = "—" if images is None or pd.isna(images) else f"{images:.0f}"
         lines.append(f"| {row['dataset']} | {row['cell']} | {row['scored_on']} | {shown} | "

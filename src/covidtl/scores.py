@@ -78,6 +78,16 @@ class Scores:
         )
 
 
+def with_interval(value, low, high) -> str:
+    """'0.750 [0.610, 0.860]'; '[n/a]' where the metric is undefined in most resamples."""
+    def missing(x) -> bool:
+        return x is None or (isinstance(x, float) and np.isnan(x))
+
+    if missing(value):
+        return "—"
+    return f"{value:.3f} [n/a]" if missing(low) or missing(high) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def choose_operating_point(scores: Scores | None, rule: str) -> dict[str, Any]:
     """The threshold `rule` picks on the validation split, or 0.5 where it cannot (one class)."""
     if scores is None or len(np.unique(scores.y_true)) < 2:
