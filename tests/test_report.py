@@ -153,4 +153,4 @@ def test_cross_dataset_table_puts_external_sets_beside_the_test_split(study):
     md = (study / "reports" / "results.md").read_text()
     assert "| ct | custom_cnn-random | ct-site2 | 40 | 0.550 [0.410, 0.690] |" in md
     card = (study / "reports" / "cards" / "custom_cnn-random-ct.md").read_text()
-    assert "| ct-site2 | 40 | 0.550 [0.410, 0.690] |" in card
+    assert "| ct-site2 | 40 | 0.550 [0.410, 0.690] |" in card  # images as a whole number

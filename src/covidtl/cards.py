@@ -125,7 +125,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines += ["**External test sets** (never used for training or selection):", "",
                   "| set | images | accuracy | balanced accuracy | ROC AUC |", "|---|---|---|---|---|"]
         for name, scored in card["external"].items():
-            lines.append(f"| {name} | {scored.get('all_images', '—')} | {_with_interval(scored, 'all_accuracy')} | "
+            images = scored.get("all_images")
+            lines.append(f"| {name} | {'—' if images is None else int(images)} | {_with_interval(scored, 'all_accuracy')} | "
                          f"{_with_interval(scored, 'all_balanced_accuracy')} | {_with_interval(scored, 'all_roc_auc')} |")
         lines.append("")
     else:
