@@ -221,8 +221,9 @@ def test_interrupted_study_resumes(tmp_path):
     """SIGKILL mid-trial, run again: completed trials stay, the dead trial is failed, one more runs."""
     root = make_project(tmp_path)
     url = sqlite_url(root)
+    # Two epochs per trial: a wider window to catch trial 1 inside fit on a loaded machine.
     args = settings(root, "tune.pruner=none") + [
-        "tune", "--model", "custom_cnn", "--dataset", "tiny", "--epochs", "1", "--storage", url,
+        "tune", "--model", "custom_cnn", "--dataset", "tiny", "--epochs", "2", "--storage", url,
     ]
     worker = subprocess.Popen(
         COVIDTL + args + ["--trials", "3"], cwd=root, env=env_for(root),
