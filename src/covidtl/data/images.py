@@ -57,9 +57,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image ingest accepted and return it as 8-bit RGB."""
-    with Image.open(path) as im:
+def load_rgb(source: str | Path | bytes) -> Image.Image:
+    """Open an image ingest accepted (a path, or the file's bytes) and return it as 8-bit RGB."""
+    # Bytes come from a client of the server; Pillow's decompression-bomb guard applies to both.
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
         im.load()
         return to_rgb(im)
 
