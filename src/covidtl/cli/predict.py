@@ -1,4 +1,4 @@
-"""Commands that use a trained model on new images."""
+"""Commands that use a trained model on new images: predict, and register it for serving."""
 
 from __future__ import annotations
 
@@ -41,4 +41,19 @@ def predict(ctx, inputs, model_uri, out) -> None:
         click.echo(f"wrote {write_predictions(results, out, threshold)}")
 
 
-COMMANDS: list[click.Command] = [predict]
+@click.command()
+@click.argument("model_path", metavar="CELL_OR_MODEL_PATH")
+@click.option("--name", required=True, help="The registered model's name in the MLflow Model Registry.")
+@click.option("--alias", default="champion", show_default=True,
+              help="The alias the new version gets (serve it as models:/<name>@<alias>).")
+@click.pass_context
+def register(ctx, model_path, name, alias) -> None:
+    """Log a study cell's model as a servable MLflow model, register it and set an alias."""
+    from covidtl.serving.register import register_model
+
+    result = register_model(config_from(ctx), model_path, name, alias)
+    click.echo(f"registered {result.uri} (version {result.version}, run {result.run_id}); serve it "
+               f"with: mlflow models serve -m {result.uri} --env-manager local --host 127.0.0.1")
+
+
+COMMANDS: list[click.Command] = [predict, register]

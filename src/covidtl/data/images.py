@@ -67,7 +67,11 @@ def load_rgb(source: str | Path | bytes) -> Image.Image:
 
 def measure(path: str | Path, hash_size: int = 8, thumbnail: int = 32) -> Measured:
     """Decode the whole file and measure it, or raise BadImage with the reason."""
-    data = Path(path).read_bytes()
+    return measure_bytes(Path(path).read_bytes(), hash_size, thumbnail)
+
+
+def measure_bytes(data: bytes, hash_size: int = 8, thumbnail: int = 32) -> Measured:
+    """`measure` of a file's bytes (an image sent to the server)."""
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
@@ -106,6 +110,15 @@ def measure_or_reason(path: str | Path, hash_size: int = 8, thumbnail: int = 32)
         return str(exc)
     except OSError as exc:  # unreadable (permissions, vanished): report it, keep going
         return f"cannot read file: {exc.strerror or exc}"
+
+
+def bytes_reason(data: bytes) -> str | None:
+    """Why a file's bytes are not an image the models read (ingest's reasons), or None."""
+    try:
+        measure_bytes(data)
+    except BadImage as exc:
+        return str(exc)
+    return None
 
 
 def difference_hash(grey: Image.Image, hash_size: int = 8) -> str:
