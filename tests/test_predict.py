@@ -119,3 +119,13 @@ def test_a_model_holding_python_code_is_refused_in_safe_mode(trained, folder, tm
     assert run.exit_code == 2
     lines = run.output.strip().splitlines()
     assert len(lines) == 1 and "refused" in lines[0] and "Lambda" in lines[0], run.output
+
+
+def test_an_unwritable_out_is_one_line(trained, folder, tmp_path):
+    """--out under a plain file (as root, the one unwritable place without dropping privileges)."""
+    tmp = trained[0]
+    (tmp_path / "a-file").write_text("not a folder")
+    run = cli(tmp, "predict", str(folder), "--model-uri", str(tmp / "cell"),
+              "--out", str(tmp_path / "a-file" / "p.csv"))
+    assert run.exit_code == 2 and "cannot write" in run.output and "Traceback" not in run.output
+    assert (tmp_path / "a-file").read_text() == "not a folder"

@@ -100,7 +100,7 @@ UNSAFE_MODEL = ("refused: the model holds Python code (a Lambda layer) and model
                 "safe mode; rebuild it without Lambda layers (`covidtl train` never makes one)")
 
 
-def model_files(model_path: str | Path) -> tuple[Path, Path | None]:
+def model_files(model_path: str | Path, option: str = "--model-uri") -> tuple[Path, Path | None]:
     """(model.keras, its card.json or None) for a .keras file, a cell's folder or its model/ folder."""
     path = Path(model_path)
     if path.is_dir() and Cell(path).model_file.is_file():  # a study cell's folder
@@ -108,10 +108,10 @@ def model_files(model_path: str | Path) -> tuple[Path, Path | None]:
     elif path.is_dir() and (path / "model.keras").is_file():  # a cell's model/ folder
         path = path / "model.keras"
     if not path.is_file():
-        raise UserError(
-            f"--model-uri {model_path}: no such file; give a model.keras, a models/<cell>/ "
-            "folder, runs:/<run_id>/model, models:/<name>/<version> or models:/<name>@<alias>"
-        )
+        uris = (", runs:/<run_id>/model, models:/<name>/<version> or models:/<name>@<alias>"
+                if option == "--model-uri" else " or its model/ folder")
+        raise UserError(f"{option} {model_path}: no such file; give a model.keras, a models/<cell>/ "
+                        f"folder{uris}")
     card_file = path.parent / "card.json"  # written beside model.keras by cells.Cell
     return path, card_file if card_file.is_file() else None
 

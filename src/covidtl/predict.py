@@ -90,7 +90,13 @@ def predict_files(loaded: LoadedModel, inputs: Iterable[str | Path]) -> list[Pre
     """A Prediction per image file given or found in the folders given (their subfolders too)."""
     from covidtl.explain import image_files
 
-    return Predictor(loaded).score(read_files(image_files(list(inputs), purpose="to predict")))
+    files = image_files(list(inputs), purpose="to predict")
+    predictor = Predictor(loaded)
+    results: list[Prediction] = []
+    # A batch at a time: a folder of thousands of scans never sits in memory whole.
+    for start in range(0, len(files), predictor.batch_size):
+        results.extend(predictor.score(read_files(files[start : start + predictor.batch_size])))
+    return results
 
 
 def check_out(out: str | Path) -> Path:
@@ -111,7 +117,11 @@ def write_predictions(predictions: list[Prediction], out: str | Path, threshold:
     if out.suffix.lower() == ".csv":
         buffer = io.StringIO()
         frame(predictions).to_csv(buffer, index=False)
-        return atomic_write_text(out, buffer.getvalue())
-    return atomic_write_text(out, json_text({
-        "threshold": threshold, "predictions": [asdict(p) for p in predictions],
-    }))
+        text = buffer.getvalue()
+    else:
+        text = json_text({"threshold": threshold, "predictions": [asdict(p) for p in predictions]})
+    try:
+        return atomic_write_text(out, text)
+    except OSError as exc:  # read-only folder, full disk: nothing half-written is left
+        raise UserError(f"--out {out}: cannot write it ({exc.strerror or exc}); "
+                        "choose a writable folder with free space") from None

@@ -47,7 +47,7 @@ def register_model(cfg: Config, model_path: str | Path, name: str, alias: str = 
     if not ALIAS.match(alias):
         raise UserError(f"--alias {alias!r}: use letters, digits, '_' or '-', starting with a letter "
                         "and not shaped like a version (v1); e.g. champion")
-    model_file, card_file = model_files(model_path)
+    model_file, card_file = model_files(model_path, option="CELL_OR_MODEL_PATH")
     loaded = load_model_files(model_file, card_file, cfg)  # safe mode; a bad file fails here
     card = json.loads(card_file.read_text()) if card_file is not None else {}
     # A bare .keras file gets the card the server needs: its preprocessing and operating point.
