@@ -50,34 +50,32 @@ class EvaluateResult:
     images: int
 
 
-def load_trained(model_uri: str, cfg: Config) -> LoadedModel:
-    """A .keras file (with card.json beside it if there) or an MLflow model URI (runs:/, models:/)."""
+def load_trained(model_uri: str, cfg: Config | None = None) -> LoadedModel:
+    """The one model loader (evaluate, predict, explain, the server): a .keras file or a cell's
+    folder (card.json beside the model), runs:/ or models:/<name>/<version|@alias> URIs.
+
+    Keras' safe mode is on: a model file holding Python code (a Lambda layer) is refused.
+    """
     if "://" not in model_uri and ":/" not in model_uri:
-        path = Path(model_uri)
-        if path.is_dir() and Cell(path).model_file.is_file():  # a study cell's folder
-            path = Cell(path).model_file
-        elif path.is_dir() and (path / "model.keras").is_file():  # a cell's model/ folder
-            path = path / "model.keras"
-        if not path.is_file():
-            raise UserError(
-                f"--model-uri {model_uri}: no such file; give a model.keras, a models/<cell>/ "
-                "folder, runs:/<run_id>/model or models:/<name>/<version>"
-            )
-        model = _load_keras(path)
-        card_file = path.parent / "card.json"  # written beside model.keras by cells.Cell
-        card = json.loads(card_file.read_text()) if card_file.is_file() else {}
-        return LoadedModel(
-            model, card.get("model") or _name_from_model(model), card.get("init", "unknown"),
-            card.get("preprocessing", cfg.train.preprocessing), card.get("run_id"),
-            (card.get("operating_point") or {}).get("threshold"),
-        )
+        model_file, card_file = model_files(model_uri)
+        return load_model_files(model_file, card_file, cfg)
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
         info = mlflow.models.get_model_info(model_uri)
-        model = mlflow.keras.load_model(model_uri)
+        if PYFUNC_WRAPPER_KEY in (info.flavors.get("python_function", {}).get("artifacts") or {}):
+            # A model put in the registry by `covidtl register`: the .keras file and its card.
+            local = Path(mlflow.artifacts.download_artifacts(model_uri))
+            wrapper = info.flavors["python_function"]["artifacts"]
+            return load_model_files(local / wrapper[PYFUNC_WRAPPER_KEY]["path"],
+                               local / wrapper[PYFUNC_CARD_KEY]["path"], cfg)
+        model = mlflow.keras.load_model(model_uri, load_model_kwargs=KERAS_LOAD_KWARGS)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - unknown run/model/URI: the user's value
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        if "safe_mode" in str(exc):
+            raise UserError(f"--model-uri {model_uri}: {UNSAFE_MODEL}") from None
         raise UserError(
             f"--model-uri {model_uri}: cannot load it from {tracking.tracking_uri()} ({first}); "
             "check the run id (`mlflow ui`) and MLFLOW_TRACKING_URI"
@@ -88,15 +86,61 @@ def load_trained(model_uri: str, cfg: Config) -> LoadedModel:
         params, metrics = run.data.params, run.data.metrics
     return LoadedModel(
         model, params.get("model") or _name_from_model(model), params.get("init", "unknown"),
-        params.get("train.preprocessing", cfg.train.preprocessing), info.run_id,
+        params.get("train.preprocessing", _default_preprocessing(cfg)), info.run_id,
         metrics.get("operating_threshold"),
     )
 
 
+# The artifacts of the pyfunc model `covidtl register` logs (read back above).
+PYFUNC_WRAPPER_KEY = "keras_model"
+PYFUNC_CARD_KEY = "card"
+# Explicit although it is Keras 3's default: no code from a model file ever runs here.
+KERAS_LOAD_KWARGS = {"compile": False, "safe_mode": True}
+UNSAFE_MODEL = ("refused: the model holds Python code (a Lambda layer) and models load in Keras' "
+                "safe mode; rebuild it without Lambda layers (`covidtl train` never makes one)")
+
+
+def model_files(model_path: str | Path, option: str = "--model-uri") -> tuple[Path, Path | None]:
+    """(model.keras, its card.json or None) for a .keras file, a cell's folder or its model/ folder."""
+    path = Path(model_path)
+    if path.is_dir() and Cell(path).model_file.is_file():  # a study cell's folder
+        path = Cell(path).model_file
+    elif path.is_dir() and (path / "model.keras").is_file():  # a cell's model/ folder
+        path = path / "model.keras"
+    if not path.is_file():
+        uris = (", runs:/<run_id>/model, models:/<name>/<version> or models:/<name>@<alias>"
+                if option == "--model-uri" else " or its model/ folder")
+        raise UserError(f"{option} {model_path}: no such file; give a model.keras, a models/<cell>/ "
+                        f"folder{uris}")
+    card_file = path.parent / "card.json"  # written beside model.keras by cells.Cell
+    return path, card_file if card_file.is_file() else None
+
+
+def load_model_files(
+    model_file: str | Path, card_file: str | Path | None, cfg: Config | None = None
+) -> LoadedModel:
+    """`load_trained` of a local model.keras and its card (also the served model's loader)."""
+    model = _load_keras(Path(model_file))
+    card_file = Path(card_file) if card_file is not None else None
+    card = json.loads(card_file.read_text()) if card_file is not None else {}
+    return LoadedModel(
+        model, card.get("model") or _name_from_model(model), card.get("init", "unknown"),
+        card.get("preprocessing", _default_preprocessing(cfg)), card.get("run_id"),
+        (card.get("operating_point") or {}).get("threshold"),
+    )
+
+
+def _default_preprocessing(cfg: Config | None) -> str:
+    # Only for a model without card or run params; the server has no params.yaml: the paper's.
+    return cfg.train.preprocessing if cfg is not None else "rescale"
+
+
 def _load_keras(path: Path) -> keras.Model:
     try:
-        return keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, **KERAS_LOAD_KWARGS)
     except Exception as exc:  # noqa: BLE001 - a wrong or damaged file
+        if "safe_mode" in str(exc):
+            raise UserError(f"{path}: {UNSAFE_MODEL}") from None
         raise UserError(f"{path}: not a readable Keras model ({str(exc)[:160]})") from None
 
 

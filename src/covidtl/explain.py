@@ -153,7 +153,7 @@ class Explained:
     reason: str | None = None  # why the file could not be explained
 
 
-def image_files(inputs: Iterable[str | Path]) -> list[Path]:
+def image_files(inputs: Iterable[str | Path], purpose: str = "to explain") -> list[Path]:
     """Files as given, and the image files in each folder (its subfolders too), sorted."""
     found: list[Path] = []
     for item in inputs:
@@ -167,7 +167,7 @@ def image_files(inputs: Iterable[str | Path]) -> list[Path]:
             raise UserError(f"{path}: no such file or folder; give image files or folders of images")
     if not found:
         names = ", ".join(str(i) for i in inputs) or "nothing"
-        raise UserError(f"{names}: no image files (.png, .jpg, .bmp) to explain")
+        raise UserError(f"{names}: no image files (.png, .jpg, .bmp) {purpose}")
     return found
 
 

@@ -57,16 +57,21 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image ingest accepted and return it as 8-bit RGB."""
-    with Image.open(path) as im:
+def load_rgb(source: str | Path | bytes) -> Image.Image:
+    """Open an image ingest accepted (a path, or the file's bytes) and return it as 8-bit RGB."""
+    # Bytes come from a client of the server; Pillow's decompression-bomb guard applies to both.
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
         im.load()
         return to_rgb(im)
 
 
 def measure(path: str | Path, hash_size: int = 8, thumbnail: int = 32) -> Measured:
     """Decode the whole file and measure it, or raise BadImage with the reason."""
-    data = Path(path).read_bytes()
+    return measure_bytes(Path(path).read_bytes(), hash_size, thumbnail)
+
+
+def measure_bytes(data: bytes, hash_size: int = 8, thumbnail: int = 32) -> Measured:
+    """`measure` of a file's bytes (an image sent to the server)."""
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
@@ -105,6 +110,15 @@ def measure_or_reason(path: str | Path, hash_size: int = 8, thumbnail: int = 32)
         return str(exc)
     except OSError as exc:  # unreadable (permissions, vanished): report it, keep going
         return f"cannot read file: {exc.strerror or exc}"
+
+
+def bytes_reason(data: bytes) -> str | None:
+    """Why a file's bytes are not an image the models read (ingest's reasons), or None."""
+    try:
+        measure_bytes(data)
+    except BadImage as exc:
+        return str(exc)
+    return None
 
 
 def difference_hash(grey: Image.Image, hash_size: int = 8) -> str:

@@ -65,9 +65,23 @@ def decode_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     # Pillow through `load_rgb`, not tf.io.decode_image: ingest, training, evaluation and the
     # offline set must turn a 16-bit scan into 8 bits the same way (stretched by its own range).
     image = tf.numpy_function(_load_rgb_array, [path], tf.uint8, stateful=False)
+    return resize_rgb(image, image_size)
+
+
+def resize_rgb(image, image_size: int) -> tf.Tensor:
+    """uint8 RGB (h, w, 3) -> float32 RGB in [0, 255] at image_size x image_size (bilinear)."""
     image = tf.image.resize(tf.ensure_shape(image, (None, None, 3)), (image_size, image_size))
     image.set_shape((image_size, image_size, 3))
     return image
+
+
+def image_from_bytes(data: bytes, image_size: int) -> np.ndarray:
+    """An image file's bytes -> what `decode_image` makes of the same file: the model's raw input.
+
+    `covidtl predict` and the served model read images through this; the preprocessing of the
+    model's registry entry is applied to the batch afterwards, as in `make_dataset`.
+    """
+    return resize_rgb(tf.constant(np.asarray(load_rgb(data), dtype=np.uint8)), image_size).numpy()
 
 
 def _load_rgb_array(path: bytes | np.ndarray) -> np.ndarray:

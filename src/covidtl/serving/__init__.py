@@ -1,0 +1,1 @@
+"""A trained model in the MLflow Model Registry and served over HTTP (`mlflow models serve`)."""
