@@ -1,0 +1,159 @@
+"""Resume: `covidtl train` killed (SIGKILL) or interrupted (Ctrl-C) and run again continues its run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from covidtl.cells import EPOCH_METRICS
+from helpers_train import make_workdir
+
+ROOT = Path(__file__).parents[1]
+COVIDTL = str(Path(sys.executable).parent / "covidtl")
+EPOCHS = 4
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Tiny synthetic images, their split, and a fresh SQLite tracking store for the subprocesses."""
+    make_workdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return tmp_path, uri
+
+
+def command(tmp: Path, out: Path, *extra: str) -> list[str]:
+    """The custom CNN for 4 epochs, the stop rule disabled (val_accuracy can never reach 2)."""
+    return [
+        COVIDTL, "--params", str(ROOT / "params.yaml"), "-S", f"data.workdir={tmp / 'data'}",
+        "-S", f"data.datasets.tiny.path={tmp / 'images'}", "-S", "train.stop.val_accuracy=2",
+        "-S", "train.bn_recalibration_batches=2",
+        "train", "--model", "custom_cnn", "--dataset", "tiny", "--epochs", str(EPOCHS),
+        "--batch-size", "8", "--out", str(out), "--no-log-model", *extra,
+    ]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+
+
+def state_of(cell: Path) -> dict:
+    try:
+        return json.loads((cell / "checkpoint" / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def start_and_stop_after_two_epochs(args: list[str], cell: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start training; once the checkpoint holds 2 epochs, send `sig`; wait for the process."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    deadline = time.monotonic() + 300
+    while state_of(cell).get("epochs_done", 0) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint of 2 epochs within 300 s"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def check_one_continued_run(uri: str, cell: Path, run_id: str) -> None:
+    """One MLflow run, finished, each epoch's metrics at steps 1..4 once; the files say the same."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].info.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(1, EPOCHS + 1)), key
+    assert runs[0].data.metrics["epochs_used"] == EPOCHS
+    metrics = json.loads((cell / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["run_id"] == run_id and metrics["epochs_used"] == EPOCHS
+    history = pd.read_csv(cell / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    assert not history[list(EPOCH_METRICS)].isna().any().any()
+    assert not (cell / "checkpoint").exists()
+
+
+def test_a_killed_run_continues_from_its_last_epoch(workdir):
+    tmp, uri = workdir
+    cell = tmp / "cell"
+    args = command(tmp, cell)
+    killed = start_and_stop_after_two_epochs(args, cell, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    state = state_of(cell)
+    done, run_id = state["epochs_done"], state["run_id"]
+    assert 2 <= done < EPOCHS
+    assert len(list((cell / "checkpoint").glob("epoch-*.keras"))) == 1  # only the last epoch's
+
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Resuming run {run_id} after epoch {done}" in again.stderr
+    check_one_continued_run(uri, cell, run_id)
+    assert MlflowClient(uri).get_run(run_id).data.tags["resumed_after_epoch"] == str(done)
+
+    # The same files, keys and history as a run never stopped.
+    whole = tmp / "whole"
+    plain = run(command(tmp, whole))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "Resuming" not in plain.stderr
+    for name in ("metrics.json", "model/card.json"):
+        resumed, uninterrupted = (json.loads((c / name).read_text()) for c in (cell, whole))
+        assert resumed.keys() == uninterrupted.keys(), name
+    assert (cell / "config.yaml").read_text() == (whole / "config.yaml").read_text()
+    assert list(pd.read_csv(cell / "history.csv").columns) == list(pd.read_csv(whole / "history.csv").columns)
+    assert sorted(p.name for p in cell.rglob("*")) == sorted(p.name for p in whole.rglob("*"))
+
+
+def test_ctrl_c_stops_keeps_the_checkpoint_and_says_how_to_continue(workdir):
+    tmp, uri = workdir
+    cell = tmp / "cell"
+    args = command(tmp, cell)
+    stopped = start_and_stop_after_two_epochs(args, cell, signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    state = state_of(cell)
+    done, run_id = state["epochs_done"], state["run_id"]
+    assert 2 <= done < EPOCHS
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last == (f"Interrupted after epoch {done} (checkpoint {cell / 'checkpoint'}): run the same "
+                    f"command to continue from epoch {done + 1}, or add --restart to start over.")
+    assert "Traceback" not in stopped.stderr
+    assert json.loads((cell / "metrics.json").read_text())["status"] == "failed"
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
+    changed = run(command(tmp, cell, "--lr", "5e-4"))
+    assert changed.returncode == 2
+    assert changed.stderr.strip().splitlines()[-1] == (
+        f"Error: {cell / 'checkpoint'}: the settings or data changed since this checkpoint (epoch {done} "
+        f"of run {run_id}); delete it or pass --restart")
+    assert state_of(cell)["epochs_done"] == done  # refused, the checkpoint untouched
+
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Resuming run {run_id} after epoch {done}" in again.stderr
+    check_one_continued_run(uri, cell, run_id)
+
+
+def test_restart_drops_the_checkpoint_and_starts_a_new_run(workdir):
+    tmp, uri = workdir
+    cell = tmp / "cell"
+    args = command(tmp, cell)
+    start_and_stop_after_two_epochs(args, cell, signal.SIGKILL)
+    old = state_of(cell)["run_id"]
+    fresh = run(args + ["--restart"])
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "Resuming" not in fresh.stderr
+    new = json.loads((cell / "metrics.json").read_text())["run_id"]
+    assert new != old
+    steps = sorted(m.step for m in MlflowClient(uri).get_metric_history(new, "loss"))
+    assert steps == list(range(1, EPOCHS + 1))
