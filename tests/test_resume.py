@@ -157,3 +157,51 @@ def test_restart_drops_the_checkpoint_and_starts_a_new_run(workdir):
     assert new != old
     steps = sorted(m.step for m in MlflowClient(uri).get_metric_history(new, "loss"))
     assert steps == list(range(1, EPOCHS + 1))
+
+
+def test_resume_restores_the_weights_and_adams_state(tmp_path):
+    """What `fit` continues from: the checkpoint's weights, Adam's moments and step count, its history."""
+    import keras
+    import numpy as np
+
+    from covidtl.models.registry import build_model
+    from covidtl.train import Resume, fit, plan_run
+
+    cfg, _ = make_workdir(tmp_path, **{"train.max_epochs": 2})
+    plan = plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell")
+    donor = build_model(plan.spec, "random", cfg.train, plan.image_size)
+    donor.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
+    x = np.random.default_rng(0).random((4, plan.image_size, plan.image_size, 3), dtype="float32")
+    for _ in range(3):
+        donor.train_on_batch(x, keras.utils.to_categorical([0, 1, 0, 1], 2))
+    donor.save(tmp_path / "epoch-0002.keras")
+    history = {"loss": [0.7, 0.6], "val_loss": [0.8, 0.7]}
+    resume = Resume(run_id="r", epochs_done=2, history=history, stopped_epoch=None, seconds=5.0,
+                    model_file=tmp_path / "epoch-0002.keras")
+
+    net = build_model(plan.spec, "random", cfg.train, plan.image_size)
+    fitted = fit(plan, net, None, None, run_id="r", resume=resume)  # all epochs done: nothing to train
+    assert int(net.optimizer.iterations) == 3
+    assert len(net.optimizer.variables) == len(donor.optimizer.variables) > 2  # the moments, not just counters
+    for restored, saved in zip(net.optimizer.variables + net.weights, donor.optimizer.variables + donor.weights):
+        np.testing.assert_array_equal(np.asarray(restored), np.asarray(saved))
+    assert fitted.history == history and fitted.epochs_used == 2 and fitted.seconds >= 5.0
+
+
+def test_epochs_a_kill_cut_off_from_mlflow_are_logged_once(tmp_path):
+    """Killed between an epoch's checkpoint and its MLflow log: the resume logs that step, once."""
+    import mlflow
+
+    from covidtl.train import log_missing_epochs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    history = {key: [0.5, 0.4, 0.3] for key in EPOCH_METRICS}
+    with mlflow.start_run() as run:
+        mlflow.log_metrics({key: 0.5 for key in EPOCH_METRICS}, step=1)
+        mlflow.log_metrics({key: 0.4 for key in EPOCH_METRICS}, step=2)
+        log_missing_epochs(run.info.run_id, history)
+    client = MlflowClient(uri)
+    for key in EPOCH_METRICS:
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert points == [(1, 0.5), (2, 0.4), (3, 0.3)], key
