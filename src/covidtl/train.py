@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable, Iterator
 import keras
 import mlflow
 import numpy as np
-from mlflow.exceptions import MlflowException
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from covidtl import paths, tracking
 from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label
