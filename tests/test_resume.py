@@ -53,14 +53,15 @@ def state_of(cell: Path) -> dict:
         return {}
 
 
-def start_and_stop_after_two_epochs(args: list[str], cell: Path, sig: int) -> subprocess.CompletedProcess:
-    """Start training; once the checkpoint holds 2 epochs, send `sig`; wait for the process."""
+def start_and_stop_after_two_epochs(args: list[str], cell: Path, sig: int, epochs: int = 2
+                                    ) -> subprocess.CompletedProcess:
+    """Start training; once the checkpoint holds `epochs` epochs, send `sig`; wait for the process."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ.copy())
     deadline = time.monotonic() + 300
-    while state_of(cell).get("epochs_done", 0) < 2:
+    while state_of(cell).get("epochs_done", -1) < epochs:
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint of 2 epochs within 300 s"
+        assert time.monotonic() < deadline, f"no checkpoint of {epochs} epochs within 300 s"
         time.sleep(0.05)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
@@ -142,6 +143,19 @@ def test_ctrl_c_stops_keeps_the_checkpoint_and_says_how_to_continue(workdir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"Resuming run {run_id} after epoch {done}" in again.stderr
     check_one_continued_run(uri, cell, run_id)
+
+
+def test_a_run_killed_in_its_first_epoch_continues_the_same_run(workdir):
+    tmp, uri = workdir
+    cell = tmp / "cell"
+    args = command(tmp, cell)
+    start_and_stop_after_two_epochs(args, cell, signal.SIGKILL, epochs=0)
+    state = state_of(cell)
+    assert state["epochs_done"] == 0 and state["model_file"] is None  # the run's id, no epoch yet
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Resuming run {state['run_id']}" in again.stderr
+    check_one_continued_run(uri, cell, state["run_id"])
 
 
 def test_restart_drops_the_checkpoint_and_starts_a_new_run(workdir):

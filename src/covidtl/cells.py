@@ -164,12 +164,14 @@ class Cell:
         record = {"status": "failed", "reason": reason, "run_id": run_id}
         atomic_write_text(self.metrics_file, json.dumps(record, indent=2) + "\n")
 
-    def save_checkpoint(self, save: Callable[[Path], None], state: dict[str, Any]) -> None:
+    def save_checkpoint(self, save: Callable[[Path], None] | None, state: dict[str, Any]) -> None:
         """One completed epoch: its model file, then state.json naming it, then the older file goes.
-        A kill at any moment leaves a state.json that names a whole model file of the same epoch."""
-        name = f"epoch-{state['epochs_done']:04d}.keras"
-        with atomic_path(self.checkpoint_dir / name) as tmp:
-            save(tmp)
+        A kill at any moment leaves a state.json that names a whole model file of the same epoch.
+        `save` None: the run has begun, no epoch is done yet (state.json alone keeps its run id)."""
+        name = f"epoch-{state['epochs_done']:04d}.keras" if save is not None else None
+        if save is not None:
+            with atomic_path(self.checkpoint_dir / name) as tmp:
+                save(tmp)
         atomic_write_text(self.checkpoint_state_file, json_text({**state, "model_file": name}))
         for old in (*self.checkpoint_dir.glob("epoch-*.keras"), *self.checkpoint_dir.glob(".epoch-*.tmp*")):
             if old.name != name:  # an older epoch, or a save a kill cut short
@@ -198,17 +200,18 @@ class Cell:
             return None
         return data if isinstance(data, dict) else None
 
-    def read_checkpoint(self) -> tuple[dict[str, Any], Path] | None:
-        """The last completed epoch's state and model file, or None when there is nothing to resume."""
+    def read_checkpoint(self) -> tuple[dict[str, Any], Path | None] | None:
+        """The last completed epoch's state and model file (None before the first epoch ends),
+        or None when there is nothing to resume."""
         try:
             state = json.loads(self.checkpoint_state_file.read_text())
-            model_file = self.checkpoint_dir / state["model_file"]
+            model_file = self.checkpoint_dir / state["model_file"] if state["model_file"] else None
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{self.checkpoint_state_file}: unreadable ({exc}); delete "
                             f"{self.checkpoint_dir} or pass --restart to start over") from None
-        if not model_file.is_file():
+        if model_file is not None and not model_file.is_file():
             raise UserError(f"{model_file}: missing, though {self.checkpoint_state_file} names it; delete "
                             f"{self.checkpoint_dir} or pass --restart to start over")
         return state, model_file

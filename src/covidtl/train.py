@@ -139,7 +139,7 @@ class TrainingInterrupted(KeyboardInterrupt):
             where = f"after epoch {epochs_done} (checkpoint {checkpoint_dir})"
             then = "run the same command to continue from epoch " + str(epochs_done + 1)
         else:
-            where, then = "in epoch 1, before any checkpoint", "run the same command to start again"
+            where, then = "in epoch 1", "run the same command to redo it in the same MLflow run"
         super().__init__(f"Interrupted {where}: {then}, or add --restart to start over.")
 
 
@@ -321,7 +321,7 @@ class Resume:
     history: dict[str, list[float]]
     stopped_epoch: int | None
     seconds: float
-    model_file: Path
+    model_file: Path | None  # None: killed in the first epoch, the run continues from scratch
 
 
 def run_digest(plan: Plan) -> str:
@@ -394,7 +394,7 @@ def fit(
         run_eagerly=cfg.train.run_eagerly,
     )
     stop = PaperStopRule(cfg.train.stop.val_accuracy, cfg.train.stop.val_loss)
-    if resume is not None:
+    if resume is not None and resume.model_file is not None:
         # load_weights restores Adam's moments and step count only into a built optimizer.
         net.optimizer.build(net.trainable_variables)
         net.load_weights(resume.model_file)
@@ -531,6 +531,9 @@ def _run(
     """Inside the run: log what it is, fit, score, write the cell's files, log the results."""
     if resume is None:
         log_plan(plan)
+        # The run id before any epoch ends: a kill in the first epoch continues this run too.
+        plan.cell.save_checkpoint(None, {"run_id": run_id, "digest": run_digest(plan), "epochs_done": 0,
+                                         "history": {}, "stopped_epoch": None, "seconds": 0.0})
     else:  # the plan was logged when the run began; only what a kill cut off is added
         log_missing_epochs(run_id, resume.history)
         mlflow.set_tag("resumed_after_epoch", resume.epochs_done)
