@@ -9,10 +9,12 @@ import csv
 import io
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from covidtl.errors import UserError
 from covidtl.files import atomic_path, atomic_write_text, json_text
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -58,6 +60,7 @@ class Cell:
         predictions.csv path, group, actual, predicted (at 0.5), p_covid per test image
         gradcam.png     a seeded sample of test TP/FP/TN/FN with their Grad-CAM maps
         config.yaml     the complete params that ran (a params file: `covidtl --params` re-runs it)
+        checkpoint/     while training: epoch-NNNN.keras (with Adam's state) + state.json, to resume
     """
 
     dir: Path
@@ -105,6 +108,10 @@ class Cell:
     @property
     def checkpoint_dir(self) -> Path:
         return self.dir / "checkpoint"
+
+    @property
+    def checkpoint_state_file(self) -> Path:
+        return self.checkpoint_dir / "state.json"
 
     # ---- writing
 
@@ -157,6 +164,22 @@ class Cell:
         record = {"status": "failed", "reason": reason, "run_id": run_id}
         atomic_write_text(self.metrics_file, json.dumps(record, indent=2) + "\n")
 
+    def save_checkpoint(self, save: Callable[[Path], None] | None, state: dict[str, Any]) -> None:
+        """One completed epoch: its model file, then state.json naming it, then the older file goes.
+        A kill at any moment leaves a state.json that names a whole model file of the same epoch.
+        `save` None: the run has begun, no epoch is done yet (state.json alone keeps its run id)."""
+        name = f"epoch-{state['epochs_done']:04d}.keras" if save is not None else None
+        if save is not None:
+            with atomic_path(self.checkpoint_dir / name) as tmp:
+                save(tmp)
+        atomic_write_text(self.checkpoint_state_file, json_text({**state, "model_file": name}))
+        for old in (*self.checkpoint_dir.glob("epoch-*.keras"), *self.checkpoint_dir.glob(".epoch-*.tmp*")):
+            if old.name != name:  # an older epoch, or a save a kill cut short
+                old.unlink(missing_ok=True)
+
+    def remove_checkpoint(self) -> None:
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
     def write_skipped(self, reason: str) -> None:
         self.begin()
         self.model_dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +199,22 @@ class Cell:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
+
+    def read_checkpoint(self) -> tuple[dict[str, Any], Path | None] | None:
+        """The last completed epoch's state and model file (None before the first epoch ends),
+        or None when there is nothing to resume."""
+        try:
+            state = json.loads(self.checkpoint_state_file.read_text())
+            model_file = self.checkpoint_dir / state["model_file"] if state["model_file"] else None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{self.checkpoint_state_file}: unreadable ({exc}); delete "
+                            f"{self.checkpoint_dir} or pass --restart to start over") from None
+        if model_file is not None and not model_file.is_file():
+            raise UserError(f"{model_file}: missing, though {self.checkpoint_state_file} names it; delete "
+                            f"{self.checkpoint_dir} or pass --restart to start over")
+        return state, model_file
 
     def read_card(self) -> dict[str, Any]:
         try:

@@ -3,22 +3,29 @@
 `train()` runs four steps, each its own function: `plan_run` fixes what the run is (data, sizes,
 the learning rate, into the config that is recorded), `fit` trains, `score` tests, and the cell's
 files (`cells.Cell`) and the MLflow run record what ran. One MLflow run, one cell folder.
+
+Each completed epoch is checkpointed (the model with Adam's state, the run id, the history); the
+same command after a kill or Ctrl-C continues that run from there (`checkpoint_to_resume`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import shutil
+import hashlib
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import keras
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from covidtl import paths, tracking
 from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label
@@ -121,6 +128,82 @@ class MlflowEpochLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         logs = logs or {}
         mlflow.log_metrics({k: float(logs[k]) for k in EPOCH_METRICS if k in logs}, step=epoch + 1)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during fit: stopped after the current batch; the last completed epoch's checkpoint stays."""
+
+    def __init__(self, epochs_done: int, checkpoint_dir: Path):
+        self.epochs_done = epochs_done
+        if epochs_done:
+            where = f"after epoch {epochs_done} (checkpoint {checkpoint_dir})"
+            then = "run the same command to continue from epoch " + str(epochs_done + 1)
+        else:
+            where, then = "in epoch 1", "run the same command to redo it in the same MLflow run"
+        super().__init__(f"Interrupted {where}: {then}, or add --restart to start over.")
+
+
+class StopOnInterrupt(keras.callbacks.Callback):
+    """Ends fit after the batch during which Ctrl-C came (`interrupt_after_batch` sets the flag)."""
+
+    def __init__(self, checkpoint: EpochCheckpoint):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.requested = False
+
+    def _check(self, batch=None, logs=None) -> None:
+        if self.requested:
+            raise TrainingInterrupted(self.checkpoint.epochs_done, self.checkpoint.cell.checkpoint_dir)
+
+    on_train_batch_end = on_test_batch_end = _check
+
+
+@contextlib.contextmanager
+def interrupt_after_batch(stopper: StopOnInterrupt) -> Iterator[None]:
+    """While fitting, the first Ctrl-C asks `stopper` to end after the current batch; a second one
+    interrupts at once. Outside the main thread (no signals there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        stopper.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After each completed epoch: the model with Adam's state, and state.json with what resuming
+    needs (run id, settings digest, epochs done, history, the stop rule's state, seconds)."""
+
+    def __init__(self, cell: Cell, run: dict[str, str], resume: Resume | None, stop: PaperStopRule):
+        super().__init__()
+        self.cell = cell
+        self.run = run  # run_id and digest
+        self.stop = stop
+        self.history = {k: list(v) for k, v in (resume.history if resume else {}).items()}
+        self.epochs_done = resume.epochs_done if resume else 0
+        self.seconds_before = resume.seconds if resume else 0.0
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        for key, value in (logs or {}).items():  # what keras' History keeps, across resumes
+            self.history.setdefault(key, []).append(float(value))
+        self.epochs_done = epoch + 1
+        self.cell.save_checkpoint(self.model.save, {
+            **self.run, "epochs_done": self.epochs_done, "history": self.history,
+            "stopped_epoch": self.stop.stopped_epoch, "seconds": self.seconds,
+        })
 
 
 def load_split(cfg: Config, dataset: str) -> pd.DataFrame:
@@ -226,6 +309,62 @@ def plan_run(
     )
 
 
+# --------------------------------------------------------------------------- resume
+
+
+@dataclass
+class Resume:
+    """A checkpoint of this same run: where to continue from."""
+
+    run_id: str
+    epochs_done: int
+    history: dict[str, list[float]]
+    stopped_epoch: int | None
+    seconds: float
+    model_file: Path | None  # None: killed in the first epoch, the run continues from scratch
+
+
+def run_digest(plan: Plan) -> str:
+    """What must not change for a checkpoint to continue: the resolved config, the cell and its data."""
+    cfg = plan.cfg
+    parts = [
+        tracking.config_yaml(cfg), plan.model, plan.init, plan.dataset, repr(plan.learning_rate),
+        tracking.file_sha256(paths.split_path(cfg, plan.dataset)),
+        tracking.file_sha256(paths.manifest_path(cfg, plan.dataset)),
+        *sorted(map(str, plan.train_rows["path"])),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def checkpoint_to_resume(plan: Plan, restart: bool = False) -> Resume | None:
+    """The cell's checkpoint if it is of this same run; `restart` drops it; other settings refuse."""
+    if restart:
+        plan.cell.remove_checkpoint()
+        return None
+    found = plan.cell.read_checkpoint()
+    if found is None:
+        return None
+    state, model_file = found
+    if state.get("digest") != run_digest(plan):
+        raise UserError(
+            f"{plan.cell.checkpoint_dir}: the settings or data changed since this checkpoint (epoch "
+            f"{state.get('epochs_done')} of run {state.get('run_id')}); delete it or pass --restart")
+    return Resume(run_id=state["run_id"], epochs_done=int(state["epochs_done"]),
+                  history={k: [float(v) for v in vals] for k, vals in state["history"].items()},
+                  stopped_epoch=state.get("stopped_epoch"), seconds=float(state.get("seconds", 0.0)),
+                  model_file=model_file)
+
+
+def log_missing_epochs(run_id: str, history: dict[str, list[float]]) -> None:
+    """Per-epoch metrics a kill cut off between the checkpoint and its MLflow log: each step once."""
+    client = mlflow.tracking.MlflowClient()
+    for key in EPOCH_METRICS:
+        logged = {m.step for m in client.get_metric_history(run_id, key)}
+        for step, value in enumerate(history.get(key, []), start=1):
+            if step not in logged:
+                mlflow.log_metric(key, value, step=step)
+
+
 # --------------------------------------------------------------------------- fit and score
 
 
@@ -241,9 +380,11 @@ class Fitted:
 
 
 def fit(
-    plan: Plan, net: keras.Model, train_ds, val_ds, callbacks: Iterable[keras.callbacks.Callback] = ()
+    plan: Plan, net: keras.Model, train_ds, val_ds, callbacks: Iterable[keras.callbacks.Callback] = (),
+    *, run_id: str = "", resume: Resume | None = None,
 ) -> Fitted:
-    """Adam on the training split, validated each epoch, until the stop rule or max_epochs."""
+    """Adam on the training split, validated each epoch, until the stop rule or max_epochs;
+    from `resume`'s epoch, weights and Adam's state when given."""
     cfg = plan.cfg
     net.compile(
         optimizer=keras.optimizers.Adam(plan.learning_rate),
@@ -253,25 +394,32 @@ def fit(
         run_eagerly=cfg.train.run_eagerly,
     )
     stop = PaperStopRule(cfg.train.stop.val_accuracy, cfg.train.stop.val_loss)
-    # One fixed file name: every epoch overwrites the previous checkpoint (Adam's state makes
-    # each one ~3x the model), and it is removed once the run has finished.
-    plan.cell.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = keras.callbacks.ModelCheckpoint(str(plan.cell.checkpoint_dir / "last.keras"))
-    started = time.perf_counter()
-    history = net.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=cfg.train.max_epochs,
-        callbacks=[
-            RecalibrateBatchNorm(train_ds, cfg.train.bn_recalibration_batches),
-            stop, checkpoint, MlflowEpochLogger(), *callbacks,
-        ],
-        shuffle=False,  # the dataset shuffles itself, with the seed
-        verbose="auto",
-    )
-    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-    return Fitted(hist, "paper_rule" if stop.stopped_epoch else "max_epochs",
-                  time.perf_counter() - started)
+    if resume is not None and resume.model_file is not None:
+        # load_weights restores Adam's moments and step count only into a built optimizer.
+        net.optimizer.build(net.trainable_variables)
+        net.load_weights(resume.model_file)
+        stop.stopped_epoch = resume.stopped_epoch
+    # Each epoch replaces the previous checkpoint (Adam's state makes it ~3x the model); it is
+    # removed once the run has finished.
+    checkpoint = EpochCheckpoint(plan.cell, {"run_id": run_id, "digest": run_digest(plan)}, resume, stop)
+    stopper = StopOnInterrupt(checkpoint)
+    done = resume.epochs_done if resume else 0
+    if not stop.stopped_epoch and done < cfg.train.max_epochs:
+        with interrupt_after_batch(stopper):
+            net.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=cfg.train.max_epochs,
+                initial_epoch=done,  # callbacks see absolute epochs: MLflow steps continue
+                callbacks=[
+                    stopper, RecalibrateBatchNorm(train_ds, cfg.train.bn_recalibration_batches),
+                    stop, checkpoint, MlflowEpochLogger(), *callbacks,
+                ],
+                shuffle=False,  # the dataset shuffles itself, with the seed
+                verbose="auto",
+            )
+    return Fitted(checkpoint.history, "paper_rule" if stop.stopped_epoch else "max_epochs",
+                  checkpoint.seconds)
 
 
 @dataclass
@@ -319,9 +467,17 @@ def train(
     evaluate_test: bool = True,
     out_dir: str | Path | None = None,
     log_model: bool = True,
+    restart: bool = False,
+    say: Callable[[str], None] = lambda line: None,
 ) -> TrainResult:
-    """Train `model` from `init` on `dataset`'s split; one MLflow run; the cell's files on disk."""
+    """Train `model` from `init` on `dataset`'s split; one MLflow run; the cell's files on disk.
+
+    A checkpoint of the same settings in the cell continues its run; `restart` starts over."""
     plan = plan_run(cfg, model, init, dataset, lr=lr, lr_source=lr_source, out_dir=out_dir)
+    resume = checkpoint_to_resume(plan, restart)
+    if resume is not None:
+        say(f"Resuming run {resume.run_id} after epoch {resume.epochs_done} from {plan.cell.checkpoint_dir} "
+            "(--restart starts over)")
     cfg = plan.cfg
     keras.utils.set_random_seed(cfg.train.seed)
     net = build_model(plan.spec, init, cfg.train, plan.image_size)  # first: a missing weights file fails fast
@@ -333,10 +489,14 @@ def train(
     plan.cell.begin()
 
     tracking.use_experiment(dataset)
-    with mlflow.start_run(run_name=run_name or plan.name, nested=nested) as run:
+    with _start_run(plan, resume, run_name or plan.name, nested) as run:
         try:
             model_path, fitted, metrics = _run(plan, net, train_ds, val_ds, extra_callbacks,
-                                               evaluate_test, log_model, run.info.run_id)
+                                               evaluate_test, log_model, run.info.run_id, resume)
+        except TrainingInterrupted as exc:
+            plan.cell.write_failed(run.info.run_id, str(exc))
+            mlflow.end_run("KILLED")
+            raise
         except BaseException as exc:
             plan.cell.write_failed(run.info.run_id, f"{type(exc).__name__}: {str(exc)[:300]}")
             raise
@@ -351,13 +511,33 @@ def train(
     )
 
 
+def _start_run(plan: Plan, resume: Resume | None, run_name: str, nested: bool):
+    """A new MLflow run, or the checkpoint's run again (a missing one is the user's to fix)."""
+    if resume is None:
+        return mlflow.start_run(run_name=run_name, nested=nested)
+    try:
+        return mlflow.start_run(run_id=resume.run_id, nested=nested)
+    except MlflowException as exc:
+        raise UserError(
+            f"{plan.cell.checkpoint_state_file}: its run {resume.run_id} cannot be continued in "
+            f"{mlflow.get_tracking_uri()} ({str(exc).splitlines()[0][:200]}); use the tracking URI it "
+            "ran in, or pass --restart") from None
+
+
 def _run(
     plan: Plan, net: keras.Model, train_ds, val_ds, callbacks, evaluate_test: bool, log_model: bool,
-    run_id: str,
+    run_id: str, resume: Resume | None = None,
 ) -> tuple[Path, Fitted, dict[str, float]]:
     """Inside the run: log what it is, fit, score, write the cell's files, log the results."""
-    log_plan(plan)
-    fitted = fit(plan, net, train_ds, val_ds, callbacks)
+    if resume is None:
+        log_plan(plan)
+        # The run id before any epoch ends: a kill in the first epoch continues this run too.
+        plan.cell.save_checkpoint(None, {"run_id": run_id, "digest": run_digest(plan), "epochs_done": 0,
+                                         "history": {}, "stopped_epoch": None, "seconds": 0.0})
+    else:  # the plan was logged when the run began; only what a kill cut off is added
+        log_missing_epochs(run_id, resume.history)
+        mlflow.set_tag("resumed_after_epoch", resume.epochs_done)
+    fitted = fit(plan, net, train_ds, val_ds, callbacks, run_id=run_id, resume=resume)
     mlflow.log_metrics({"epochs_used": fitted.epochs_used, "train_seconds": fitted.seconds})
     mlflow.set_tag("stopped_by", fitted.stopped_by)
     tracking.log_history(fitted.history)
@@ -398,7 +578,7 @@ def _run(
     mlflow.log_dict(card, "card.json")
     if log_model:  # the study passes False: the DVC output is the one stored copy
         tracking.log_keras_model(clean, example_batch(val_ds))
-    _remove_checkpoint(plan.cell)
+    plan.cell.remove_checkpoint()
     return model_path, fitted, metrics
 
 
@@ -432,10 +612,6 @@ def model_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any
         "operating_point": operating,
         "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
     }
-
-
-def _remove_checkpoint(cell: Cell) -> None:
-    shutil.rmtree(cell.checkpoint_dir, ignore_errors=True)
 
 
 def run_tags(cfg: Config, model: str, init: str, dataset: str, kind: str) -> dict[str, str]:

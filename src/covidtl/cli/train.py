@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -40,12 +41,16 @@ def _rate(value: str | None) -> float | None:
               help="Also store the model in MLflow (the DVC study keeps its one copy as a DVC output).")
 @click.option("--skip-unavailable", is_flag=True,
               help="If the init's ImageNet weights are not available, write a skipped cell and exit 0.")
+@click.option("--restart", is_flag=True,
+              help="Start over, dropping the checkpoint a killed or interrupted run left (default: continue it).")
 @click.option("--prepare/--no-prepare", default=True, show_default=True,
               help="Make a missing split table first (synth, ingest, split), as `dvc repro split@DATASET`.")
 @click.pass_context
 def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, preprocessing,
-          max_train_samples, out, log_model, skip_unavailable, prepare) -> None:
-    """Train MODEL from INIT on DATASET's split; logs one MLflow run and writes the cell's files."""
+          max_train_samples, out, log_model, skip_unavailable, restart, prepare) -> None:
+    """Train MODEL from INIT on DATASET's split; logs one MLflow run and writes the cell's files.
+
+    After a kill or Ctrl-C, the same command continues the run from its last completed epoch."""
     from covidtl import paths
     from covidtl.cells import write_skipped_cell
     from covidtl.pretrained import unavailable_reason
@@ -62,7 +67,7 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
         f"train.image_size.{model}": image_size, "train.preprocessing": preprocessing,
         "train.max_train_samples": max_train_samples,
     })
-    from covidtl.train import train as run  # TensorFlow loads here, after the cheap checks
+    from covidtl.train import TrainingInterrupted, train as run  # TensorFlow loads here, after the cheap checks
 
     if prepare:
         from covidtl.data.prepare import ensure_split
@@ -76,7 +81,12 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
         source = str(tuned_path(cfg, model, init, dataset))
     else:
         rate = _rate(lr)
-    result = run(cfg, model, init, dataset, lr=rate, lr_source=source, out_dir=out, log_model=log_model)
+    try:
+        result = run(cfg, model, init, dataset, lr=rate, lr_source=source, out_dir=out, log_model=log_model,
+                     restart=restart, say=lambda line: click.echo(line, err=True))
+    except TrainingInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports Ctrl-C
     m = result.metrics
     summary = ", ".join(
         f"{k} {m[f'test_{k}']:.4f}" for k in ("accuracy", "recall_covid", "precision_covid", "f1_covid", "roc_auc")
