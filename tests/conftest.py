@@ -15,6 +15,21 @@ PARAMS = ROOT / "params.yaml"
 SHARED_DATA = ROOT / ".." / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_mlflow_experiment(monkeypatch):
+    """Each test starts with no active MLflow experiment or run.
+
+    `mlflow.set_experiment` (called in-process by training, the report ...) also exports
+    MLFLOW_EXPERIMENT_ID "so that subprocesses inherit it": a later test's fresh store, or a
+    subprocess it starts, would then look for an experiment id of another test's store.
+    """
+    import mlflow.tracking.fluent as fluent
+
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real datasets beside the repository (../shared/data), or skip saying where they belong."""
