@@ -1,16 +1,20 @@
 """MLflow bookkeeping: where runs go, what every run is tagged with, and the artifacts it holds.
 
 Runs land in a SQLite store at the project root (MLflow 3's default, what `mlflow ui` reads from
-there) unless MLFLOW_TRACKING_URI says otherwise; one experiment per dataset.
+there) unless MLFLOW_TRACKING_URI says otherwise (e.g. a `covidtl server` at http://...); one
+experiment per dataset. A queued DVC experiment runs in a temporary copy of the project that DVC
+deletes afterwards: its runs go to the project's store, never to a file inside that copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,27 @@ _PARAM_VALUE_MAX = 6000
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The checkout a process works for: cwd, or the project whose queued DVC experiment runs in
+    cwd (DVC runs it in <project>/.dvc/tmp/exps/..., removed when it ends)."""
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    for folder in cwd.parents:
+        if folder.name == "exps" and folder.parent.name == "tmp" and folder.parent.parent.name == ".dvc":
+            return folder.parent.parent.parent
+    return cwd
+
+
+def in_temporary_workspace() -> bool:
+    """Whether this process runs a queued (or --temp) DVC experiment in DVC's temporary copy."""
+    return project_root() != Path.cwd()
+
+
+def is_remote() -> bool:
+    """Whether runs go to a tracking server (http/https): then nothing may stay on this disk only."""
+    return tracking_uri().startswith(("http://", "https://"))
 
 
 # MLflow's UI opens an experiment on its GenAI traces page unless told it holds model training.
@@ -47,6 +71,17 @@ def experiment_name(dataset: str) -> str:
 
 def set_experiment(name: str) -> None:
     """Make `name` the active experiment, tagged as model development for the MLflow UI."""
+    if mlflow.get_experiment_by_name(name) is None:
+        # MLflow would put a new experiment's artifacts under ./mlruns: in a queued experiment,
+        # inside the copy DVC deletes. A server keeps its own artifact store.
+        location = None
+        if in_temporary_workspace() and not is_remote():
+            location = (project_root() / "mlruns" / name).as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            if mlflow.get_experiment_by_name(name) is None:  # else a parallel worker made it first
+                raise
     _tag_kind(mlflow.set_experiment(name).experiment_id)
 
 
@@ -67,6 +102,28 @@ def experiment_tags() -> dict[str, str]:
 def use_experiment(dataset: str) -> None:
     """Point MLflow at the project's store and the dataset's experiment."""
     mlflow.set_tracking_uri(tracking_uri())
+    with _store_lock():
+        _use_experiment(dataset)
+
+
+@contextlib.contextmanager
+def _store_lock():
+    """Queued experiments start together: MLflow's first-time SQLite schema migration is not safe
+    to run twice at once, and two creations of one experiment collide. Local processes take turns."""
+    if not tracking_uri().startswith("sqlite:"):
+        yield
+        return
+    digest = hashlib.sha1(tracking_uri().encode()).hexdigest()[:12]
+    lock = Path(tempfile.gettempdir()) / f"covidtl-mlflow-store-{digest}.lock"
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _use_experiment(dataset: str) -> None:
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id and not mlflow.active_run():
         # Inside `mlflow run`: the run exists already, in the experiment `mlflow run` chose;
@@ -243,6 +300,22 @@ def curves_figure(history: dict[str, list[float]]):
         ax.legend()
     fig.tight_layout()
     return fig
+
+
+def model_tags(model_file: Path, model_uri: str | None) -> dict[str, str]:
+    """Where the run's model is. `model_location`: `artifacts` (logged to the run's store, loadable
+    from `model_uri`) or `dvc-output` (only the cell's file). `model_path`: that file, absolute in a
+    checkout; relative to the project where the checkout is not the one that reads the run (a
+    queued experiment's copy, which `dvc exp apply` brings back; a server's runs, read elsewhere)."""
+    model_file = Path(model_file).resolve()
+    path = str(model_file)
+    if in_temporary_workspace() or is_remote():
+        with contextlib.suppress(ValueError):
+            path = model_file.relative_to(Path.cwd().resolve()).as_posix()
+    tags = {"model_path": path, "model_location": "artifacts" if model_uri else "dvc-output"}
+    if model_uri:
+        tags["model_uri"] = model_uri
+    return tags
 
 
 def log_keras_model(model, example: np.ndarray) -> str:

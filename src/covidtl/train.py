@@ -574,10 +574,13 @@ def _run(
         config_yaml=tracking.config_yaml(plan.cfg),
         card=card,
     )
-    mlflow.set_tag("model_path", str(model_path.resolve()))
     mlflow.log_dict(card, "card.json")
-    if log_model:  # the study passes False: the DVC output is the one stored copy
-        tracking.log_keras_model(clean, example_batch(val_ds))
+    # The study passes log_model=False: the DVC output is the one stored copy. A tracking server's
+    # runs must not depend on this disk, so there the model goes to its artifact store too.
+    model_uri = None
+    if log_model or tracking.is_remote():
+        model_uri = tracking.log_keras_model(clean, example_batch(val_ds))
+    mlflow.set_tags(tracking.model_tags(model_path, model_uri))
     plan.cell.remove_checkpoint()
     return model_path, fitted, metrics
 
