@@ -466,13 +466,14 @@ def train(
     nested: bool = False,
     evaluate_test: bool = True,
     out_dir: str | Path | None = None,
-    log_model: bool = True,
+    log_model: bool | None = True,
     restart: bool = False,
     say: Callable[[str], None] = lambda line: None,
 ) -> TrainResult:
     """Train `model` from `init` on `dataset`'s split; one MLflow run; the cell's files on disk.
 
-    A checkpoint of the same settings in the cell continues its run; `restart` starts over."""
+    A checkpoint of the same settings in the cell continues its run; `restart` starts over.
+    `log_model`: True logs the model to MLflow, False never, None only to a tracking server."""
     plan = plan_run(cfg, model, init, dataset, lr=lr, lr_source=lr_source, out_dir=out_dir)
     resume = checkpoint_to_resume(plan, restart)
     if resume is not None:
@@ -525,7 +526,7 @@ def _start_run(plan: Plan, resume: Resume | None, run_name: str, nested: bool):
 
 
 def _run(
-    plan: Plan, net: keras.Model, train_ds, val_ds, callbacks, evaluate_test: bool, log_model: bool,
+    plan: Plan, net: keras.Model, train_ds, val_ds, callbacks, evaluate_test: bool, log_model: bool | None,
     run_id: str, resume: Resume | None = None,
 ) -> tuple[Path, Fitted, dict[str, float]]:
     """Inside the run: log what it is, fit, score, write the cell's files, log the results."""
@@ -575,10 +576,10 @@ def _run(
         card=card,
     )
     mlflow.log_dict(card, "card.json")
-    # The study passes log_model=False: the DVC output is the one stored copy. A tracking server's
+    # The study's cells pass None: the DVC output is the one stored copy, but a tracking server's
     # runs must not depend on this disk, so there the model goes to its artifact store too.
     model_uri = None
-    if log_model or tracking.is_remote():
+    if log_model or (log_model is None and tracking.is_remote()):
         model_uri = tracking.log_keras_model(clean, example_batch(val_ds))
     mlflow.set_tags(tracking.model_tags(model_path, model_uri))
     plan.cell.remove_checkpoint()

@@ -38,7 +38,8 @@ def _rate(value: str | None) -> float | None:
 @click.option("--max-train-samples", type=int, default=None, help="Use only this many training images.")
 @click.option("--out", default=None, help="Output folder (default models/<model>-<init>-<dataset>).")
 @click.option("--log-model/--no-log-model", default=True, show_default=True,
-              help="Also store the model in MLflow (the DVC study keeps its one copy as a DVC output).")
+              help="Also store the model in MLflow (the DVC study keeps its one copy as a DVC output; "
+              "with a tracking server at an http(s) MLFLOW_TRACKING_URI it is stored there anyway).")
 @click.option("--skip-unavailable", is_flag=True,
               help="If the init's ImageNet weights are not available, write a skipped cell and exit 0.")
 @click.option("--restart", is_flag=True,
@@ -82,7 +83,8 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
     else:
         rate = _rate(lr)
     try:
-        result = run(cfg, model, init, dataset, lr=rate, lr_source=source, out_dir=out, log_model=log_model,
+        result = run(cfg, model, init, dataset, lr=rate, lr_source=source, out_dir=out,
+                     log_model=log_model or None,  # --no-log-model: only to a tracking server
                      restart=restart, say=lambda line: click.echo(line, err=True))
     except TrainingInterrupted as exc:
         click.echo(str(exc), err=True)
