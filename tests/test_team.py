@@ -139,7 +139,7 @@ def test_second_clone_pulls_identical_files_and_an_older_commit_restores_its_ima
     again = run(two, "dvc", "repro")
     assert "Running stage" not in again.stdout and "Data and pipelines are up to date." in again.stdout
 
-    run(two, "git", "checkout", "-q", "HEAD~1")
+    run(two, "git", "checkout", "-q", "HEAD~1")  # new images, committed before the study ran on them
     run(two, "dvc", "checkout", "datasets/ct.dvc")
     assert digests(two / "datasets/ct") == v1
     run(two, "git", "checkout", "-q", "-")
@@ -149,7 +149,6 @@ def test_second_clone_pulls_identical_files_and_an_older_commit_restores_its_ima
 
 def test_data_add_refuses_a_missing_folder_in_one_line(tmp_path):
     one = make_project(tmp_path / "clone1")
-    run(one, "dvc", "init", "-q", check=False)  # the project has .dvc/ already: harmless
     result = run(one, "covidtl", "data", "add", "ct", str(tmp_path / "nowhere"), check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -265,3 +264,48 @@ def test_server_refuses_an_unreachable_database_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot connect" in lines[0] and "secret" not in lines[0]
     assert "127.0.0.1" in lines[0]
+
+
+# --------------------------------------------------------------------------- queued experiments
+
+
+def test_a_queued_experiment_logs_to_the_projects_store_and_its_cells_come_back_with_apply(tmp_path):
+    project = make_project(tmp_path / "project")
+    run(project, "dvc", "repro", "split@ct")  # the baseline every queued experiment starts from
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-qm", "baseline: data stages done")
+    run(project, "dvc", "exp", "run", "--queue", "-n", "slice-cnn", "-S", "study.models=[custom_cnn]",
+        f"train@{CELL}")
+    run(project, "dvc", "queue", "start", "--jobs", "1")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(project, "dvc", "queue", "status").stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(3)
+    assert "Success" in status, run(project, "dvc", "queue", "logs", "slice-cnn", check=False).stdout[-3000:]
+    assert not (project / "models").exists()  # the workspace is untouched until `dvc exp apply`
+
+    # The run went to the project's store, though it ran in .dvc/tmp/exps/..., deleted since.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("covidtl-ct")
+    (record,) = client.search_runs([experiment.experiment_id], "tags.dvc_experiment = 'slice-cnn'")
+    assert record.info.status == "FINISHED"
+    assert record.info.artifact_uri.startswith((project / "mlruns").as_uri())
+    assert "training_curves.png" in {a.path for a in client.list_artifacts(record.info.run_id)}
+    assert record.data.tags["model_path"] == f"models/{CELL}/model/model.keras"
+
+    run(project, "covidtl", "report", "--no-log", "--with-experiment", "slice-cnn")
+    import pandas as pd
+
+    table = pd.read_csv(project / "reports" / "results.csv")
+    assert table.loc[table["group"] == "slice-cnn", "run_id"].tolist() == [record.info.run_id]
+
+    # apply then checks out every pipeline's outputs, and reports those that never ran here
+    # (augment/, tune/, this experiment's untargeted stages) as missing, with a non-zero status.
+    applied = run(project, "dvc", "exp", "apply", "slice-cnn", check=False)
+    assert f"models/{CELL}" not in applied.stdout + applied.stderr
+    metrics = json.loads((project / "models" / CELL / "metrics.json").read_text())
+    assert metrics["run_id"] == record.info.run_id and (project / "models" / CELL / "model" / "model.keras").is_file()
