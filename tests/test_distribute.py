@@ -1,0 +1,116 @@
+"""Strategies and precision (covidtl.distribute), on CPU: a step on two replicas, mirrored on one
+machine or two worker processes, changes the weights as one device does on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covidtl import distribute
+from covidtl.errors import UserError
+
+STEP = Path(__file__).with_name("distribute_step.py")
+PER_REPLICA = 4
+
+
+def run_step(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(STEP), str(out), "--per-replica", str(PER_REPLICA), *args],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def finished(proc: subprocess.Popen) -> str:
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    return output.strip().splitlines()[-1]
+
+
+def weights(path: Path) -> list[np.ndarray]:
+    stored = np.load(path)
+    return [stored[f"w{i}"] for i in range(len(stored.files))]
+
+
+def loss_of(line: str) -> float:
+    return float(line.rsplit("loss=", 1)[1])
+
+
+def assert_same_step(one: Path, other: Path, one_line: str, other_line: str) -> None:
+    """The same loss on the global batch (BatchNorm statistics over all of it), and the same weights."""
+    assert loss_of(other_line) == pytest.approx(loss_of(one_line), rel=1e-5)
+    start, after_one, after_other = weights(one.with_suffix(".init.npz")), weights(one), weights(other)
+    assert len(after_one) == len(after_other)
+    moved = sum(not np.allclose(a, b) for a, b in zip(start, after_one))
+    assert moved > len(start) // 2  # the step did move the network
+    for i, (a, b) in enumerate(zip(after_one, after_other)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=f"weight {i}")
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory) -> tuple[Path, str]:
+    """One step on one device over the global batch of two replicas: its weights and its line."""
+    out = tmp_path_factory.mktemp("one") / "one.npz"
+    line = finished(run_step(out, "--strategy", "default", "--per-replica", str(2 * PER_REPLICA)))
+    assert "replicas=1 global_batch=8" in line
+    return out, line
+
+
+def test_mirrored_on_two_cpus_steps_like_one_device(one_device, tmp_path):
+    one, one_line = one_device
+    out = tmp_path / "mirrored.npz"
+    line = finished(run_step(out, "--strategy", "mirrored", "--cpus", "2", "--graph",
+                             "--init", str(one.with_suffix(".init.npz"))))
+    assert "strategy=mirrored replicas=2 global_batch=8" in line
+    assert_same_step(one, out, one_line, line)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_from_tf_config_step_like_one_device(one_device, tmp_path):
+    one, one_line = one_device
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        procs.append(run_step(tmp_path / f"worker{index}.npz",  # strategy auto: TF_CONFIG decides
+                              "--init", str(one.with_suffix(".init.npz")),
+                              env={"TF_CONFIG": json.dumps(tf_config)}))
+    lines = [finished(p) for p in procs]
+    assert "strategy=multiworker replicas=2 global_batch=8 chief=True" in lines[0]
+    assert "chief=False" in lines[1]
+    for index in range(2):
+        assert_same_step(one, tmp_path / f"worker{index}.npz", one_line, lines[index])
+
+
+def test_auto_rules():
+    assert distribute.resolve_precision("auto", gpus=1) == "mixed_float16"
+    assert distribute.resolve_precision("auto", gpus=0) == "float32"
+    assert distribute.resolve_precision("mixed_bfloat16", gpus=0) == "mixed_bfloat16"
+    assert distribute.resolve_strategy("auto", gpus=0, workers=0) == "default"
+    assert distribute.resolve_strategy("auto", gpus=1, workers=0) == "default"
+    assert distribute.resolve_strategy("auto", gpus=4, workers=0) == "mirrored"
+    assert distribute.resolve_strategy("auto", gpus=4, workers=2) == "multiworker"
+    assert distribute.resolve_strategy("mirrored", gpus=0, workers=0) == "mirrored"
+    assert distribute.scaled_rate(1e-3, 4, "none") == 1e-3
+    assert distribute.scaled_rate(1e-3, 4, "linear") == pytest.approx(4e-3)
+    assert distribute.scaled_rate(1e-3, 4, "sqrt") == pytest.approx(2e-3)
+
+
+def test_tf_config_is_read_or_refused_in_one_line():
+    two = {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}
+    assert distribute.tf_config_workers({"TF_CONFIG": json.dumps(two)}) == 2
+    assert distribute.tf_config_workers({}) == 0
+    with pytest.raises(UserError, match="TF_CONFIG: not a JSON object"):
+        distribute.tf_config_workers({"TF_CONFIG": "worker=a:1,b:1"})
