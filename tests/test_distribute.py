@@ -114,3 +114,30 @@ def test_tf_config_is_read_or_refused_in_one_line():
     assert distribute.tf_config_workers({}) == 0
     with pytest.raises(UserError, match="TF_CONFIG: not a JSON object"):
         distribute.tf_config_workers({"TF_CONFIG": "worker=a:1,b:1"})
+
+
+def test_a_run_records_its_precision_and_strategy_and_keeps_a_float32_output(tmp_path, monkeypatch):
+    """`covidtl train` under mixed_bfloat16 (the CPU's mixed precision) inside a MirroredStrategy."""
+    import keras
+    import mlflow
+
+    from covidtl.train import train
+    from helpers_train import make_workdir
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg, _ = make_workdir(tmp_path, **{"train.precision": "mixed_bfloat16", "train.strategy": "mirrored",
+                                       "train.lr_scaling": "linear", "train.max_train_samples": 8})
+    result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell", log_model=False)
+
+    ran = {"precision": "mixed_bfloat16", "strategy": "mirrored", "replicas": 1, "lr_scaling": "linear",
+           "global_batch_size": 8}
+    card = json.loads((tmp_path / "cell" / "model" / "card.json").read_text())
+    assert {key: card[key] for key in ran} == ran
+    assert card["learning_rate"] == cfg.train.learning_rates["custom_cnn"]  # linear x 1 replica
+    params = mlflow.tracking.MlflowClient(uri).get_run(result.run_id).data.params
+    assert {key: params[key] for key in ran} == {key: str(value) for key, value in ran.items()}
+    model = keras.models.load_model(result.model_path)
+    assert model.get_layer("probabilities").dtype_policy.name == "float32"
+    assert model.layers[1].dtype_policy.name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored for whatever runs next
