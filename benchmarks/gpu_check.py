@@ -28,6 +28,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
+# From a checkout without `pip install -e .` (which would bring TensorFlow): the registry is in src/.
+sys.path.insert(1, str(ROOT / "src"))
 
 import keras  # noqa: E402 - after the environment it reads
 import numpy as np  # noqa: E402

@@ -33,11 +33,6 @@ from covidtl.errors import UserError
 if TYPE_CHECKING:
     from covidtl.train import Plan
 
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-STRATEGIES = ("auto", "default", "mirrored", "multiworker")
-LR_RULES = ("none", "linear", "sqrt")
-
-
 def visible_gpus() -> int:
     return len(tf.config.list_physical_devices("GPU"))
 
