@@ -224,7 +224,7 @@ def worker_scratch() -> Path:
     record (a second run per worker in a shared tracking server would count the cell twice).
     """
     scratch = Path(tempfile.mkdtemp(prefix="covidtl-worker-"))
-    mlflow.set_tracking_uri((scratch / "mlruns").as_uri())
+    mlflow.set_tracking_uri(f"sqlite:///{scratch / 'mlflow.db'}")
     return scratch / "cell"
 
 
