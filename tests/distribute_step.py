@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=1, help="logical CPU devices (replicas of mirrored)")
     parser.add_argument("--init", help="start from these weights (.npz) instead of the seeded ones")
     parser.add_argument("--graph", action="store_true", help="train.run_eagerly=false (paper scale)")
+    parser.add_argument("--hold", action="store_true",
+                        help="exit only after a line on stdin: the chief, which must outlive the workers")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -73,7 +75,9 @@ def main() -> None:
     np.savez(args.out, **{f"w{i}": w for i, w in enumerate(net.get_weights())})
     np.savez(Path(args.out).with_suffix(".init.npz"), **{f"w{i}": w for i, w in enumerate(initial)})
     print(f"strategy={dist.kind} replicas={dist.replicas} global_batch={batch} chief={dist.is_chief} "
-          f"loss={loss!r}")
+          f"loss={loss!r}", flush=True)
+    if args.hold:  # task 0 hosts TensorFlow's coordination service: the other workers need it to exit
+        sys.stdin.readline()
 
 
 if __name__ == "__main__":

@@ -24,14 +24,15 @@ def run_step(out: Path, *args: str, env: dict[str, str] | None = None) -> subpro
     return subprocess.Popen(
         [sys.executable, str(STEP), str(out), "--per-replica", str(PER_REPLICA), *args],
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
 def finished(proc: subprocess.Popen) -> str:
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output[-3000:]
-    return output.strip().splitlines()[-1]
+    """The step's summary line (TensorFlow logs to stderr, also after it)."""
+    output, errors = proc.communicate("\n", timeout=300)
+    assert proc.returncode == 0, errors[-3000:]
+    return next(line for line in output.splitlines() if line.startswith("strategy="))
 
 
 def weights(path: Path) -> list[np.ndarray]:
@@ -85,9 +86,9 @@ def test_two_workers_from_tf_config_step_like_one_device(one_device, tmp_path):
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         procs.append(run_step(tmp_path / f"worker{index}.npz",  # strategy auto: TF_CONFIG decides
-                              "--init", str(one.with_suffix(".init.npz")),
+                              "--init", str(one.with_suffix(".init.npz")), *(["--hold"] if index == 0 else []),
                               env={"TF_CONFIG": json.dumps(tf_config)}))
-    lines = [finished(p) for p in procs]
+    lines = [finished(p) for p in reversed(procs)][::-1]  # the chief last: the others need it to exit
     assert "strategy=multiworker replicas=2 global_batch=8 chief=True" in lines[0]
     assert "chief=False" in lines[1]
     for index in range(2):
@@ -141,3 +142,9 @@ def test_a_run_records_its_precision_and_strategy_and_keeps_a_float32_output(tmp
     assert model.get_layer("probabilities").dtype_policy.name == "float32"
     assert model.layers[1].dtype_policy.name == "mixed_bfloat16"
     assert keras.mixed_precision.global_policy().name == "float32"  # restored for whatever runs next
+
+
+def test_multiworker_without_tf_config_is_one_line(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UserError, match="train.strategy=multiworker: TF_CONFIG is not set"):
+        distribute.make_strategy("multiworker")
