@@ -113,6 +113,10 @@ class TrainConfig:
     bn_recalibration_batches: int
     run_eagerly: bool
     learning_rates: dict[str, float]
+    # Where and how precisely it runs (covidtl.distribute; README "GPUs and several machines").
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+    strategy: Literal["auto", "default", "mirrored", "multiworker"]
+    lr_scaling: Literal["none", "linear", "sqrt"]
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from covidtl import paths, tracking
+from covidtl import distribute, paths, tracking
 from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label
 from covidtl.config import Config
 from covidtl.data import tables
@@ -266,6 +266,8 @@ class Plan:
     table: pd.DataFrame
     train_rows: pd.DataFrame
     cell: Cell
+    # Where it ran: precision, strategy, replicas, lr_scaling, global_batch_size (covidtl.distribute).
+    run_on: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -379,6 +381,20 @@ class Fitted:
         return len(self.history.get("loss", []))
 
 
+def compile_model(
+    net: keras.Model, make_optimizer: Callable[[], keras.optimizers.Optimizer], run_eagerly: bool
+) -> None:
+    """The paper's loss; the optimizer is made in the model's strategy scope (its state mirrored)."""
+    with net.distribute_strategy.scope():
+        net.compile(
+            optimizer=make_optimizer(),
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+            # Tracing the train/test graphs costs more than a few tiny epochs (see params.yaml).
+            run_eagerly=run_eagerly,
+        )
+
+
 def fit(
     plan: Plan, net: keras.Model, train_ds, val_ds, callbacks: Iterable[keras.callbacks.Callback] = (),
     *, run_id: str = "", resume: Resume | None = None,
@@ -386,17 +402,12 @@ def fit(
     """Adam on the training split, validated each epoch, until the stop rule or max_epochs;
     from `resume`'s epoch, weights and Adam's state when given."""
     cfg = plan.cfg
-    net.compile(
-        optimizer=keras.optimizers.Adam(plan.learning_rate),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
-        # Tracing the train/test graphs costs more than a few tiny epochs (see params.yaml).
-        run_eagerly=cfg.train.run_eagerly,
-    )
+    compile_model(net, lambda: keras.optimizers.Adam(plan.learning_rate), cfg.train.run_eagerly)
     stop = PaperStopRule(cfg.train.stop.val_accuracy, cfg.train.stop.val_loss)
     if resume is not None and resume.model_file is not None:
         # load_weights restores Adam's moments and step count only into a built optimizer.
-        net.optimizer.build(net.trainable_variables)
+        with net.distribute_strategy.scope():  # its slots mirrored like the weights
+            net.optimizer.build(net.trainable_variables)
         net.load_weights(resume.model_file)
         stop.stopped_epoch = resume.stopped_epoch
     # Each epoch replaces the previous checkpoint (Adam's state makes it ~3x the model); it is
@@ -474,14 +485,19 @@ def train(
 
     A checkpoint of the same settings in the cell continues its run; `restart` starts over.
     `log_model`: True logs the model to MLflow, False never, None only to a tracking server."""
-    plan = plan_run(cfg, model, init, dataset, lr=lr, lr_source=lr_source, out_dir=out_dir)
+    dist = distribute.setup(cfg.train)  # before any TensorFlow op: TF_CONFIG's workers connect here
+    if not dist.is_chief:  # the chief records the run; the other workers only train
+        out_dir = distribute.worker_scratch()
+    plan = distribute.adapt(plan_run(cfg, model, init, dataset, lr=lr, lr_source=lr_source,
+                                     out_dir=out_dir), dist)
     resume = checkpoint_to_resume(plan, restart)
     if resume is not None:
         say(f"Resuming run {resume.run_id} after epoch {resume.epochs_done} from {plan.cell.checkpoint_dir} "
             "(--restart starts over)")
-    cfg = plan.cfg
+    cfg = dist.data_config(plan.cfg)  # train.batch_size: the global batch, split across replicas
     keras.utils.set_random_seed(cfg.train.seed)
-    net = build_model(plan.spec, init, cfg.train, plan.image_size)  # first: a missing weights file fails fast
+    # First: a missing weights file fails fast. In the run's precision, mirrored across replicas.
+    net = dist.build(lambda: build_model(plan.spec, init, cfg.train, plan.image_size))
     if cfg.augment.mode == "offline":  # the versioned copies written by `covidtl augment`
         train_ds = make_offline_dataset(cfg, dataset, plan.spec, plan.image_size)
     else:
@@ -597,6 +613,7 @@ def log_plan(plan: Plan) -> None:
         "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
         "image_size": plan.image_size, "train_images": len(plan.train_rows),
         "val_images": len(plan.rows("val")), "test_images": len(plan.rows("test")),
+        **plan.run_on,
     })
     tracking.log_split_inputs(
         plan.dataset, paths.split_path(cfg, plan.dataset), paths.manifest_path(cfg, plan.dataset),
@@ -611,7 +628,7 @@ def model_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any
         "image_size": plan.image_size, "preprocessing": plan.cfg.train.preprocessing,
         "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
         "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
-        "epochs_used": fitted.epochs_used, "run_id": run_id,
+        "epochs_used": fitted.epochs_used, "run_id": run_id, **plan.run_on,
         # Read by everything that scores this model: evaluate, predict, the external sets.
         "operating_point": operating,
         "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,

@@ -31,5 +31,6 @@ def build_custom_cnn(input_shape: tuple[int, int, int], dropout: float = 0.0) ->
     x = layers.BatchNormalization()(x)  # 256
     x = layers.Flatten()(x)  # 64
     x = layers.Dense(1000, activation="relu")(x)  # 65,000
-    outputs = layers.Dense(2, activation="softmax", name="probabilities")(x)  # 2,002
+    # float32 under mixed precision too: a float16 softmax saturates.
+    outputs = layers.Dense(2, activation="softmax", name="probabilities", dtype="float32")(x)  # 2,002
     return keras.Model(inputs, outputs, name="custom_cnn")

@@ -157,5 +157,6 @@ def build_model(
     if train_cfg.dropout:
         x = layers.Dropout(train_cfg.dropout)(x)
     x = layers.Dense(train_cfg.head_units, activation="relu")(x)
-    outputs = layers.Dense(2, activation="softmax", name="probabilities")(x)
+    # float32 under mixed precision too: a float16 softmax saturates (covidtl.distribute).
+    outputs = layers.Dense(2, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"{spec.name}_{init_label(init)}")
