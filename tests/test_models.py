@@ -56,6 +56,20 @@ def test_custom_cnn_is_table_1_exactly(train_cfg):
     assert model.layers[-3].output.shape[-1] == 64  # Flatten of a 1x1x64 map
 
 
+@pytest.mark.parametrize("name", ["custom_cnn", "resnet50"])
+def test_the_gap_head_pools_the_features_into_the_two_outputs(name, train_cfg):
+    import dataclasses
+
+    spec = MODELS[name]
+    model = build_model(spec, "random", dataclasses.replace(train_cfg, head="gap"), image_size=small(name))
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    assert [d.units for d in dense] == [2]  # no Dense(head_units)
+    assert isinstance(model.layers[model.layers.index(dense[0]) - 1], keras.layers.GlobalAveragePooling2D)
+    assert not any(isinstance(layer, keras.layers.Flatten) for layer in model.layers)
+    paper = build_model(spec, "random", train_cfg, image_size=small(name))
+    assert model.count_params() < paper.count_params()
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_architecture_builds_with_the_papers_head(name, train_cfg):
     spec = MODELS[name]

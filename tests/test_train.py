@@ -130,6 +130,7 @@ def test_cell_outputs_are_written(trained):
     assert metrics.pop("run_id") == result.run_id  # the one run the report reads for this cell
     assert metrics.pop("epochs_used") == 1
     threshold = metrics.pop("operating_threshold")
+    assert (metrics.pop("selected_by"), metrics.pop("best_epoch")) == ("last", 1)  # the paper keeps the last
     # JSON has no NaN: an undefined value (an interval on 4 test images) is null.
     assert metrics == pytest.approx({k: None if np.isnan(v) else v for k, v in result.metrics.items()})
     for key in TEST_METRICS + ["test_balanced_accuracy", "test_brier"]:  # every metric has its interval
@@ -146,7 +147,7 @@ def test_cell_outputs_are_written(trained):
     assert len(predictions) == metrics["test_images"]
     assert (cell / "gradcam.png").read_bytes()[:4] == b"\x89PNG"  # the seeded TP/FP/TN/FN sample
     history = pd.read_csv(cell / "history.csv")
-    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"]
     assert history["epoch"].tolist() == [1]
     assert yaml.safe_load((cell / "config.yaml").read_text()) == cfg.to_dict()
     assert not (cell / "checkpoint").exists()  # the per-epoch checkpoint is pruned at the end

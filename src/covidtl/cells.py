@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable
 from covidtl.errors import UserError
 from covidtl.files import atomic_path, atomic_write_text, json_text
 
-EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+EPOCH_METRICS = ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc")
 MODEL_DIR = "model"  # models/<cell>/model/: model.keras + card.json, or SKIPPED.txt
 MODELS_ROOT = "models"
 PREDICTION_COLUMNS = ("path", "group", "actual", "predicted", "p_covid")
@@ -173,9 +174,25 @@ class Cell:
             with atomic_path(self.checkpoint_dir / name) as tmp:
                 save(tmp)
         atomic_write_text(self.checkpoint_state_file, json_text({**state, "model_file": name}))
-        for old in (*self.checkpoint_dir.glob("epoch-*.keras"), *self.checkpoint_dir.glob(".epoch-*.tmp*")):
-            if old.name != name:  # an older epoch, or a save a kill cut short
+        keep = {name, state.get("best_file")}
+        for old in (*self.checkpoint_dir.glob("epoch-*.keras"), *self.checkpoint_dir.glob(".epoch-*.tmp*"),
+                    *self.checkpoint_dir.glob("best-epoch-*.weights.h5"), *self.checkpoint_dir.glob(".best-*")):
+            if old.name not in keep:  # an older epoch, or a save a kill cut short
                 old.unlink(missing_ok=True)
+
+    def save_best(self, save_weights: Callable[[Path], None], epoch: int) -> str:
+        """The weights of the best epoch so far (train.select), kept beside the checkpoint until the
+        run ends; the next state.json names it (until then the previous best stays too)."""
+        name = f"best-epoch-{epoch:04d}.weights.h5"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        # Keras insists on the .weights.h5 ending, so the temporary name keeps it.
+        tmp = self.checkpoint_dir / f".best-epoch-{epoch:04d}.tmp{os.getpid()}.weights.h5"
+        try:
+            save_weights(tmp)
+            os.replace(tmp, self.checkpoint_dir / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return name
 
     def remove_checkpoint(self) -> None:
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
@@ -199,6 +216,15 @@ class Cell:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
+
+    def read_predictions(self):
+        """predictions.csv as a table (paths as stored: relative to the dataset root)."""
+        import pandas as pd
+
+        try:
+            return pd.read_csv(self.predictions_file, dtype={"path": str, "group": str})
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{self.predictions_file}: unreadable ({exc}); train the cell again") from None
 
     def read_checkpoint(self) -> tuple[dict[str, Any], Path | None] | None:
         """The last completed epoch's state and model file (None before the first epoch ends),

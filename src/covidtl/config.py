@@ -94,8 +94,10 @@ class AugmentConfig:
 
 @dataclass
 class StopConfig:
+    rule: Literal["paper", "patience"]
     val_accuracy: float
     val_loss: float
+    patience: int
 
 
 @dataclass
@@ -104,10 +106,12 @@ class TrainConfig:
     max_epochs: int
     seed: int
     preprocessing: Literal["model", "rescale"]
+    head: Literal["paper", "gap"]
     head_units: int
     dropout: float
     finetune_lr_factor: float
     stop: StopConfig
+    select: Literal["last", "val_auc", "val_loss"]
     image_size: dict[str, int]
     max_train_samples: int
     bn_recalibration_batches: int
@@ -117,6 +121,13 @@ class TrainConfig:
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
     strategy: Literal["auto", "default", "mirrored", "multiworker"]
     lr_scaling: Literal["none", "linear", "sqrt"]
+
+
+@dataclass
+class CVConfig:
+    folds: int
+    seed: int
+    out: str
 
 
 @dataclass
@@ -168,6 +179,7 @@ class Config:
     train: TrainConfig
     study: StudyConfig
     tune: TuneConfig
+    cv: CVConfig
     external: dict[str, list[ExternalSet]]
     report: ReportConfig
     eval: EvalConfig
@@ -347,10 +359,16 @@ def validate(cfg: Config) -> None:
         "tune.decades": cfg.tune.decades,
         "tune.min_epochs": cfg.tune.min_epochs,
         "tune.stale_after": cfg.tune.stale_after,
+        "train.stop.patience": cfg.train.stop.patience,
     }
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}: {value} must be > 0")
+    if cfg.train.stop.rule == "patience" and cfg.train.select == "last":
+        raise ConfigError("train.stop.rule: patience waits for `train.select` to improve, but "
+                          "train.select is last; set train.select to val_auc or val_loss")
+    if not cfg.cv.folds >= 2:
+        raise ConfigError(f"cv.folds: {cfg.cv.folds} must be at least 2")
     non_negative = {
         "train.max_train_samples": cfg.train.max_train_samples,
         "train.bn_recalibration_batches": cfg.train.bn_recalibration_batches,

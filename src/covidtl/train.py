@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import signal
 import threading
 import time
@@ -64,6 +65,8 @@ class TrainResult:
 class PaperStopRule(keras.callbacks.Callback):
     """Stop at the first epoch with val_accuracy >= 0.89 and val_loss < 0.3 (the paper's rule)."""
 
+    name = "paper_rule"
+
     def __init__(self, val_accuracy: float = 0.89, val_loss: float = 0.3):
         super().__init__()
         self.val_accuracy = val_accuracy
@@ -78,6 +81,66 @@ class PaperStopRule(keras.callbacks.Callback):
         if self.reached(logs or {}):
             self.stopped_epoch = epoch + 1
             self.model.stop_training = True
+
+
+@keras.saving.register_keras_serializable(package="covidtl")
+class CovidAUC(keras.metrics.AUC):
+    """ROC AUC of p(COVID), the softmax's COVID column, against the truth: the figure the report
+    gives, named as such (Keras' AUC pools both one-hot columns; for two softmax outputs that comes
+    to the same value, but only while the outputs are exactly p and 1 - p). 1000 thresholds put it
+    within ~1e-3 of the exact value."""
+
+    def __init__(self, name: str = "auc", num_thresholds: int = 1000, **kwargs):
+        super().__init__(name=name, num_thresholds=num_thresholds, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        column = paths.CLASSES.index(paths.POSITIVE)
+        return super().update_state(y_true[:, column], y_pred[:, column], sample_weight)
+
+
+class SelectBest(keras.callbacks.Callback):
+    """The best validation epoch by a threshold-free metric (`train.select`: val_auc or val_loss).
+
+    Its weights are kept in the checkpoint folder (so a resumed run still knows them) and put back
+    by `restore` when training ends. With `patience`, training stops once the metric has not
+    improved for that many epochs (`train.stop.rule: patience`)."""
+
+    name = "patience"
+
+    def __init__(self, monitor: str, cell: Cell, resume: Resume | None, patience: int | None = None):
+        super().__init__()
+        self.monitor = monitor
+        self.cell = cell
+        self.patience = patience
+        self.best_epoch = resume.best_epoch if resume else None
+        self.best_file = resume.best_file if resume else None
+        history = resume.history.get(monitor, []) if resume else []
+        self.best_value = history[self.best_epoch - 1] if self.best_epoch else None
+        self.stopped_epoch: int | None = None
+
+    def improved(self, value: float) -> bool:
+        if math.isnan(value):  # e.g. AUC of a validation split that holds one class
+            return False
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.monitor == "val_auc" else value < self.best_value
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise UserError(f"train.select: {self.monitor} is not among the epoch's metrics "
+                            f"({', '.join(sorted(logs or {}))}); choose val_auc, val_loss or last")
+        if self.improved(float(value)):
+            self.best_value, self.best_epoch = float(value), epoch + 1
+            self.best_file = self.cell.save_best(self.model.save_weights, epoch + 1)
+        elif self.patience and epoch + 1 - (self.best_epoch or 0) >= self.patience:
+            self.stopped_epoch = epoch + 1
+            self.model.stop_training = True
+
+    def restore(self, net: keras.Model, epochs_used: int) -> None:
+        """The best epoch's weights back into `net` (nothing to do when it was the last one)."""
+        if self.best_file and self.best_epoch != epochs_used:
+            net.load_weights(self.cell.checkpoint_dir / self.best_file)
 
 
 class RecalibrateBatchNorm(keras.callbacks.Callback):
@@ -182,11 +245,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """After each completed epoch: the model with Adam's state, and state.json with what resuming
     needs (run id, settings digest, epochs done, history, the stop rule's state, seconds)."""
 
-    def __init__(self, cell: Cell, run: dict[str, str], resume: Resume | None, stop: PaperStopRule):
+    def __init__(self, cell: Cell, run: dict[str, str], resume: Resume | None,
+                 rules: list[PaperStopRule | SelectBest], select: SelectBest | None):
         super().__init__()
         self.cell = cell
         self.run = run  # run_id and digest
-        self.stop = stop
+        self.rules = rules
+        self.select = select
         self.history = {k: list(v) for k, v in (resume.history if resume else {}).items()}
         self.epochs_done = resume.epochs_done if resume else 0
         self.seconds_before = resume.seconds if resume else 0.0
@@ -202,13 +267,23 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.epochs_done = epoch + 1
         self.cell.save_checkpoint(self.model.save, {
             **self.run, "epochs_done": self.epochs_done, "history": self.history,
-            "stopped_epoch": self.stop.stopped_epoch, "seconds": self.seconds,
+            **stopped(self.rules), "seconds": self.seconds,
+            "best_epoch": self.select.best_epoch if self.select else None,
+            "best_file": self.select.best_file if self.select else None,
         })
 
 
-def load_split(cfg: Config, dataset: str) -> pd.DataFrame:
-    """The dataset's split table (data/<dataset>/split.csv), or one line saying how to make it."""
-    return tables.read_split(cfg, dataset)
+def stopped(rules: list[PaperStopRule | SelectBest]) -> dict[str, Any]:
+    """Which rule ended training, and at which epoch (None: none has yet)."""
+    fired = next((rule for rule in rules if rule.stopped_epoch), None)
+    return {"stopped_epoch": fired.stopped_epoch if fired else None,
+            "stopped_by": fired.name if fired else None}
+
+
+def load_split(cfg: Config, dataset: str, split_file: Path | None = None) -> pd.DataFrame:
+    """The dataset's split table (data/<dataset>/split.csv unless another is named), or one line
+    saying how to make it."""
+    return tables.read_split(cfg, dataset, split_file)
 
 
 def rows_of(table: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -266,6 +341,7 @@ class Plan:
     table: pd.DataFrame
     train_rows: pd.DataFrame
     cell: Cell
+    split_file: Path  # where `table` came from: the dataset's split.csv, or a cross-validation fold's
     # Where it ran: precision, strategy, replicas, lr_scaling, global_batch_size (covidtl.distribute).
     run_on: dict[str, Any] = field(default_factory=dict)
 
@@ -286,6 +362,7 @@ def plan_run(
     lr: float | None = None,
     lr_source: str | None = None,
     out_dir: str | Path | None = None,
+    split_file: str | Path | None = None,
 ) -> Plan:
     """Resolve the run's data, input size and learning rate; refuse what cannot train."""
     spec = get_spec(model)
@@ -294,20 +371,21 @@ def plan_run(
     base_rate = learning_rate_for(spec, cfg.train)
     # Fine-tuning moves pre-trained weights: the whole network runs at the lower rate.
     rate = base_rate * cfg.train.finetune_lr_factor if init == "finetune" else base_rate
-    table = load_split(cfg, dataset)
+    split_file = Path(split_file) if split_file is not None else paths.split_path(cfg, dataset)
+    table = load_split(cfg, dataset, split_file)
     train_rows = rows_of(table, "train")
     if cfg.train.max_train_samples and len(train_rows) > cfg.train.max_train_samples:
         train_rows = train_rows.sample(cfg.train.max_train_samples, random_state=cfg.train.seed)
     for name, rows in (("train", train_rows), ("val", rows_of(table, "val"))):
         if rows.empty:
-            raise UserError(f"{paths.split_path(cfg, dataset)}: the {name} split is empty; "
+            raise UserError(f"{split_file}: the {name} split is empty; "
                             "re-split with more images or other split.fractions")
     cell = Cell(Path(out_dir)) if out_dir is not None else Cell.of(model, init, dataset)
     return Plan(
         cfg=cfg, spec=spec, model=model, init=init, dataset=dataset,
         image_size=image_size_for(spec, cfg.train), learning_rate=rate,
         lr_source=lr_source or ("params" if lr is None else "--lr"),
-        table=table, train_rows=train_rows, cell=cell,
+        table=table, train_rows=train_rows, cell=cell, split_file=split_file,
     )
 
 
@@ -324,6 +402,9 @@ class Resume:
     stopped_epoch: int | None
     seconds: float
     model_file: Path | None  # None: killed in the first epoch, the run continues from scratch
+    stopped_by: str | None = None  # the rule that ended training, if one did (paper_rule | patience)
+    best_epoch: int | None = None  # train.select's best epoch so far, its weights in best_file
+    best_file: str | None = None
 
 
 def run_digest(plan: Plan) -> str:
@@ -331,7 +412,7 @@ def run_digest(plan: Plan) -> str:
     cfg = plan.cfg
     parts = [
         tracking.config_yaml(cfg), plan.model, plan.init, plan.dataset, repr(plan.learning_rate),
-        tracking.file_sha256(paths.split_path(cfg, plan.dataset)),
+        tracking.file_sha256(plan.split_file),
         tracking.file_sha256(paths.manifest_path(cfg, plan.dataset)),
         *sorted(map(str, plan.train_rows["path"])),
     ]
@@ -353,8 +434,10 @@ def checkpoint_to_resume(plan: Plan, restart: bool = False) -> Resume | None:
             f"{state.get('epochs_done')} of run {state.get('run_id')}); delete it or pass --restart")
     return Resume(run_id=state["run_id"], epochs_done=int(state["epochs_done"]),
                   history={k: [float(v) for v in vals] for k, vals in state["history"].items()},
-                  stopped_epoch=state.get("stopped_epoch"), seconds=float(state.get("seconds", 0.0)),
-                  model_file=model_file)
+                  stopped_epoch=state.get("stopped_epoch"),
+                  stopped_by=state.get("stopped_by") or ("paper_rule" if state.get("stopped_epoch") else None),
+                  seconds=float(state.get("seconds", 0.0)), model_file=model_file,
+                  best_epoch=state.get("best_epoch"), best_file=state.get("best_file"))
 
 
 def log_missing_epochs(run_id: str, history: dict[str, list[float]]) -> None:
@@ -373,8 +456,10 @@ def log_missing_epochs(run_id: str, history: dict[str, list[float]]) -> None:
 @dataclass
 class Fitted:
     history: dict[str, list[float]]
-    stopped_by: str  # paper_rule | max_epochs | a callback's own stop (e.g. a pruned trial)
+    stopped_by: str  # paper_rule | patience | max_epochs
     seconds: float
+    selected_by: str = "last"  # train.select
+    best_epoch: int | None = None  # the epoch whose weights the model holds (None: no epoch ran)
 
     @property
     def epochs_used(self) -> int:
@@ -389,7 +474,7 @@ def compile_model(
         net.compile(
             optimizer=make_optimizer(),
             loss="categorical_crossentropy",
-            metrics=["accuracy"],
+            metrics=["accuracy", CovidAUC()],
             # Tracing the train/test graphs costs more than a few tiny epochs (see params.yaml).
             run_eagerly=run_eagerly,
         )
@@ -400,37 +485,50 @@ def fit(
     *, run_id: str = "", resume: Resume | None = None,
 ) -> Fitted:
     """Adam on the training split, validated each epoch, until the stop rule or max_epochs;
-    from `resume`'s epoch, weights and Adam's state when given."""
+    from `resume`'s epoch, weights and Adam's state when given. With `train.select` other than
+    last, the model ends holding the best validation epoch's weights."""
     cfg = plan.cfg
     compile_model(net, lambda: keras.optimizers.Adam(plan.learning_rate), cfg.train.run_eagerly)
-    stop = PaperStopRule(cfg.train.stop.val_accuracy, cfg.train.stop.val_loss)
+    rule = cfg.train.stop
+    select = (SelectBest(cfg.train.select, plan.cell, resume,
+                         rule.patience if rule.rule == "patience" else None)
+              if cfg.train.select != "last" else None)
+    paper = PaperStopRule(rule.val_accuracy, rule.val_loss) if rule.rule == "paper" else None
+    rules = [r for r in (paper, select) if r is not None]
     if resume is not None and resume.model_file is not None:
         # load_weights restores Adam's moments and step count only into a built optimizer.
         with net.distribute_strategy.scope():  # its slots mirrored like the weights
             net.optimizer.build(net.trainable_variables)
         net.load_weights(resume.model_file)
-        stop.stopped_epoch = resume.stopped_epoch
+        for r in rules:
+            if r.name == resume.stopped_by:
+                r.stopped_epoch = resume.stopped_epoch
     # Each epoch replaces the previous checkpoint (Adam's state makes it ~3x the model); it is
     # removed once the run has finished.
-    checkpoint = EpochCheckpoint(plan.cell, {"run_id": run_id, "digest": run_digest(plan)}, resume, stop)
+    checkpoint = EpochCheckpoint(plan.cell, {"run_id": run_id, "digest": run_digest(plan)}, resume,
+                                 rules, select)
     stopper = StopOnInterrupt(checkpoint)
     done = resume.epochs_done if resume else 0
-    if not stop.stopped_epoch and done < cfg.train.max_epochs:
+    if not stopped(rules)["stopped_epoch"] and done < cfg.train.max_epochs:
         with interrupt_after_batch(stopper):
             net.fit(
                 train_ds,
                 validation_data=val_ds,
                 epochs=cfg.train.max_epochs,
                 initial_epoch=done,  # callbacks see absolute epochs: MLflow steps continue
-                callbacks=[
+                callbacks=[  # the best epoch's weights are saved before the checkpoint names them
                     stopper, RecalibrateBatchNorm(train_ds, cfg.train.bn_recalibration_batches),
-                    stop, checkpoint, MlflowEpochLogger(), *callbacks,
+                    *rules, checkpoint, MlflowEpochLogger(), *callbacks,
                 ],
                 shuffle=False,  # the dataset shuffles itself, with the seed
                 verbose="auto",
             )
-    return Fitted(checkpoint.history, "paper_rule" if stop.stopped_epoch else "max_epochs",
-                  checkpoint.seconds)
+    epochs = len(checkpoint.history.get("loss", []))
+    if select is not None:
+        select.restore(net, epochs)
+    return Fitted(checkpoint.history, stopped(rules)["stopped_by"] or "max_epochs", checkpoint.seconds,
+                  selected_by=cfg.train.select,
+                  best_epoch=select.best_epoch if select else (epochs or None))
 
 
 @dataclass
@@ -479,6 +577,7 @@ def train(
     out_dir: str | Path | None = None,
     log_model: bool | None = True,
     restart: bool = False,
+    split_file: str | Path | None = None,
     say: Callable[[str], None] = lambda line: None,
 ) -> TrainResult:
     """Train `model` from `init` on `dataset`'s split; one MLflow run; the cell's files on disk.
@@ -489,7 +588,7 @@ def train(
     if not dist.is_chief:  # the chief records the run; the other workers only train
         out_dir = distribute.worker_scratch()
     plan = distribute.adapt(plan_run(cfg, model, init, dataset, lr=lr, lr_source=lr_source,
-                                     out_dir=out_dir), dist)
+                                     out_dir=out_dir, split_file=split_file), dist)
     resume = checkpoint_to_resume(plan, restart)
     if resume is not None:
         say(f"Resuming run {resume.run_id} after epoch {resume.epochs_done} from {plan.cell.checkpoint_dir} "
@@ -556,7 +655,9 @@ def _run(
         mlflow.set_tag("resumed_after_epoch", resume.epochs_done)
     fitted = fit(plan, net, train_ds, val_ds, callbacks, run_id=run_id, resume=resume)
     mlflow.log_metrics({"epochs_used": fitted.epochs_used, "train_seconds": fitted.seconds})
-    mlflow.set_tag("stopped_by", fitted.stopped_by)
+    if fitted.best_epoch:
+        mlflow.log_metric("best_epoch", fitted.best_epoch)
+    mlflow.set_tags({"stopped_by": fitted.stopped_by, "selected_by": fitted.selected_by})
     tracking.log_history(fitted.history)
 
     operating = {"rule": plan.cfg.eval.operating_point, "threshold": DEFAULT_THRESHOLD,
@@ -585,6 +686,7 @@ def _run(
     root = tables.dataset_root(plan.cfg, plan.dataset)
     plan.cell.write_results(
         metrics={"status": "ok", **metrics, "epochs_used": fitted.epochs_used,
+                 "best_epoch": fitted.best_epoch, "selected_by": fitted.selected_by,
                  "operating_threshold": operating["threshold"], "run_id": run_id},
         history=fitted.history,
         predictions=scored.prediction_rows(root) if scored else None,
@@ -616,7 +718,7 @@ def log_plan(plan: Plan) -> None:
         **plan.run_on,
     })
     tracking.log_split_inputs(
-        plan.dataset, paths.split_path(cfg, plan.dataset), paths.manifest_path(cfg, plan.dataset),
+        plan.dataset, plan.split_file, paths.manifest_path(cfg, plan.dataset),
         {"train": plan.train_rows, "val": plan.rows("val"), "test": plan.rows("test")},
     )
 
@@ -629,6 +731,8 @@ def model_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any
         "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
         "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
         "epochs_used": fitted.epochs_used, "run_id": run_id, **plan.run_on,
+        # The weights are this epoch's: the last (the paper) or the best by `selected_by`.
+        "selected_by": fitted.selected_by, "best_epoch": fitted.best_epoch,
         # Read by everything that scores this model: evaluate, predict, the external sets.
         "operating_point": operating,
         "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,

@@ -112,7 +112,7 @@ def study_identity(
         space["dropout"] = list(DROPOUT_RANGE)
     training: dict[str, Any] = {
         "seed": t.seed, "image_size": image_size_for(spec, t), "preprocessing": t.preprocessing,
-        "head_units": t.head_units, "stop": dataclasses.asdict(t.stop),
+        "head": t.head, "head_units": t.head_units, "stop": dataclasses.asdict(t.stop), "select": t.select,
         "max_train_samples": t.max_train_samples,
         "bn_recalibration_batches": t.bn_recalibration_batches,
     }

@@ -54,6 +54,11 @@ def write_split(cfg: Config, dataset: str, table: pd.DataFrame) -> Path:
     return _write_table(table, paths.split_path(cfg, dataset), dataset_root(cfg, dataset))
 
 
+def write_split_at(cfg: Config, dataset: str, table: pd.DataFrame, path: Path) -> Path:
+    """A split table of the dataset kept elsewhere (a cross-validation fold's)."""
+    return _write_table(table, Path(path), dataset_root(cfg, dataset))
+
+
 def write_augmented_manifest(cfg: Config, dataset: str, manifest: pd.DataFrame) -> Path:
     path = augmented_manifest_path(cfg, dataset)
     return _write_table(manifest, path, dataset_root(cfg, dataset), column="source_path")
@@ -83,9 +88,10 @@ def read_quarantine(cfg: Config, dataset: str) -> pd.DataFrame:
     return _read_table(paths.quarantine_path(cfg, dataset), dataset_root(cfg, dataset))
 
 
-def read_split(cfg: Config, dataset: str) -> pd.DataFrame:
-    """data/<dataset>/split.csv with usable paths, or one line saying how to make it."""
-    path = paths.split_path(cfg, dataset)
+def read_split(cfg: Config, dataset: str, path: Path | None = None) -> pd.DataFrame:
+    """data/<dataset>/split.csv (or another split table of the dataset, e.g. a cross-validation
+    fold's) with usable paths, or one line saying how to make it."""
+    path = Path(path) if path is not None else paths.split_path(cfg, dataset)
     if not path.is_file():
         raise UserError(
             f"{path}: no split table for dataset {dataset!r}; run `covidtl ingest {dataset}` "

@@ -8,8 +8,9 @@ from keras import layers
 INPUT_SIZE = 200
 
 
-def build_custom_cnn(input_shape: tuple[int, int, int], dropout: float = 0.0) -> keras.Model:
-    """Table 1 of the paper, layer by layer; the head is the same Flatten -> 1000 -> 2."""
+def build_custom_cnn(input_shape: tuple[int, int, int], dropout: float = 0.0, head: str = "paper") -> keras.Model:
+    """Table 1 of the paper, layer by layer; the head is the same Flatten -> 1000 -> 2 (`paper`),
+    or global average pooling -> 2 (`gap`: the same at 200 px, where the last map is 1 x 1)."""
     inputs = keras.Input(shape=input_shape, name="image")
     x = layers.SeparableConv2D(16, 3, padding="valid", activation="relu")(inputs)  # 198², 91
     x = layers.MaxPooling2D(2)(x)  # 99²
@@ -29,8 +30,11 @@ def build_custom_cnn(input_shape: tuple[int, int, int], dropout: float = 0.0) ->
     x = layers.SeparableConv2D(64, 3, padding="valid", activation="relu")(x)  # 2², 4736
     x = layers.MaxPooling2D(2)(x)  # 1²
     x = layers.BatchNormalization()(x)  # 256
-    x = layers.Flatten()(x)  # 64
-    x = layers.Dense(1000, activation="relu")(x)  # 65,000
+    if head == "gap":
+        x = layers.GlobalAveragePooling2D()(x)  # 64
+    else:
+        x = layers.Flatten()(x)  # 64
+        x = layers.Dense(1000, activation="relu")(x)  # 65,000
     # float32 under mixed precision too: a float16 softmax saturates.
     outputs = layers.Dense(2, activation="softmax", name="probabilities", dtype="float32")(x)  # 2,002
     return keras.Model(inputs, outputs, name="custom_cnn")

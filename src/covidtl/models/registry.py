@@ -124,11 +124,12 @@ def freeze_batchnorm(base: keras.Model) -> None:
 def build_model(
     spec: ModelSpec, init: str, train_cfg: TrainConfig, image_size: int | None = None
 ) -> keras.Model:
-    """The paper's network: backbone (or Table 1's CNN) -> Flatten -> Dense(1000) -> Dense(2)."""
+    """The paper's network: backbone (or Table 1's CNN) -> Flatten -> Dense(1000) -> Dense(2);
+    with `train.head: gap`, backbone -> GlobalAveragePooling -> Dense(2)."""
     size = image_size or image_size_for(spec, train_cfg)
     shape = (size, size, 3)
     if spec.backbone is None:
-        model = build_custom_cnn(shape, dropout=train_cfg.dropout)
+        model = build_custom_cnn(shape, dropout=train_cfg.dropout, head=train_cfg.head)
         if init in ("imagenet", "finetune"):
             raise UserError(
                 f"--init {init}: {spec.name} has no ImageNet weights; use --init random "
@@ -153,10 +154,11 @@ def build_model(
     inputs = keras.Input(shape=shape, name="image")
     # training=False documents the intent; it is freeze_batchnorm that keeps the statistics.
     x = base(inputs, training=False) if init != "random" else base(inputs)
-    x = layers.Flatten()(x)
+    x = layers.GlobalAveragePooling2D()(x) if train_cfg.head == "gap" else layers.Flatten()(x)
     if train_cfg.dropout:
         x = layers.Dropout(train_cfg.dropout)(x)
-    x = layers.Dense(train_cfg.head_units, activation="relu")(x)
+    if train_cfg.head == "paper":
+        x = layers.Dense(train_cfg.head_units, activation="relu")(x)
     # float32 under mixed precision too: a float16 softmax saturates (covidtl.distribute).
     outputs = layers.Dense(2, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"{spec.name}_{init_label(init)}")
