@@ -162,7 +162,10 @@ class Cell:
     def write_failed(self, run_id: str, reason: str) -> None:
         """The record of a run that stopped with an error: the report shows it as failed."""
         record = {"status": "failed", "reason": reason, "run_id": run_id}
-        atomic_write_text(self.metrics_file, json.dumps(record, indent=2) + "\n")
+        try:
+            atomic_write_text(self.metrics_file, json.dumps(record, indent=2) + "\n")
+        except UserError:
+            pass  # the disk that stopped the run refuses this too: the run's own error is the one to show
 
     def save_checkpoint(self, save: Callable[[Path], None] | None, state: dict[str, Any]) -> None:
         """One completed epoch: its model file, then state.json naming it, then the older file goes.
