@@ -7,7 +7,6 @@ there) unless MLFLOW_TRACKING_URI says otherwise; one experiment per dataset.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ import numpy as np
 import yaml
 
 from covidtl.config import Config
+from covidtl.files import file_sha256  # noqa: F401 - re-exported: runs tag their data with it
 from covidtl.metrics import confusion, report_text
 from covidtl.paths import CLASSES
 
@@ -32,7 +32,46 @@ _PARAM_VALUE_MAX = 6000
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, or ./mlflow.db; a server that does not answer is one line, at once."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        require_server(uri)
+    return uri
+
+
+# How long a tracking server may take to accept a connection before we give up, in seconds.
+SERVER_CONNECT_TIMEOUT_S = 5
+# MLflow's own HTTP retries, unless the user set them: its default (7 retries, backoff factor 2,
+# 120 s timeout) turned a server that went away into minutes of silence.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_reachable: set[str] = set()
+
+
+def require_server(uri: str) -> None:
+    """Refuse, in seconds, a tracking server that does not accept a connection (checked once)."""
+    if uri in _reachable:
+        return
+    import socket
+    from urllib.parse import urlsplit
+
+    from covidtl.errors import UserError
+
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=SERVER_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise UserError(
+            f"MLFLOW_TRACKING_URI={uri}: no tracking server answers there ({reason}); start it "
+            f"(mlflow server --host 127.0.0.1 --port {port}) or unset MLFLOW_TRACKING_URI to log "
+            "to ./mlflow.db"
+        ) from None
+    _reachable.add(uri)
 
 
 # MLflow's UI opens an experiment on its GenAI traces page unless told it holds model training.
@@ -98,16 +137,6 @@ def git_commit() -> str:
     return f"{head}-dirty" if dirty else head
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, `missing` if absent (e.g. a table built in memory)."""
-    path = Path(path)
-    if not path.is_file():
-        return "missing"
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def log_config(cfg: Config) -> None:

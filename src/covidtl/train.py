@@ -38,9 +38,9 @@ from covidtl.models.registry import (
     ModelSpec,
     build_model,
     get_spec,
-    image_size_for,
     learning_rate_for,
     preprocess_for,
+    trainable_image_size,
 )
 from covidtl.scores import DEFAULT_THRESHOLD, Scores, choose_operating_point
 
@@ -303,7 +303,7 @@ def plan_run(
     cell = Cell(Path(out_dir)) if out_dir is not None else Cell.of(model, init, dataset)
     return Plan(
         cfg=cfg, spec=spec, model=model, init=init, dataset=dataset,
-        image_size=image_size_for(spec, cfg.train), learning_rate=rate,
+        image_size=trainable_image_size(spec, cfg.train), learning_rate=rate,
         lr_source=lr_source or ("params" if lr is None else "--lr"),
         table=table, train_rows=train_rows, cell=cell,
     )
@@ -473,6 +473,7 @@ def train(
     """Train `model` from `init` on `dataset`'s split; one MLflow run; the cell's files on disk.
 
     A checkpoint of the same settings in the cell continues its run; `restart` starts over."""
+    tracking.tracking_uri()  # a tracking server that does not answer stops us before any training
     plan = plan_run(cfg, model, init, dataset, lr=lr, lr_source=lr_source, out_dir=out_dir)
     resume = checkpoint_to_resume(plan, restart)
     if resume is not None:
