@@ -39,7 +39,7 @@ from covidtl.config import Config, TuneConfig
 from covidtl.data import tables
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
-from covidtl.models.registry import get_spec, image_size_for
+from covidtl.models.registry import get_spec, trainable_image_size
 from covidtl.train import train
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def study_identity(
     if cfg.tune.search_dropout:
         space["dropout"] = list(DROPOUT_RANGE)
     training: dict[str, Any] = {
-        "seed": t.seed, "image_size": image_size_for(spec, t), "preprocessing": t.preprocessing,
+        "seed": t.seed, "image_size": trainable_image_size(spec, t), "preprocessing": t.preprocessing,
         "head_units": t.head_units, "stop": dataclasses.asdict(t.stop),
         "max_train_samples": t.max_train_samples,
         "bn_recalibration_batches": t.bn_recalibration_batches,
