@@ -78,10 +78,11 @@ def write_summary(cfg: Config, dataset: str, summary: dict[str, Any]) -> Path:
 
 def read_manifest(cfg: Config, dataset: str) -> pd.DataFrame:
     """data/<dataset>/manifest.csv with usable paths, or one line saying to ingest first."""
+    root = dataset_root(cfg, dataset)  # an unknown dataset name is the error to show, not "ingest it"
     path = paths.manifest_path(cfg, dataset)
     if not path.is_file():
         raise UserError(f"{path}: no manifest yet; run `covidtl ingest {dataset}` first")
-    return _read_table(path, dataset_root(cfg, dataset), fix=f"covidtl ingest {dataset}",
+    return _read_table(path, root, fix=f"covidtl ingest {dataset}",
                        required=("path", "label", "sha256", "dhash", "group"))
 
 
@@ -91,13 +92,14 @@ def read_quarantine(cfg: Config, dataset: str) -> pd.DataFrame:
 
 def read_split(cfg: Config, dataset: str) -> pd.DataFrame:
     """data/<dataset>/split.csv with usable paths, or one line saying how to make it."""
+    root = dataset_root(cfg, dataset)  # an unknown dataset name is the error to show
     path = paths.split_path(cfg, dataset)
     if not path.is_file():
         raise UserError(
             f"{path}: no split table for dataset {dataset!r}; run `covidtl ingest {dataset}` "
             f"and `covidtl split {dataset}` (or `dvc repro split@{dataset}`) first"
         )
-    table = _read_table(path, dataset_root(cfg, dataset), fix=f"covidtl split {dataset}",
+    table = _read_table(path, root, fix=f"covidtl split {dataset}",
                         required=("path", "label", "split"))
     _check_made_from_manifest(cfg, dataset, path, table)
     return table
