@@ -289,7 +289,7 @@ def test_a_full_disk_during_a_re_ingest_leaves_the_old_tables(ingested):
 
 
 def run_as_nobody(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([SETPRIV, *NOBODY, *args], capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run([SETPRIV, *NOBODY, *args], capture_output=True, text=True, timeout=600, **kwargs)
 
 
 @pytest.fixture
@@ -310,11 +310,11 @@ def _needs_a_user_without_rights():
         pytest.skip("running as root without setpriv: no way to drop the privileges that ignore file modes")
 
 
-def as_user(args: list[str]) -> subprocess.CompletedProcess:
+def as_user(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`args` as a user that file modes apply to: nobody when running as root (CI), else ourselves."""
     if os.geteuid() == 0:
-        return run_as_nobody(args)
-    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+        return run_as_nobody(args, env=env)
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_an_unreadable_file_is_quarantined_and_the_rest_go_on(shared_tmp):

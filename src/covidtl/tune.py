@@ -501,6 +501,7 @@ def run_study(
     init, trials = cfg.tune.init, cfg.tune.trials
     get_spec(model)  # unknown model: one line listing the known ones
     cfg.dataset(dataset)
+    tracking.tracking_uri()  # a tracking server that does not answer: refused before the study is made
     span = lr_bounds(cfg, model, bounds)
     check_enqueue(enqueue_rates, span)
     split = paths.split_path(cfg, dataset)
