@@ -149,8 +149,9 @@ class Cell:
             for i in range(epochs)
         ]
         atomic_write_text(self.history_file, _csv(("epoch", *EPOCH_METRICS), rows))
-        if predictions is not None:
-            atomic_write_text(self.predictions_file, _csv(PREDICTION_COLUMNS, predictions))
+        # Header only when no test image was scored: an older run's rows never stay beside this
+        # model, and DVC finds the plot it declares.
+        atomic_write_text(self.predictions_file, _csv(PREDICTION_COLUMNS, predictions or []))
         atomic_write_text(self.metrics_file, json_text(metrics))
 
     def save_figure(self, figure, path: Path) -> Path:
