@@ -386,3 +386,31 @@ def test_covidtl_debug_re_raises_the_unexpected_error(monkeypatch):
     monkeypatch.setenv("COVIDTL_DEBUG", "1")
     result = CliRunner().invoke(_group_with_a_bug(), ["broken"])
     assert isinstance(result.exception, KeyError)
+
+
+# --------------------------------------------------------------------------- safety
+
+
+@pytest.mark.parametrize("command", [["ui"], ["server"], ["models", "serve"]])
+def test_mlflow_servers_we_document_bind_to_localhost_by_default(command):
+    """The MLflow UI and the served model listen on 127.0.0.1 unless asked otherwise."""
+    import click
+    from mlflow.cli import cli
+
+    found = cli
+    for name in command:
+        found = found.get_command(click.Context(found), name)
+    (host,) = [p for p in found.params if p.name == "host"]
+    assert host.default == "127.0.0.1"
+
+
+def test_no_documented_command_binds_every_interface():
+    """README, MLproject, dvc.yaml and the package never tell a user to serve on 0.0.0.0 (or ::)."""
+    root = Path(__file__).parents[1]
+    texts = {p: p.read_text() for p in [root / "README.md", root / "MLproject", root / "dvc.yaml",
+                                         *(root / "src" / "covidtl").rglob("*.py")]}
+    for path, text in texts.items():
+        assert "0.0.0.0" not in text and "--host ::" not in text, path
+        for line in text.splitlines():
+            if "models serve" in line and "--host" in line:
+                assert "--host 127.0.0.1" in line, (path, line)
