@@ -288,6 +288,26 @@ def test_a_full_disk_during_a_re_ingest_leaves_the_old_tables(ingested):
     unchanged(work, before)
 
 
+def test_an_output_path_through_a_file_is_one_line(tmp_path):
+    good_images(tmp_path)
+    (tmp_path / "data").write_text("a file where the derived tables' folder should be\n")
+    result = covidtl(tmp_path, "ingest", "ct", "--quiet")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"Error: {tmp_path / 'data' / 'ct' / 'manifest.csv'}: cannot write it (Not a directory); check the path: "
+        "a file may stand where a folder is needed (or the reverse), or a folder on it cannot be made; an "
+        "earlier file of that name is left as it was\n")
+    assert (tmp_path / "data").read_text().startswith("a file where")
+
+
+def test_a_negative_number_of_decoding_processes_is_refused(tmp_path):
+    good_images(tmp_path)
+    result = covidtl(tmp_path, "ingest", "ct", "--jobs", "-1")
+    assert result.exit_code == 2
+    assert "Invalid value for '--jobs': -1 is not in the range x>=0." in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def run_as_nobody(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([SETPRIV, *NOBODY, *args], capture_output=True, text=True, timeout=600, **kwargs)
 

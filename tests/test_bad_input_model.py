@@ -118,8 +118,10 @@ def test_an_unreachable_tracking_server_is_one_line_before_any_training(trained,
     tuned = cli(tmp, "tune", "--model", "custom_cnn", "--dataset", "tiny", "--trials", "1",
                 "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
     assert one_line(tuned) == expected
-    scored = cli(tmp, "evaluate", "--model-uri", "runs:/0123456789abcdef/model", "--data", "tiny")
-    assert one_line(scored) == expected
+    for args in (["evaluate", "--model-uri", "runs:/0123456789abcdef/model", "--data", "tiny"],
+                 ["evaluate", "--model-uri", str(trained[2]), "--data", "tiny"],
+                 ["register", str(trained[2]), "--name", "covidtl-tiny"]):
+        assert one_line(cli(tmp, *args)) == expected, args
 
 
 def test_tune_refuses_a_custom_cnn_input_below_its_minimum(trained, tmp_path):
@@ -156,6 +158,16 @@ def test_a_corrupt_model_file_is_one_line_for_evaluate_and_predict(trained, corr
         line = one_line(cli(tmp, *args))
         assert line.startswith(f"Error: {model}: not a readable Keras model ("), line
     assert not (tmp_path / "ev").exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_an_evaluate_out_that_is_a_file_is_one_line(trained, tmp_path):
+    tmp, _, cell = trained
+    (tmp_path / "results").write_text("keep me\n")
+    line = one_line(cli(tmp, "evaluate", "--model-uri", str(cell), "--data", "tiny",
+                        "--out", str(tmp_path / "results")))
+    assert line == (f"Error: {tmp_path / 'results'}: File exists; check the path: a file may stand where a "
+                    "folder is needed (or the reverse), or a folder on it cannot be made")
+    assert (tmp_path / "results").read_text() == "keep me\n"
 
 
 # --------------------------------------------------------------------------- which data evaluate scores

@@ -282,6 +282,7 @@ def evaluate(
     """Score `model_uri` on `data` (split of a dataset, or a whole folder); one MLflow run."""
     if split not in SPLITS:
         raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
+    tracking.tracking_uri()  # a tracking server that does not answer: refused before any scoring
     loaded = load_trained(model_uri, cfg)
     with tempfile.TemporaryDirectory(prefix="covidtl-eval-") as tmp:
         rows, dataset, manifest, is_dataset = load_rows(cfg, data, split, Path(tmp), say)

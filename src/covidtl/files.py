@@ -16,6 +16,8 @@ from covidtl.errors import UserError
 # errno values that mean "this output cannot be written here", each with what the user can do.
 _NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+# A path that cannot be a file here: a file where a folder is needed, or the reverse.
+_BAD_PATH = {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG}
 
 
 class OutputError(UserError):
@@ -28,6 +30,9 @@ def write_problem(exc: OSError) -> str | None:
         return "free some disk space (or write to another disk) and run the same command again"
     if exc.errno in _NOT_WRITABLE:
         return "choose a folder you can write to, or fix its permissions, and run the command again"
+    if exc.errno in _BAD_PATH:
+        return ("check the path: a file may stand where a folder is needed (or the reverse), or a folder "
+                "on it cannot be made")
     return None
 
 
