@@ -371,6 +371,30 @@ def test_a_read_only_output_folder_is_one_line_and_the_old_tables_stay(shared_tm
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+def test_a_read_only_mlflow_store_is_one_line(shared_tmp):
+    """MLflow's SQLite file that this user cannot write: the store and the fix, not a traceback."""
+    _needs_a_user_without_rights()
+    import mlflow
+
+    store = shared_tmp / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).search_experiments()  # the store exists, made by another user
+    for path in (store, *store.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    work = shared_tmp / "work"
+    work.mkdir(mode=0o777)
+    work.chmod(0o777)
+    done = as_user([COVIDTL, "--params", str(PARAMS), "-S", f"report.out={work / 'reports'}", "report"],
+                   env={**os.environ, "MLFLOW_TRACKING_URI": uri, "HOME": str(work),
+                        "MPLCONFIGDIR": str(work / "mpl")})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: MLflow's store {uri}: readonly database; make the file (and its folder) writable, or point "
+        "MLFLOW_TRACKING_URI at another store, and run the command again")
+
+
 # --------------------------------------------------------------------------- the last resort
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -25,6 +26,10 @@ from covidtl.config import Config
 from covidtl.files import file_sha256  # noqa: F401 - re-exported: runs tag their data with it
 from covidtl.metrics import confusion, report_text
 from covidtl.paths import CLASSES
+
+# MLflow logs a store error with its whole traceback before raising it; the CLI then says it in one
+# line (covidtl.crash.store_problem), and an unexpected one keeps its traceback in the crash log.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 # MLflow's limits on one params batch and on a param's value length.
 _PARAMS_PER_BATCH = 100

@@ -42,7 +42,13 @@ class CovidtlGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - the last resort: a bug, said in one line
-            _bug(exc)
+            from covidtl.crash import store_problem
+
+            line = None if os.environ.get(DEBUG_ENV) == "1" else store_problem(exc)
+            if line is None:
+                _bug(exc)
+            click.echo(f"Error: {line}", err=True)
+            sys.exit(2)
 
 
 def _bug(exc: BaseException) -> None:
