@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
