@@ -123,6 +123,36 @@ def test_an_unreachable_tracking_server_is_one_line_before_any_training(trained,
         assert one_line(cli(tmp, *args)) == expected, args
 
 
+def test_a_server_that_is_not_mlflow_is_one_line(trained, tmp_path, monkeypatch):
+    """Something answers on the port, but not MLflow's REST API (here Python's file server: 404)."""
+    import functools
+    import http.server
+    import threading
+
+    tmp = trained[0]
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # the server's own log is not the CLI's output
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{httpd.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        result = cli(tmp, "train", "--model", "custom_cnn", "--dataset", "tiny", "--out", str(tmp_path / "cell"),
+                     "--no-log-model")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    line = one_line(result)
+    assert line.startswith(f"Error: MLFLOW_TRACKING_URI={uri}: the server there does not answer as an MLflow "
+                           "tracking server (API request to endpoint /api/2.0/mlflow/"), line
+    assert line.endswith("check the URI and that `mlflow server` runs there, or unset MLFLOW_TRACKING_URI "
+                         "to log to ./mlflow.db")
+    assert not (tmp_path / "cell" / "metrics.json").exists()  # nothing trained, no record
+
+
 def test_tune_refuses_a_custom_cnn_input_below_its_minimum(trained, tmp_path):
     tmp = trained[0]
     result = cli(tmp, "-S", "train.image_size.custom_cnn=100", "tune", "--model", "custom_cnn",

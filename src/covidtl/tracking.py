@@ -25,58 +25,16 @@ import yaml
 from covidtl.config import Config
 from covidtl.files import file_sha256  # noqa: F401 - re-exported: runs tag their data with it
 from covidtl.metrics import confusion, report_text
+from covidtl.mlflow_store import require_server, tracking_uri  # noqa: F401 - where runs go
 from covidtl.paths import CLASSES
 
 # MLflow logs a store error with its whole traceback before raising it; the CLI then says it in one
-# line (covidtl.crash.store_problem), and an unexpected one keeps its traceback in the crash log.
+# line (covidtl.mlflow_store.store_problem), and an unexpected one keeps its traceback in the crash log.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 # MLflow's limits on one params batch and on a param's value length.
 _PARAMS_PER_BATCH = 100
 _PARAM_VALUE_MAX = 6000
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, or ./mlflow.db; a server that does not answer is one line, at once."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if uri.startswith(("http://", "https://")):
-        require_server(uri)
-    return uri
-
-
-# How long a tracking server may take to accept a connection before we give up, in seconds.
-SERVER_CONNECT_TIMEOUT_S = 5
-# MLflow's own HTTP retries, unless the user set them: its default (7 retries, backoff factor 2,
-# 120 s timeout) turned a server that went away into minutes of silence.
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-_reachable: set[str] = set()
-
-
-def require_server(uri: str) -> None:
-    """Refuse, in seconds, a tracking server that does not accept a connection (checked once)."""
-    if uri in _reachable:
-        return
-    import socket
-    from urllib.parse import urlsplit
-
-    from covidtl.errors import UserError
-
-    for key, value in MLFLOW_HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    parts = urlsplit(uri)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname or "", port), timeout=SERVER_CONNECT_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise UserError(
-            f"MLFLOW_TRACKING_URI={uri}: no tracking server answers there ({reason}); start it "
-            f"(mlflow server --host 127.0.0.1 --port {port}) or unset MLFLOW_TRACKING_URI to log "
-            "to ./mlflow.db"
-        ) from None
-    _reachable.add(uri)
 
 
 # MLflow's UI opens an experiment on its GenAI traces page unless told it holds model training.

@@ -42,7 +42,7 @@ class CovidtlGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - the last resort: a bug, said in one line
-            from covidtl.crash import store_problem
+            from covidtl.mlflow_store import store_problem
 
             line = None if os.environ.get(DEBUG_ENV) == "1" else store_problem(exc)
             if line is None:

@@ -67,9 +67,9 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
         f"train.image_size.{model}": image_size, "train.preprocessing": preprocessing,
         "train.max_train_samples": max_train_samples,
     })
-    from covidtl import tracking
+    from covidtl.mlflow_store import tracking_uri
 
-    tracking.tracking_uri()  # an unreachable tracking server: one line now, not after TensorFlow loads
+    tracking_uri()  # an unreachable tracking server: one line now, not after MLflow and TensorFlow load
     from covidtl.train import TrainingInterrupted, train as run  # TensorFlow loads here, after the cheap checks
 
     if prepare:
@@ -111,6 +111,9 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
 @click.pass_context
 def evaluate(ctx, model_uri, data, split, out) -> None:
     """Score a trained model on a dataset or folder; logs a kind=evaluate MLflow run."""
+    from covidtl.mlflow_store import tracking_uri
+
+    tracking_uri()  # an unreachable tracking server: one line before MLflow and TensorFlow load
     from covidtl.evaluate import evaluate as run
 
     result = run(config_from(ctx), model_uri, data, split=split, out_dir=out,
