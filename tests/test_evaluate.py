@@ -114,7 +114,7 @@ def test_cli_evaluate_refuses_a_folder_with_class_folders_it_cannot_map(trained,
     assert "-S data.labels.no_findings=non_covid (or =covid)" in bad.stderr
     ok = CliRunner().invoke(main, ["-S", "data.labels.no_findings=non_covid", *args])
     assert ok.exit_code == 0, ok.output
-    assert f"on {folder}: 7 images;" in ok.stdout  # mapped, every image is scored
+    assert f"on {folder}: 7 images (a folder, every image);" in ok.stdout  # mapped, every image is scored
 
 
 def write_images_to(folder: Path, n: int) -> None:

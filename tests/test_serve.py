@@ -183,3 +183,30 @@ def test_a_malformed_request_gets_a_4xx_with_a_message(server, body):
     assert json.loads(text)["message"]
     with urllib.request.urlopen(f"{server}/ping", timeout=10) as response:  # still serving
         assert response.status == 200
+
+
+def test_bad_image_rows_get_their_reason_and_the_server_keeps_serving(registered, server):
+    """A decompression bomb, a truncated JPEG, an empty file: each row says why; the rest are scored."""
+    from test_bad_input import BAD_FILES
+
+    tmp, _, cell = registered
+    good = images(tmp)[:2]
+    rows, reasons = [[base64.b64encode(f.read_bytes()).decode("ascii")] for f in good], {}
+    for name in ("bomb.png", "truncated.jpg", "zero.png", "one-pixel.png"):
+        make, reason = BAD_FILES[name]
+        make(tmp / name)
+        reasons[len(rows)] = reason
+        rows.append([base64.b64encode((tmp / name).read_bytes()).decode("ascii")])
+        (tmp / name).unlink()
+    status, text = post(f"{server}/invocations",
+                        json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode())
+    assert status == 200, text
+    answer = json.loads(text)["predictions"]
+    for i, reason in reasons.items():
+        expected = "no image: the row's value must be a base64-encoded PNG or JPEG file" if reason.startswith(
+            "empty file") else reason  # an empty file is an empty base64 string
+        assert answer[i]["error"].startswith(expected) and answer[i]["p_covid"] is None, answer[i]
+    expected = predict_files(load_trained(str(cell)), good)
+    np.testing.assert_allclose([a["p_covid"] for a in answer[:2]], [p.p_covid for p in expected], atol=1e-5)
+    with urllib.request.urlopen(f"{server}/ping", timeout=10) as response:  # still serving
+        assert response.status == 200

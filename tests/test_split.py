@@ -55,7 +55,7 @@ def test_split_files_follow_the_contract_and_are_seeded(synth_ct):
     table, report = split_with(synth_ct, "grouped", seed=3)
     manifest = pd.read_csv(paths.manifest_path(synth_ct, "ct"))
     on_disk = pd.read_csv(paths.split_path(synth_ct, "ct"))
-    assert list(on_disk.columns) == [*manifest.columns, "split"]
+    assert list(on_disk.columns) == [*manifest.columns, "split", "manifest_sha256"]
     assert set(on_disk["split"]) == {"train", "val", "test"}
     saved = json.loads(paths.leakage_path(synth_ct, "ct").read_text())
     assert saved == json.loads(json.dumps(report))

@@ -150,8 +150,9 @@ class Cell:
             for i in range(epochs)
         ]
         atomic_write_text(self.history_file, _csv(("epoch", *EPOCH_METRICS), rows))
-        if predictions is not None:
-            atomic_write_text(self.predictions_file, _csv(PREDICTION_COLUMNS, predictions))
+        # Header only when no test image was scored: an older run's rows never stay beside this
+        # model, and DVC finds the plot it declares.
+        atomic_write_text(self.predictions_file, _csv(PREDICTION_COLUMNS, predictions or []))
         atomic_write_text(self.metrics_file, json_text(metrics))
 
     def save_figure(self, figure, path: Path) -> Path:
@@ -163,7 +164,10 @@ class Cell:
     def write_failed(self, run_id: str, reason: str) -> None:
         """The record of a run that stopped with an error: the report shows it as failed."""
         record = {"status": "failed", "reason": reason, "run_id": run_id}
-        atomic_write_text(self.metrics_file, json.dumps(record, indent=2) + "\n")
+        try:
+            atomic_write_text(self.metrics_file, json.dumps(record, indent=2) + "\n")
+        except UserError:
+            pass  # the disk that stopped the run refuses this too: the run's own error is the one to show
 
     def save_checkpoint(self, save: Callable[[Path], None] | None, state: dict[str, Any]) -> None:
         """One completed epoch: its model file, then state.json naming it, then the older file goes.

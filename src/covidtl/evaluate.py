@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import keras
 import mlflow
@@ -48,6 +50,7 @@ class EvaluateResult:
     run_id: str
     metrics: dict[str, float]
     images: int
+    scored: str = ""  # "the test split of dataset ct" or "a folder, every image"
 
 
 def load_trained(model_uri: str, cfg: Config | None = None) -> LoadedModel:
@@ -155,12 +158,23 @@ def _name_from_model(model: keras.Model) -> str:
     )
 
 
-def load_rows(cfg: Config, data: str, split: str, workdir: Path) -> tuple[pd.DataFrame, str, Path]:
-    """(rows, dataset name, manifest path) for a configured dataset name or any image folder."""
-    if data in cfg.data.datasets and not Path(data).is_dir():
+def is_dataset_name(cfg: Config, data: str) -> bool:
+    """`--data` names a dataset of params.yaml: a bare configured name, even where a folder of that
+    name exists here (a path says so: `./xray`, `/x/ct`). One meaning per value, never a guess."""
+    return data in cfg.data.datasets and "/" not in data and os.sep not in data
+
+
+def load_rows(
+    cfg: Config, data: str, split: str, workdir: Path, say: Callable[[str], None] = print,
+) -> tuple[pd.DataFrame, str, Path, bool]:
+    """(rows, experiment name, manifest path, is a dataset) for a dataset name or any image folder."""
+    if is_dataset_name(cfg, data):
+        if Path(data).is_dir():
+            say(f"Note: --data {data} is the dataset {data} of params.yaml ({cfg.dataset(data).path}); "
+                f"to score the folder ./{data} instead, give --data ./{data}")
         table = tables.read_split(cfg, data)
-        return rows_of(table, split), data, paths.manifest_path(cfg, data)
-    folder = Path(data)
+        return rows_of(table, split), data, paths.manifest_path(cfg, data), True
+    folder = Path(data).expanduser()
     if not folder.is_dir():
         known = ", ".join(sorted(cfg.data.datasets)) or "none"
         raise UserError(
@@ -172,13 +186,15 @@ def load_rows(cfg: Config, data: str, split: str, workdir: Path) -> tuple[pd.Dat
     # A folder is ingested on the fly into a throw-away workdir, its root as given; the split does
     # not apply, and a class folder it cannot map stops the run (a partial score is a wrong one).
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.resolve().name) or "folder"
+    if name in cfg.data.datasets:  # a folder named like a dataset is not that dataset's test split
+        name = f"folder-{name}"
     on_the_fly = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, workdir=str(workdir), datasets={name: DatasetConfig(path=str(folder))},
     ))
     result = ingest.run(on_the_fly, name, progress=False, strict=True)
     for row in result.quarantine.itertuples():
-        print(f"Quarantined: {row.path}: {row.reason}")
-    return result.manifest, name, paths.manifest_path(on_the_fly, name)
+        say(f"Quarantined: {row.path}: {row.reason}")
+    return result.manifest, name, paths.manifest_path(on_the_fly, name), False
 
 
 @dataclass
@@ -261,14 +277,16 @@ def evaluate(
     split: str = "test",
     out_dir: str | Path | None = None,
     run_name: str | None = None,
+    say: Callable[[str], None] = print,
 ) -> EvaluateResult:
     """Score `model_uri` on `data` (split of a dataset, or a whole folder); one MLflow run."""
     if split not in SPLITS:
         raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
+    tracking.tracking_uri()  # a tracking server that does not answer: refused before any scoring
     loaded = load_trained(model_uri, cfg)
     with tempfile.TemporaryDirectory(prefix="covidtl-eval-") as tmp:
-        rows, dataset, manifest = load_rows(cfg, data, split, Path(tmp))
-        scored_split = split if dataset in cfg.data.datasets else "all"
+        rows, dataset, manifest, is_dataset = load_rows(cfg, data, split, Path(tmp), say)
+        scored_split = split if is_dataset else "all"
         if rows.empty:
             raise UserError(f"--data {data}: the {scored_split} split holds no image")
         scored = score_rows(cfg, loaded, rows)
@@ -281,7 +299,8 @@ def evaluate(
         cfg, loaded, scored, prefix=scored_split, experiment=dataset,
         run_name=run_name or f"evaluate-{cell}",
         tags={"dataset": dataset, "cell": cell, "model_uri": model_uri, "manifest_sha256": manifest_sha,
-              "split_strategy": cfg.split.strategy if dataset in cfg.data.datasets else "none"},
+              "split_strategy": cfg.split.strategy if is_dataset else "none",
+              "data_kind": "dataset" if is_dataset else "folder"},
         params={"model_uri": model_uri, "data": str(data), "split": scored_split},
     )
     if out_dir is not None:
@@ -289,4 +308,5 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.json", json_text(metrics))
         atomic_write_text(out / "predictions.csv", scored.predictions().to_csv(index=False))
-    return EvaluateResult(run_id, metrics, len(scored.y_true))
+    scored_what = f"the {split} split of dataset {data}" if is_dataset else "a folder, every image"
+    return EvaluateResult(run_id, metrics, len(scored.y_true), scored_what)

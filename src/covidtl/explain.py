@@ -158,10 +158,11 @@ def image_files(inputs: Iterable[str | Path], purpose: str = "to explain") -> li
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
+        # Not is_file(): a broken link or a link loop is listed, so its reason is shown, not skipped.
         if path.is_dir():
             found.extend(sorted(p for p in path.rglob("*")
-                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
-        elif path.is_file():
+                                if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file() or path.is_symlink():
             found.append(path)
         else:
             raise UserError(f"{path}: no such file or folder; give image files or folders of images")

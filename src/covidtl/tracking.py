@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -27,26 +28,18 @@ import numpy as np
 import yaml
 
 from covidtl.config import Config
+from covidtl.files import file_sha256  # noqa: F401 - re-exported: runs tag their data with it
 from covidtl.metrics import confusion, report_text
+from covidtl.mlflow_store import project_root, require_server, tracking_uri  # noqa: F401 - where runs go
 from covidtl.paths import CLASSES
+
+# MLflow logs a store error with its whole traceback before raising it; the CLI then says it in one
+# line (covidtl.mlflow_store.store_problem), and an unexpected one keeps its traceback in the crash log.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 # MLflow's limits on one params batch and on a param's value length.
 _PARAMS_PER_BATCH = 100
 _PARAM_VALUE_MAX = 6000
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
-
-
-def project_root(cwd: Path | None = None) -> Path:
-    """The checkout a process works for: cwd, or the project whose queued DVC experiment runs in
-    cwd (DVC runs it in <project>/.dvc/tmp/exps/..., removed when it ends)."""
-    cwd = Path.cwd() if cwd is None else Path(cwd)
-    for folder in cwd.parents:
-        if folder.name == "exps" and folder.parent.name == "tmp" and folder.parent.parent.name == ".dvc":
-            return folder.parent.parent.parent
-    return cwd
 
 
 def in_temporary_workspace() -> bool:
@@ -155,16 +148,6 @@ def git_commit() -> str:
     return f"{head}-dirty" if dirty else head
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, `missing` if absent (e.g. a table built in memory)."""
-    path = Path(path)
-    if not path.is_file():
-        return "missing"
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def log_config(cfg: Config) -> None:

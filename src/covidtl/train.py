@@ -39,9 +39,9 @@ from covidtl.models.registry import (
     ModelSpec,
     build_model,
     get_spec,
-    image_size_for,
     learning_rate_for,
     preprocess_for,
+    trainable_image_size,
 )
 from covidtl.scores import DEFAULT_THRESHOLD, Scores, choose_operating_point
 
@@ -383,7 +383,7 @@ def plan_run(
     cell = Cell(Path(out_dir)) if out_dir is not None else Cell.of(model, init, dataset)
     return Plan(
         cfg=cfg, spec=spec, model=model, init=init, dataset=dataset,
-        image_size=image_size_for(spec, cfg.train), learning_rate=rate,
+        image_size=trainable_image_size(spec, cfg.train), learning_rate=rate,
         lr_source=lr_source or ("params" if lr is None else "--lr"),
         table=table, train_rows=train_rows, cell=cell, split_file=split_file,
     )
@@ -584,6 +584,7 @@ def train(
 
     A checkpoint of the same settings in the cell continues its run; `restart` starts over.
     `log_model`: True logs the model to MLflow, False never, None only to a tracking server."""
+    tracking.tracking_uri()  # a tracking server that does not answer stops us before any training
     dist = distribute.setup(cfg.train)  # before any TensorFlow op: TF_CONFIG's workers connect here
     if not dist.is_chief:  # the chief records the run; the other workers only train
         out_dir = distribute.worker_scratch()

@@ -39,7 +39,7 @@ from covidtl.config import Config, TuneConfig
 from covidtl.data import tables
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
-from covidtl.models.registry import get_spec, image_size_for
+from covidtl.models.registry import get_spec, trainable_image_size
 from covidtl.train import train
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def study_identity(
     if cfg.tune.search_dropout:
         space["dropout"] = list(DROPOUT_RANGE)
     training: dict[str, Any] = {
-        "seed": t.seed, "image_size": image_size_for(spec, t), "preprocessing": t.preprocessing,
+        "seed": t.seed, "image_size": trainable_image_size(spec, t), "preprocessing": t.preprocessing,
         "head": t.head, "head_units": t.head_units, "stop": dataclasses.asdict(t.stop), "select": t.select,
         "max_train_samples": t.max_train_samples,
         "bn_recalibration_batches": t.bn_recalibration_batches,
@@ -501,6 +501,7 @@ def run_study(
     init, trials = cfg.tune.init, cfg.tune.trials
     get_spec(model)  # unknown model: one line listing the known ones
     cfg.dataset(dataset)
+    tracking.tracking_uri()  # a tracking server that does not answer: refused before the study is made
     span = lr_bounds(cfg, model, bounds)
     check_enqueue(enqueue_rates, span)
     split = paths.split_path(cfg, dataset)

@@ -6,6 +6,7 @@ only call these commands. Each stage's commands live in their own file of this p
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -14,9 +15,13 @@ import click
 from covidtl.config import Config, load_config, parse_override
 from covidtl.errors import UserError
 
+# COVIDTL_DEBUG=1: an unexpected error is raised with its traceback instead of written to a log.
+DEBUG_ENV = "COVIDTL_DEBUG"
+
 
 class CovidtlGroup(click.Group):
-    """Turns user errors into one line on stderr and exit status 2, never a traceback."""
+    """Turns user errors into one line on stderr and exit status 2, never a traceback; a bug is
+    one line too (exit 1), its traceback kept in a log file."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -24,6 +29,40 @@ class CovidtlGroup(click.Group):
         except UserError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:
+            from covidtl.files import write_problem
+
+            # A full disk or a forbidden folder outside the atomic writers (a folder, a log ...).
+            fix = write_problem(exc)
+            if fix is None or os.environ.get(DEBUG_ENV) == "1":
+                _bug(exc)
+            where = exc.filename or "a file"
+            click.echo(f"Error: {where}: {exc.strerror or exc}; {fix}", err=True)
+            sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last resort: a bug, said in one line
+            from covidtl.mlflow_store import store_problem
+
+            line = None if os.environ.get(DEBUG_ENV) == "1" else store_problem(exc)
+            if line is None:
+                _bug(exc)
+            click.echo(f"Error: {line}", err=True)
+            sys.exit(2)
+
+
+def _bug(exc: BaseException) -> None:
+    """Re-raise under COVIDTL_DEBUG=1; otherwise one line saying where the traceback was written."""
+    if os.environ.get(DEBUG_ENV) == "1":
+        raise exc
+    from covidtl.crash import write_crash_log
+
+    log = write_crash_log(exc, sys.argv)
+    what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+    saved = f"the traceback is in {log}" if log else "the traceback could not be saved"
+    click.echo(f"Error: unexpected {what}. This is a bug in covidtl: {saved}; "
+               f"please report it with that file (or re-run with {DEBUG_ENV}=1 to see it here)", err=True)
+    sys.exit(1)
 
 
 @click.group(cls=CovidtlGroup)

@@ -23,7 +23,8 @@ def synth(ctx: click.Context, out: str | None) -> None:
 @click.command()
 @click.argument("dataset")
 @click.option("--path", default=None, help="Dataset folder (overrides data.datasets.<DATASET>.path).")
-@click.option("--jobs", default=0, show_default=True, help="Decoding processes; 0 = one per core.")
+@click.option("--jobs", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Decoding processes; 0 = one per core.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def ingest(ctx: click.Context, dataset: str, path: str | None, jobs: int, quiet: bool) -> None:

@@ -49,6 +49,9 @@ def predict(ctx, inputs, model_uri, out) -> None:
 @click.pass_context
 def register(ctx, model_path, name, alias) -> None:
     """Log a study cell's model as a servable MLflow model, register it and set an alias."""
+    from covidtl.mlflow_store import tracking_uri
+
+    tracking_uri()  # an unreachable tracking server: one line before MLflow and TensorFlow load
     from covidtl.serving.register import register_model
 
     result = register_model(config_from(ctx), model_path, name, alias)

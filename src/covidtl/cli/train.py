@@ -68,6 +68,9 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
         f"train.image_size.{model}": image_size, "train.preprocessing": preprocessing,
         "train.max_train_samples": max_train_samples,
     })
+    from covidtl.mlflow_store import tracking_uri
+
+    tracking_uri()  # an unreachable tracking server: one line now, not after MLflow and TensorFlow load
     from covidtl.train import TrainingInterrupted, train as run  # TensorFlow loads here, after the cheap checks
 
     if prepare:
@@ -110,12 +113,17 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
 @click.pass_context
 def evaluate(ctx, model_uri, data, split, out) -> None:
     """Score a trained model on a dataset or folder; logs a kind=evaluate MLflow run."""
+    from covidtl.mlflow_store import tracking_uri
+
+    tracking_uri()  # an unreachable tracking server: one line before MLflow and TensorFlow load
     from covidtl.evaluate import evaluate as run
 
-    result = run(config_from(ctx), model_uri, data, split=split, out_dir=out)
+    result = run(config_from(ctx), model_uri, data, split=split, out_dir=out,
+                 say=lambda line: click.echo(line, err=True))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
                       if k.endswith(("accuracy", "recall_covid", "precision_covid", "f1_covid", "roc_auc")))
-    click.echo(f"evaluate {model_uri} on {data}: {result.images} images; {shown}; run {result.run_id}")
+    click.echo(f"evaluate {model_uri} on {data}: {result.images} images ({result.scored}); {shown}; "
+               f"run {result.run_id}")
 
 
 COMMANDS: list[click.Command] = [train, evaluate]

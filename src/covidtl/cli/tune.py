@@ -41,6 +41,9 @@ def tune(ctx, model, dataset, trials, total, init, epochs, storage, bounds, enqu
         ctx, **{"tune.trials": trials, "tune.epochs": epochs, "tune.init": init,
                 "tune.storage": storage}
     )
+    from covidtl.mlflow_store import tracking_uri
+
+    tracking_uri()  # an unreachable tracking server: one line before MLflow and TensorFlow load
     from covidtl.tune import run_study
 
     result = run_study(

@@ -80,6 +80,8 @@ def measure_bytes(data: bytes, hash_size: int = 8, thumbnail: int = 32) -> Measu
         raise BadImage("not an image: Pillow cannot identify the file format") from None
     except Image.DecompressionBombError as exc:
         raise BadImage(f"too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # e.g. a JPEG cut short inside its header
+        raise BadImage(f"truncated or corrupt image data: {exc}") from None
     try:
         im.load()  # decodes every byte: truncated or corrupt data fails here, not in training
     except (OSError, SyntaxError, ValueError) as exc:

@@ -6,6 +6,8 @@ import keras
 from keras import layers
 
 INPUT_SIZE = 200
+# The smallest input whose last pooling still has a 1x1 map (below it Keras fails mid-build).
+MIN_INPUT_SIZE = 186
 
 
 def build_custom_cnn(input_shape: tuple[int, int, int], dropout: float = 0.0, head: str = "paper") -> keras.Model:

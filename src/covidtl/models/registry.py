@@ -17,9 +17,7 @@ from covidtl.pretrained import IMAGENET_FILES
 from covidtl.config import TrainConfig
 from covidtl.errors import UserError
 from covidtl.models import weights
-from covidtl.models.custom_cnn import build_custom_cnn
-
-
+from covidtl.models.custom_cnn import MIN_INPUT_SIZE, build_custom_cnn
 
 def rescale(images):
     """The paper's preprocessing: pixel values to [0, 1]."""
@@ -34,6 +32,8 @@ class ModelSpec:
     backbone: Callable[..., keras.Model] | None
     # What the backbone's ImageNet weights were trained with; `rescale` for the custom CNN.
     preprocess_input: Callable
+    # The smallest input the network accepts (keras.applications: 32, InceptionV3 75).
+    min_input_size: int = 32
 
     @property
     def lr_key(self) -> str:
@@ -46,7 +46,7 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "custom_cnn": ModelSpec("custom_cnn", 200, None, rescale),
+    "custom_cnn": ModelSpec("custom_cnn", 200, None, rescale, min_input_size=MIN_INPUT_SIZE),
     "densenet121": ModelSpec(
         "densenet121", 224, keras.applications.DenseNet121,
         keras.applications.densenet.preprocess_input,
@@ -57,7 +57,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "inceptionv3": ModelSpec(
         "inceptionv3", 299, keras.applications.InceptionV3,
-        keras.applications.inception_v3.preprocess_input,
+        keras.applications.inception_v3.preprocess_input, min_input_size=75,
     ),
     "resnet101v2": ModelSpec(
         "resnet101v2", 224, keras.applications.ResNet101V2,
@@ -83,6 +83,18 @@ def get_spec(name: str) -> ModelSpec:
 def image_size_for(spec: ModelSpec, train_cfg: TrainConfig) -> int:
     """Native input size unless params override it (train.image_size.<model>)."""
     return int(train_cfg.image_size.get(spec.name, spec.input_size))
+
+
+def trainable_image_size(spec: ModelSpec, train_cfg: TrainConfig) -> int:
+    """`image_size_for`, refused before anything is built when the network cannot take it."""
+    size = image_size_for(spec, train_cfg)
+    if size < spec.min_input_size:
+        raise UserError(
+            f"train.image_size.{spec.name}: {size} px is below {spec.name}'s smallest input, "
+            f"{spec.min_input_size} px; give --image-size {spec.min_input_size} or more "
+            f"(its native size is {spec.input_size})"
+        )
+    return size
 
 
 def learning_rate_for(spec: ModelSpec, train_cfg: TrainConfig) -> float:

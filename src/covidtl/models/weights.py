@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,7 +79,10 @@ def load_weights_file(model: keras.Model, path: str, what: str = "weights file")
             f"--init {path}: a {what} must end in .weights.h5 (Keras 3) or .h5 (legacy Keras)"
         )
     try:
-        model.load_weights(str(file))
+        # Keras warns per layer it skips before it raises; the one line below says it all.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.load_weights(str(file))
     except Exception as exc:  # noqa: BLE001 - shape or format mismatch: the user picked a wrong file
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise UserError(

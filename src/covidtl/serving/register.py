@@ -47,6 +47,7 @@ def register_model(cfg: Config, model_path: str | Path, name: str, alias: str = 
     if not ALIAS.match(alias):
         raise UserError(f"--alias {alias!r}: use letters, digits, '_' or '-', starting with a letter "
                         "and not shaped like a version (v1); e.g. champion")
+    tracking.tracking_uri()  # a tracking server that does not answer: refused before the model loads
     model_file, card_file = model_files(model_path, option="CELL_OR_MODEL_PATH")
     loaded = load_model_files(model_file, card_file, cfg)  # safe mode; a bad file fails here
     card = json.loads(card_file.read_text()) if card_file is not None else {}
