@@ -48,6 +48,7 @@ from covidtl.scores import DEFAULT_THRESHOLD, Scores, choose_operating_point
 warnings.filterwarnings("ignore", message="Your input ran out of data")
 
 INTENDED_USE = "Research only: not a diagnostic device."
+VALIDATION_BATCH_FACTOR = 4  # validation batches are this many training batches
 
 
 @dataclass
@@ -484,8 +485,11 @@ def train(
     if cfg.augment.mode == "offline":  # the versioned copies written by `covidtl augment`
         train_ds = make_offline_dataset(cfg, dataset, plan.spec, plan.image_size)
     else:
-        train_ds = make_dataset(plan.train_rows, plan.spec, cfg, plan.image_size, training=True)
-    val_ds = make_dataset(plan.rows("val"), plan.spec, cfg, plan.image_size, training=False)
+        train_ds = make_dataset(plan.train_rows, plan.spec, cfg, plan.image_size, training=True, cache=True)
+    # Decoded once into the uint8 cache; validation (BatchNorm in inference mode, so the batch size
+    # changes nothing but speed) in larger batches. The final scores decode the files as evaluate does.
+    val_ds = make_dataset(plan.rows("val"), plan.spec, cfg, plan.image_size, training=False, cache=True,
+                          batch_size=VALIDATION_BATCH_FACTOR * cfg.train.batch_size)
     plan.cell.begin()
 
     tracking.use_experiment(dataset)
