@@ -457,6 +457,20 @@ class Scored:
         ]
 
 
+def fit_datasets(plan: Plan) -> tuple[Any, Any]:
+    """What `fit` reads: the training and validation batches, decoded once into the uint8 cache."""
+    cfg = plan.cfg
+    if cfg.augment.mode == "offline":  # the versioned copies written by `covidtl augment`
+        train_ds = make_offline_dataset(cfg, plan.dataset, plan.spec, plan.image_size)
+    else:
+        train_ds = make_dataset(plan.train_rows, plan.spec, cfg, plan.image_size, training=True, cache=True)
+    # Validation runs BatchNorm in inference mode, so its batch size changes only the speed. The
+    # final scores (`score`) decode the files as `covidtl evaluate` and `predict` do.
+    val_ds = make_dataset(plan.rows("val"), plan.spec, cfg, plan.image_size, training=False, cache=True,
+                          batch_size=VALIDATION_BATCH_FACTOR * cfg.train.batch_size)
+    return train_ds, val_ds
+
+
 def score(plan: Plan, net: keras.Model, split: str = "test") -> Scored | None:
     """The model's predictions on one split (None if that split holds no readable image)."""
     rows = readable_rows(plan.rows(split))
@@ -498,14 +512,7 @@ def train(
     cfg = plan.cfg
     keras.utils.set_random_seed(cfg.train.seed)
     net = build_model(plan.spec, init, cfg.train, plan.image_size)  # first: a missing weights file fails fast
-    if cfg.augment.mode == "offline":  # the versioned copies written by `covidtl augment`
-        train_ds = make_offline_dataset(cfg, dataset, plan.spec, plan.image_size)
-    else:
-        train_ds = make_dataset(plan.train_rows, plan.spec, cfg, plan.image_size, training=True, cache=True)
-    # Decoded once into the uint8 cache; validation (BatchNorm in inference mode, so the batch size
-    # changes nothing but speed) in larger batches. The final scores decode the files as evaluate does.
-    val_ds = make_dataset(plan.rows("val"), plan.spec, cfg, plan.image_size, training=False, cache=True,
-                          batch_size=VALIDATION_BATCH_FACTOR * cfg.train.batch_size)
+    train_ds, val_ds = fit_datasets(plan)
     plan.cell.begin()
 
     tracking.use_experiment(dataset)
