@@ -62,22 +62,23 @@ def _write_size(cfg: Config, rows: pd.DataFrame, size: int, total: int, out: Pat
     import tensorflow as tf
     from tqdm import tqdm
 
-    from covidtl.data.pipeline import augmentation_layers, decode_image
+    from covidtl.data.cache import cached_images
+    from covidtl.data.pipeline import augment_batch, cache_dir
 
-    originals = np.stack([
-        np.asarray(tf.round(decode_image(tf.constant(p), size)), dtype=np.uint8) for p in rows["path"]
-    ])
-    # Fresh layers per size: their seeded generators restart, so every size gets the same draws.
-    layers = augmentation_layers(cfg.augment)
+    # The same decoded uint8 images training reads (built here if training has not yet).
+    cached = cached_images(rows, size, cache_dir(cfg))
+    originals = cached.images
+    rows = rows[cached.kept].reset_index(drop=True)
+    total = min(total, len(rows) * cfg.augment.copies_per_image)
     shard = f"{size}/images.npy"
     (out / str(size)).mkdir()
     images = np.lib.format.open_memmap(out / shard, mode="w+", dtype=np.uint8, shape=(total, size, size, 3))
     order = [(copy, i) for copy in range(cfg.augment.copies_per_image) for i in range(len(rows))][:total]
-    for start in tqdm(range(0, total, BATCH), desc=f"augment {size}px", unit="batch"):
+    for number, start in enumerate(tqdm(range(0, total, BATCH), desc=f"augment {size}px", unit="batch")):
         chunk = order[start : start + BATCH]
-        batch = tf.constant(originals[[i for _, i in chunk]], dtype=tf.float32)
-        augmented = layers(batch, training=True)
-        images[start : start + len(chunk)] = np.clip(np.round(np.asarray(augmented)), 0, 255).astype(np.uint8)
+        # Seeded per batch number: every size gets the same draws, and the same params the same bytes.
+        batch = tf.constant(originals[[i for _, i in chunk]])
+        images[start : start + len(chunk)] = augment_batch(batch, cfg.augment, (cfg.augment.seed, number)).numpy()
     images.flush()
     del images
     return pd.DataFrame({

@@ -1,0 +1,122 @@
+"""The decoded-image cache: built once, reused, rebuilt when the files change, and the decode's pixels."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from covidtl.config import load_config
+from covidtl.data.cache import cache_key, cached_images
+from covidtl.data.pipeline import augment_batch, decode_image, make_dataset
+from covidtl.models.registry import get_spec
+from helpers_train import split_table, write_images
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture
+def table(tmp_path):
+    return split_table(write_images(tmp_path / "img", per_class=4, size=40))
+
+
+def config(workdir: Path, **overrides):
+    return load_config(ROOT / "params.yaml", {"data.workdir": str(workdir), "train.batch_size": 4, **overrides})
+
+
+def collect(ds):
+    xs, ys = zip(*[(np.asarray(x), np.asarray(y)) for x, y in ds])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_cache_holds_the_decodes_pixels_rounded(table, tmp_path):
+    cached = cached_images(table, 36, tmp_path / "cache")
+    assert cached.images.shape == (len(table), 36, 36, 3) and cached.images.dtype == np.uint8
+    assert set(table["mode"]) == {"L", "RGB", "RGBA"}
+    for path, image in zip(table["path"], cached.images):
+        decoded = decode_image(tf.constant(path), 36).numpy()
+        np.testing.assert_array_equal(image, np.clip(np.round(decoded), 0, 255).astype(np.uint8))
+
+
+def test_real_ct_slices_cache_as_they_decode(shared_data, tmp_path):
+    files = sorted((shared_data / "sarscov2-ct" / "COVID").glob("*.png"))[:2]
+    rows = pd.DataFrame({"path": [str(f) for f in files], "label": "covid"})
+    cached = cached_images(rows, 64, tmp_path)
+    for path, image in zip(rows["path"], cached.images):
+        np.testing.assert_array_equal(image, np.round(decode_image(tf.constant(path), 64).numpy()).astype(np.uint8))
+
+
+def test_cache_is_built_once_and_reused(table, tmp_path):
+    first = cached_images(table, 32, tmp_path / "cache")
+    stamp = first.path.stat().st_mtime_ns
+    again = cached_images(table, 32, tmp_path / "cache")
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.path.name, first.path.stem + ".json"])
+
+
+def test_a_changed_file_or_size_makes_a_new_cache(table, tmp_path):
+    before = cached_images(table, 32, tmp_path)
+    assert cache_key(table, 40) != cache_key(table, 32)
+    # Re-ingested with one file changed: the manifest's content hash changes, so does the key.
+    path = Path(table["path"].iloc[0])
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(path)
+    changed = table.copy()
+    changed.loc[0, "sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    after = cached_images(changed, 32, tmp_path)
+    assert after.path != before.path
+    assert (after.images[0] == 255).all() and not (before.images[0] == 255).all()
+
+
+def test_a_build_without_its_index_counts_as_unfinished(table, tmp_path):
+    """The array is renamed into place first and the index last: an array alone is rebuilt."""
+    built = cached_images(table, 32, tmp_path / "cache")
+    index = built.path.with_suffix(".json")
+    index.unlink()
+    built.path.write_bytes(b"half a file")
+    rebuilt = cached_images(table, 32, tmp_path / "cache")
+    assert index.exists() and rebuilt.images.shape == (len(table), 32, 32, 3)
+    assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp" in p.name]  # no temporary left behind
+
+
+def test_cached_training_skips_a_corrupt_file_and_says_which(table, tmp_path, caplog):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    rows = pd.concat([table, table.iloc[:1].assign(path=str(broken), sha256="x")], ignore_index=True)
+    cfg = config(tmp_path / "work")
+    with caplog.at_level(logging.WARNING):
+        x, y = collect(make_dataset(rows, get_spec("custom_cnn"), cfg, 32, training=True, cache=True))
+    assert len(x) == len(y) == len(table)
+    assert str(broken) in caplog.text
+
+
+def test_cached_evaluation_batches_match_the_decoded_ones(table, tmp_path):
+    cfg = config(tmp_path / "work", **{"train.preprocessing": "rescale"})
+    spec = get_spec("custom_cnn")
+    decoded, y_decoded = collect(make_dataset(table, spec, cfg, 32, training=False))
+    cached, y_cached = collect(make_dataset(table, spec, cfg, 32, training=False, cache=True, batch_size=16))
+    np.testing.assert_array_equal(y_cached, y_decoded)
+    np.testing.assert_allclose(cached, decoded, atol=0.5 / 255 + 1e-6)  # rounding to uint8 only
+    assert list((tmp_path / "work" / "cache").glob("*.npy"))
+
+
+def test_augmentation_flips_exactly_and_is_seeded(table, tmp_path):
+    images = tf.constant(cached_images(table, 32, tmp_path).images)
+    aug = load_config(ROOT / "params.yaml").augment
+    assert (aug.rotation, aug.zoom, aug.horizontal_flip) == (25, 0.2, True)  # the paper's
+    flip_only = dataclasses.replace(aug, rotation=0, zoom=0.0)
+    out = augment_batch(images, flip_only, (1, 2)).numpy()
+    flipped = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images.numpy())]
+    same = [np.array_equal(o, i) for o, i in zip(out, images.numpy())]
+    assert all(f or s for f, s in zip(flipped, same)) and any(flipped) and any(same)
+
+    full = augment_batch(images, aug, (1, 2)).numpy()
+    np.testing.assert_array_equal(full, augment_batch(images, aug, (1, 2)).numpy())
+    assert not np.array_equal(full, augment_batch(images, aug, (1, 3)).numpy())
+    assert full.dtype == np.uint8 and not np.array_equal(full, images.numpy())
