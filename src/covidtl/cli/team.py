@@ -41,7 +41,8 @@ def add(ctx: click.Context, name: str, path: str, series: bool | None, subdir: s
 @click.option("--artifacts-destination", default="mlartifacts", show_default=True,
               help="Where the server keeps artifacts (models, figures): a folder, or s3://bucket/path.")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; 0.0.0.0 serves other machines (add --allowed-hosts after --).")
+              help="Address to bind; this machine's address on a trusted network serves other machines "
+                   "(add --allowed-hosts after --).")
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.argument("mlflow_args", nargs=-1, type=click.UNPROCESSED)
 def server(backend_store_uri: str, artifacts_destination: str, host: str, port: int,
