@@ -82,6 +82,16 @@ class SplitConfig:
 
 
 @dataclass
+class IntensityConfig:
+    """Photometric augmentation beside the paper's geometric one; 0 switches each off."""
+    brightness: float  # added offset, uniform in +/- this fraction of the [0, 1] range
+    contrast: float  # contrast factor uniform in [1 - c, 1 + c] about the image mean
+    gamma: float  # gamma uniform in [1 - g, 1 + g] on [0, 1] values
+    noise: float  # Gaussian noise, standard deviation as a fraction of the [0, 1] range
+    blur: float  # probability of a 3x3 Gaussian blur
+
+
+@dataclass
 class AugmentConfig:
     mode: Literal["online", "offline"]
     rotation: float
@@ -90,6 +100,7 @@ class AugmentConfig:
     copies_per_image: int
     max_images: int
     seed: int
+    intensity: IntensityConfig
 
 
 @dataclass
@@ -121,6 +132,14 @@ class TrainConfig:
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
     strategy: Literal["auto", "default", "mirrored", "multiworker"]
     lr_scaling: Literal["none", "linear", "sqrt"]
+    # The stronger recipe's levers (README "Beyond the paper"); the defaults are the paper's.
+    crop: Literal["none", "body"]  # body: crop to the body's bounding box inside the model
+    normalize: Literal["none", "standardize", "equalize"]  # per image, inside the model
+    label_smoothing: float
+    weight_decay: float  # > 0: AdamW with this decoupled decay instead of Adam
+    schedule: Literal["constant", "cosine"]  # cosine: decays to 0 at max_epochs
+    warmup_epochs: int  # linear warm-up from 0 over this many epochs (0: none)
+    tta: Literal["none", "flip"]  # test-time augmentation the saved model applies itself
 
 
 @dataclass
@@ -183,6 +202,9 @@ class Config:
     external: dict[str, list[ExternalSet]]
     report: ReportConfig
     eval: EvalConfig
+    # A named set of overrides from `profiles` (params.yaml < profile < -S/CLI options).
+    profile: str
+    profiles: dict[str, dict[str, Any]]
 
     def dataset(self, name: str) -> DatasetConfig:
         """The named dataset, or one clear error listing the known names."""
@@ -199,8 +221,11 @@ class Config:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values, as logged to MLflow params."""
-        return _flatten(self.to_dict())
+        """Dotted keys -> values, as logged to MLflow params (the chosen profile's values are in
+        the fields it set; the other profiles are not this run's parameters)."""
+        d = self.to_dict()
+        d.pop("profiles")
+        return _flatten(d)
 
 
 # --------------------------------------------------------------------------- loading
@@ -225,11 +250,35 @@ def load_config(
             f"{path}: expected the stage groups of {PARAMS_FILE} (synth, data, train ...) at the "
             "top level; copy params.yaml and edit it"
         )
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    if "profile" in overrides:
+        raw["profile"] = overrides.pop("profile")
+    _apply_profile(raw, path)
+    for key, value in overrides.items():
         _set_dotted(raw, key, value)
     cfg = _build(Config, raw, "", source=path)
     validate(cfg)
     return cfg
+
+
+def _apply_profile(raw: dict[str, Any], path: Path) -> None:
+    """Set the dotted keys of `profiles[profile]` in `raw` (the paper's profile sets none)."""
+    name = raw.get("profile")
+    profiles = raw.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"profiles: expected a mapping of profile name -> overrides in {path}")
+    if name is None:
+        return
+    if name not in profiles:
+        known = ", ".join(sorted(map(str, profiles))) or "none"
+        raise ConfigError(f"profile: {name!r} is not defined under profiles in {path} (known: {known})")
+    overrides = profiles[name] or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"profiles.{name}: expected a mapping of dotted keys -> values")
+    for key, value in overrides.items():
+        if str(key).split(".")[0] in ("profile", "profiles"):
+            raise ConfigError(f"profiles.{name}.{key}: a profile cannot choose a profile")
+        _set_dotted(raw, str(key), value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -361,6 +410,23 @@ def validate(cfg: Config) -> None:
         "tune.stale_after": cfg.tune.stale_after,
         "train.stop.patience": cfg.train.stop.patience,
     }
+    unit_interval = {
+        "train.label_smoothing": cfg.train.label_smoothing,
+        "augment.intensity.brightness": cfg.augment.intensity.brightness,
+        "augment.intensity.contrast": cfg.augment.intensity.contrast,
+        "augment.intensity.gamma": cfg.augment.intensity.gamma,
+        "augment.intensity.noise": cfg.augment.intensity.noise,
+        "augment.intensity.blur": cfg.augment.intensity.blur,
+    }
+    for key, value in unit_interval.items():
+        if not 0 <= value < 1 and not (key.endswith("blur") and value == 1):
+            raise ConfigError(f"{key}: {value} must be in [0, 1)" + (" or 1" if key.endswith("blur") else ""))
+    if cfg.train.weight_decay < 0 or cfg.train.warmup_epochs < 0:
+        raise ConfigError("train.weight_decay and train.warmup_epochs must be >= 0, got "
+                          f"{cfg.train.weight_decay} and {cfg.train.warmup_epochs}")
+    if cfg.train.warmup_epochs >= cfg.train.max_epochs and cfg.train.warmup_epochs:
+        raise ConfigError(f"train.warmup_epochs: {cfg.train.warmup_epochs} leaves no epoch after the "
+                          f"warm-up of train.max_epochs {cfg.train.max_epochs}; lower it")
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}: {value} must be > 0")

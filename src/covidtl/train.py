@@ -490,13 +490,15 @@ class Fitted:
 
 
 def compile_model(
-    net: keras.Model, make_optimizer: Callable[[], keras.optimizers.Optimizer], run_eagerly: bool
+    net: keras.Model, make_optimizer: Callable[[], keras.optimizers.Optimizer], run_eagerly: bool,
+    loss: keras.losses.Loss | str = "categorical_crossentropy",
 ) -> None:
-    """The paper's loss; the optimizer is made in the model's strategy scope (its state mirrored)."""
+    """The paper's loss (or `loss`); the optimizer is made in the model's strategy scope (its
+    state mirrored)."""
     with net.distribute_strategy.scope():
         net.compile(
             optimizer=make_optimizer(),
-            loss="categorical_crossentropy",
+            loss=loss,
             metrics=["accuracy", CovidAUC()],
             # Tracing the train/test graphs costs more than a few tiny epochs (see params.yaml).
             run_eagerly=run_eagerly,
@@ -511,7 +513,9 @@ def fit(
     from `resume`'s epoch, weights and Adam's state when given. With `train.select` other than
     last, the model ends holding the best validation epoch's weights."""
     cfg = plan.cfg
-    compile_model(net, lambda: keras.optimizers.Adam(plan.learning_rate), cfg.train.run_eagerly)
+    steps = _steps_per_epoch(plan, train_ds)
+    compile_model(net, lambda: optim.make_optimizer(plan.learning_rate, cfg.train, steps),
+                  cfg.train.run_eagerly, loss=optim.make_loss(cfg.train))
     rule = cfg.train.stop
     select = (SelectBest(cfg.train.select, plan.cell, resume,
                          rule.patience if rule.rule == "patience" else None)
@@ -552,6 +556,19 @@ def fit(
     return Fitted(checkpoint.history, stopped(rules)["stopped_by"] or "max_epochs", checkpoint.seconds,
                   selected_by=cfg.train.select,
                   best_epoch=select.best_epoch if select else (epochs or None))
+
+
+def _steps_per_epoch(plan: Plan, train_ds) -> int:
+    """Optimiser steps per epoch, for the learning-rate schedule: the dataset's own count when
+    tf.data knows it, else the training rows over the global batch."""
+    try:
+        known = int(train_ds.cardinality())
+    except (AttributeError, TypeError, ValueError):
+        known = -1
+    if known > 0:
+        return known
+    batch = int(plan.run_on.get("global_batch_size") or plan.cfg.train.batch_size)
+    return optim.steps_per_epoch(len(plan.train_rows), batch)
 
 
 @dataclass
