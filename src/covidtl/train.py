@@ -29,7 +29,7 @@ import pandas as pd
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 
-from covidtl import distribute, paths, tracking
+from covidtl import distribute, optim, paths, tracking
 from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label
 from covidtl.config import Config
 from covidtl.data import tables
