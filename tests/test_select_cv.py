@@ -15,8 +15,10 @@ from sklearn.metrics import roc_auc_score
 
 from covidtl.cells import Cell
 from covidtl.cli import main
+from covidtl import cv
 from covidtl.cv import fold_tables
 from covidtl.train import CovidAUC, SelectBest, train
+from conftest import config
 from helpers_train import make_workdir
 
 ROOT = Path(__file__).parents[1]
@@ -206,3 +208,14 @@ def test_cli_cv_trains_each_fold_and_summarises(synth_data, tmp_path):
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 3 and parent.data.tags["kind"] == "cv"
     assert parent.data.metrics["cv_roc_auc_mean"] == pytest.approx(auc["mean"])
+
+
+def test_the_interval_of_a_fold_mean_stays_inside_0_1(tmp_path):
+    # Five fold AUCs with a wide spread: the t interval of their mean would pass 1.
+    per_fold = pd.DataFrame({name: [0.975, 0.687, 0.811, 0.947, 0.967] for name in cv.FOLD_METRICS})
+    pooled = pd.DataFrame({"actual": ["covid", "non_covid"] * 4, "p_covid": [0.9, 0.2, 0.7, 0.4, 0.6, 0.1, 0.8, 0.3],
+                           "group": ["a", "b", "c", "d", "e", "f", "g", "h"]})
+    summary = cv.summarise(config(tmp_path), per_fold, pooled)
+    auc = summary["across_folds"]["roc_auc"]
+    assert auc["ci_high"] == 1.0 and 0.6 < auc["ci_low"] < auc["mean"]
+    assert summary["pooled"]["pooled_roc_auc"] == 1.0  # every COVID scored above every non-COVID

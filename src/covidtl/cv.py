@@ -136,12 +136,13 @@ def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about
         mean = float(values.mean()) if n else math.nan
         sd = float(values.std(ddof=1)) if n > 1 else math.nan
         half = float(scipy_stats.t.ppf(0.5 + cfg.eval.confidence / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else math.nan
-        across[name] = {"mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half,
+        # Every fold metric is a proportion or a score in [0, 1]: so is the interval of its mean
+        # (a t interval of 5 folds with sd 0.13 otherwise reads AUC 0.72-1.03).
+        across[name] = {"mean": mean, "sd": sd, "ci_low": _clip01(mean - half), "ci_high": _clip01(mean + half),
                         "min": float(values.min()) if n else math.nan,
                         "max": float(values.max()) if n else math.nan, "folds": n}
-    y_true = (pooled["actual"] == paths.POSITIVE).to_numpy(int)
     # Class indices in CLASSES order, as Scores expects them.
-    y_index = np.where(y_true == 1, paths.CLASSES.index(paths.POSITIVE), 1 - paths.CLASSES.index(paths.POSITIVE))
+    y_index = pooled["actual"].map(paths.CLASSES.index).to_numpy(int)
     scores = Scores.of(y_index, pooled["p_covid"].to_numpy(float), pooled["group"].astype(str).to_numpy())
     return {
         **about, "folds": int(len(per_fold)), "confidence": cfg.eval.confidence,
@@ -149,6 +150,10 @@ def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about
         "across_folds": across,
         "pooled": scores.summary("pooled", cfg.eval),
     }
+
+
+def _clip01(value: float) -> float:
+    return value if math.isnan(value) else min(1.0, max(0.0, value))
 
 
 def write(out: Path, per_fold: pd.DataFrame, pooled: pd.DataFrame, summary: dict[str, Any]) -> None:
