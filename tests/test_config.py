@@ -31,6 +31,11 @@ def run(*args: str):
         ("external.ct=[{name: ../a, path: x}]", "Error: external.ct[0].name: '../a' is not a folder-safe name"),
         ("external.mri=[{name: a, path: x}]", "Error: external.mri: no dataset 'mri' in data.datasets"),
         ("external.ct=[{path: x}]", "Error: external.ct[0].name: missing from"),
+        ("profile=fast", "Error: profile: 'fast' is not defined under profiles in"),
+        ("profiles.best={profile: paper}", "Error: profiles.best.profile: a profile cannot choose a profile"),
+        ("train.label_smoothing=1.5", "Error: train.label_smoothing: 1.5 must be in [0, 1)"),
+        ("train.warmup_epochs=2", "Error: train.warmup_epochs: 2 leaves no epoch after the warm-up"),
+        ("study.profiles={fast: {models: [vgg16], inits: [random]}}", "Error: study.profiles.fast: not a profile"),
     ],
 )
 def test_bad_override_is_one_line_and_exit_2(override, message):
@@ -121,3 +126,21 @@ def test_numpy_2_is_declared():
     deps = tomllib.loads((PARAMS.parent / "pyproject.toml").read_text())["project"]["dependencies"]
     numpy = [d for d in deps if re.match(r"numpy\b", d)]
     assert numpy and re.search(r">=\s*2", numpy[0]), deps
+
+
+def test_a_profile_sets_its_keys_and_a_command_line_key_still_wins(tmp_path):
+    paper = config(tmp_path)
+    best = config(tmp_path, profile="best")
+    assert paper.profile == "paper" and paper.train.head == "paper" and paper.train.select == "last"
+    assert best.profile == "best" and best.train.head == "gap" and best.train.select == "val_auc"
+    assert config(tmp_path, profile="best", **{"train.head": "paper"}).train.head == "paper"
+    assert "profiles.best.train.head" not in best.flat() and best.flat()["train.head"] == "gap"
+
+
+def test_a_profile_cell_is_named_apart_from_the_paper_cell(tmp_path):
+    from covidtl.cells import Cell
+
+    assert Cell.of("custom_cnn", "random", "ct").name == "custom_cnn-random-ct"
+    assert Cell.of("custom_cnn", "random", "ct", profile="best").name == "custom_cnn-random-ct-best"
+    cells = config(tmp_path).study.cells()
+    assert ("best", "custom_cnn", "random") in cells and cells[0][0] == "paper"

@@ -52,6 +52,25 @@ def test_default_study_neither_writes_nor_reads_the_augmented_set(stages):
             assert declares(cell, key), f"{name} reads {key} but does not declare it"
 
 
+def test_the_best_profile_cells_run_beside_the_paper_cells(stages):
+    root = in_file(stages, "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    best = params["study"]["profiles"]["best"]
+    expected = {f"train_best@{m}-{i}-{d}" for m in best["models"] for i in best["inits"]
+                for d in params["study"]["datasets"]}
+    assert {name for name in root if name.startswith("train_best@")} == expected
+    for name in expected:
+        cell = root[name]
+        assert "-S profile=best -S augment.mode=online train " in cell.cmd, name
+        model, init, dataset = name.split("@")[1].split("-")
+        assert [o.def_path for o in cell.outs] == [f"models/{model}-{init}-{dataset}-best/model"]
+        for key in ("profiles.best", "train.head", "train.crop", "augment.intensity.noise"):
+            assert declares(cell, key), f"{name} reads {key} but does not declare it"
+    for name, cell in root.items():  # the paper's cells train the paper's profile whatever params.yaml says
+        if name.startswith("train@"):
+            assert "-S profile=paper " in cell.cmd, name
+
+
 def test_offline_study_is_its_own_pipeline_with_its_own_outputs(stages):
     offline = in_file(stages, "augment/dvc.yaml")
     assert {n for n in offline if "@" in n and n.split(":")[1].startswith("augment@")} == {

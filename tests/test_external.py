@@ -66,8 +66,8 @@ def test_cli_scores_trained_cells_quarantines_bad_files_and_lists_the_others(stu
     assert list(quarantine["path"]) == ["COVID/broken.png"]  # relative to the set's folder
 
     cells = results["cells"]
-    assert cells["vgg16-random-tiny"] == {"model": "vgg16", "init": "random", "status": "skipped",
-                                          "reason": "no weights here"}
+    assert cells["vgg16-random-tiny"] == {"model": "vgg16", "init": "random", "profile": "paper",
+                                          "status": "skipped", "reason": "no weights here"}
     assert cells["resnet50-random-tiny"]["status"] == "missing"
     ok = cells["custom_cnn-random-tiny"]
     assert ok["status"] == "ok" and ok["run_id"] == trained.run_id

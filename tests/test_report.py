@@ -63,6 +63,10 @@ def study(tmp_path, monkeypatch):
     # must not replace the cell's own run.
     _log_run("custom_cnn", "random", 0.10)
     _log_run("custom_cnn", "imagenet", 0.99)
+    # The stronger recipe's cell (profile best) beside the paper's custom CNN cell.
+    best_run = _log_run("custom_cnn", "random", 0.875)
+    _write_cell(models, "custom_cnn-random-ct-best", {"status": "ok", "test_accuracy": 0.875, "run_id": best_run},
+                rows=[("covid", "covid"), ("non_covid", "non_covid")])
     return tmp_path
 
 
@@ -75,11 +79,22 @@ def _run_report(*extra: str):
 
 
 def test_report_tables_figures_and_missing_cells(study):
+    # Two scores were taken on the CT second site's folder (the default external set): counted.
+    for _ in range(2):
+        with mlflow.start_run(tags={"kind": "evaluate", "data_folder": str((study / "data/synth/ct-site2").resolve())}):
+            pass
     result = _run_report()
     assert "Logged as MLflow run" in result.output
 
-    table = pd.read_csv(study / "reports" / "results.csv").set_index(["model", "init"])
-    assert len(table) == 4 and set(table["group"]) == {"workspace"}
+    both = pd.read_csv(study / "reports" / "results.csv")
+    assert len(both) == 5 and set(both["group"]) == {"workspace"}
+    best = both[both["profile"] == "best"].iloc[0]
+    assert (best["model"], best["init"], best["status"]) == ("custom_cnn", "random", "ok")
+    assert best["test_accuracy"] == pytest.approx(0.875)  # its own run, not the paper cell's
+    assert json.loads((study / "reports" / "cards" / "custom_cnn-random-ct-best.json").read_text())["cell"] == (
+        "custom_cnn-random-ct-best")
+    table = both[both["profile"] == "paper"].set_index(["model", "init"])
+    assert len(table) == 4
     cell_run = json.loads((study / "models/custom_cnn-random-ct/metrics.json").read_text())["run_id"]
     assert table.loc[("custom_cnn", "random"), "run_id"] == cell_run
     assert table.loc[("custom_cnn", "random"), "test_accuracy"] == pytest.approx(0.75)  # not the newer 0.10
@@ -91,8 +106,10 @@ def test_report_tables_figures_and_missing_cells(study):
     assert table.drop(index=("custom_cnn", "random"))["test_accuracy"].isna().all()
 
     md = (study / "reports" / "results.md").read_text()
-    assert "| custom_cnn | random | ok | 0.750 [n/a] |" in md  # the fixture logs no interval
-    assert "| vgg16 | random | failed | — |" in md and "ValueError: boom" in md
+    assert "| custom_cnn | random | paper | ok | 0.750 [n/a] |" in md  # the fixture logs no interval
+    assert "| custom_cnn | random | best | ok | 0.875 [n/a] |" in md
+    assert "| vgg16 | random | paper | failed | — |" in md
+    assert "Scores taken so far on each external set" in md and "ct-site2 2" in md and "ValueError: boom" in md
     assert "ImageNet weights not available offline" in md
     for name in ("fig5_6-ct.png", "fig7-epochs.png", "confusion-ct.png"):
         assert (study / "reports" / name).read_bytes()[:4] == b"\x89PNG"
@@ -100,7 +117,7 @@ def test_report_tables_figures_and_missing_cells(study):
 
     runs = mlflow.search_runs(experiment_names=["covidtl-report"])
     assert list(runs["tags.kind"]) == ["report"]
-    assert runs["metrics.cells_ok"].iloc[0] == 1
+    assert runs["metrics.cells_ok"].iloc[0] == 2
     artifacts = mlflow.artifacts.list_artifacts(run_id=runs["run_id"].iloc[0], artifact_path="report")
     assert {Path(a.path).name for a in artifacts} >= {"results.csv", "results.md", "fig5_6-ct.png"}
 
@@ -109,7 +126,7 @@ def test_named_experiments_appear_as_their_own_groups(study):
     _log_run("custom_cnn", "random", 0.95, strategy="random", experiment="leaky-split")
     _log_run("custom_cnn", "random", 0.85, strategy="random")  # no experiment: never shown
     base = ["--params", str(PARAMS), "-S", "study.models=[custom_cnn]", "-S", "study.inits=[random]",
-            "-S", "study.datasets=[ct]"]
+            "-S", "study.datasets=[ct]", "-S", "study.profiles={}"]
     CliRunner().invoke(main, base + ["report", "--no-log"], catch_exceptions=False)
     assert set(pd.read_csv(study / "reports" / "results.csv")["group"]) == {"workspace"}
     assert not (study / "reports" / "split_strategies.png").exists()
@@ -146,11 +163,11 @@ def test_cross_dataset_table_puts_external_sets_beside_the_test_split(study):
         "all_roc_auc": 0.60, "all_images": 40}))
     CliRunner().invoke(main, ["--params", str(PARAMS), "-S", "study.models=[custom_cnn]",
                               "-S", "study.inits=[random]", "-S", "study.datasets=[ct]",
-                              "report", "--no-log"], catch_exceptions=False)
+                              "-S", "study.profiles={}", "report", "--no-log"], catch_exceptions=False)
     cross = pd.read_csv(study / "reports" / "cross_dataset.csv").set_index("scored_on")
     assert cross.loc["test split", "accuracy"] == pytest.approx(0.75)
     assert cross.loc["ct-site2", "accuracy"] == pytest.approx(0.55) and cross.loc["ct-site2", "images"] == 40
     md = (study / "reports" / "results.md").read_text()
-    assert "| ct | custom_cnn-random | ct-site2 | 40 | 0.550 [0.410, 0.690] |" in md
+    assert "| ct | custom_cnn-random-ct | ct-site2 | 40 | 0.550 [0.410, 0.690] |" in md
     card = (study / "reports" / "cards" / "custom_cnn-random-ct.md").read_text()
     assert "| ct-site2 | 40 | 0.550 [0.410, 0.690] |" in card  # images as a whole number

@@ -143,7 +143,13 @@ def test_study_outputs_metrics_plots_and_report(repo):
     assert "models/custom_cnn-random-ct/predictions.csv" in plots.stdout
     assert "models/vgg16-random-ct/history.csv" in plots.stdout
 
-    table = pd.read_csv(repo / "reports" / "results.csv").set_index(["model", "init"])
+    both = pd.read_csv(repo / "reports" / "results.csv")
+    # The stronger recipe's cell (profile best, stage train_best@...) ran beside the paper's.
+    best = both[both["profile"] == "best"]
+    assert list(best["model"]) == ["custom_cnn"] and list(best["status"]) == ["ok"]
+    best_record = json.loads((repo / "models/custom_cnn-random-ct-best/metrics.json").read_text())
+    assert best_record["selected_by"] == "val_auc" and best["run_id"].iloc[0] == best_record["run_id"]
+    table = both[both["profile"] == "paper"].set_index(["model", "init"])
     assert table.loc[("custom_cnn", "random"), "status"] == "ok"
     assert table.loc[("vgg16", "random"), "test_accuracy"] == pytest.approx(
         json.loads((repo / "models/vgg16-random-ct/metrics.json").read_text())["test_accuracy"]
@@ -156,7 +162,7 @@ def test_study_outputs_metrics_plots_and_report(repo):
     # The external stage: every trained cell scored on the default second site, the others listed.
     external = json.loads((repo / "external" / "ct" / "results.json").read_text())
     assert external["sets"]["ct-site2"]["images"] == 20 and external["sets"]["ct-site2"]["quarantined"] == 0
-    for cell in ("custom_cnn-random-ct", "vgg16-random-ct"):
+    for cell in ("custom_cnn-random-ct", "vgg16-random-ct", "custom_cnn-random-ct-best"):
         record = external["cells"][cell]
         assert record["status"] == "ok" and record["run_id"] == json.loads(
             (repo / "models" / cell / "metrics.json").read_text())["run_id"]

@@ -23,6 +23,7 @@ MODEL_DIR = "model"  # models/<cell>/model/: model.keras + card.json, or SKIPPED
 MODELS_ROOT = "models"
 PREDICTION_COLUMNS = ("path", "group", "actual", "predicted", "p_covid")
 INITS = ("random", "imagenet", "finetune")  # or a path to a weights file
+PAPER_PROFILE = "paper"  # params.yaml `profile`: the paper's protocol; cells of another are suffixed
 
 
 def write_skipped_cell(out: Path, reason: str) -> None:
@@ -33,9 +34,11 @@ def write_skipped_cell(out: Path, reason: str) -> None:
 # --------------------------------------------------------------------------- the cell's files
 
 
-def cell_name(model: str, init: str, dataset: str) -> str:
-    """The study-matrix cell name, as in `train@densenet121-imagenet-ct`."""
-    return f"{model}-{init_label(init)}-{dataset}"
+def cell_name(model: str, init: str, dataset: str, profile: str = PAPER_PROFILE) -> str:
+    """The study-matrix cell name, as in `train@densenet121-imagenet-ct`; a cell trained with
+    another profile than the paper's carries its name: `custom_cnn-random-ct-best`."""
+    name = f"{model}-{init_label(init)}-{dataset}"
+    return name if profile == PAPER_PROFILE else f"{name}-{profile}"
 
 
 def init_label(init: str) -> str:
@@ -67,8 +70,9 @@ class Cell:
     dir: Path
 
     @classmethod
-    def of(cls, model: str, init: str, dataset: str, root: str | Path = MODELS_ROOT) -> Cell:
-        return cls(Path(root) / cell_name(model, init, dataset))
+    def of(cls, model: str, init: str, dataset: str, root: str | Path = MODELS_ROOT,
+           profile: str = PAPER_PROFILE) -> Cell:
+        return cls(Path(root) / cell_name(model, init, dataset, profile))
 
     @property
     def name(self) -> str:

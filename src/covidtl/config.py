@@ -150,10 +150,23 @@ class CVConfig:
 
 
 @dataclass
+class ProfileCells:
+    """The cells trained with a named profile beside the paper's (on every study dataset)."""
+    models: list[str]
+    inits: list[str]
+
+
+@dataclass
 class StudyConfig:
     models: list[str]
     inits: list[str]
     datasets: list[str]
+    profiles: dict[str, ProfileCells]
+
+    def cells(self) -> list[tuple[str, str, str]]:
+        """(profile, model, init) of every cell per dataset: the paper's matrix, then each profile's."""
+        paper = [("paper", m, i) for m in self.models for i in self.inits]
+        return paper + [(p, m, i) for p, c in self.profiles.items() for m in c.models for i in c.inits]
 
 
 @dataclass
@@ -253,6 +266,8 @@ def load_config(
     overrides = dict(overrides or {})
     if "profile" in overrides:
         raw["profile"] = overrides.pop("profile")
+    for key in [k for k in overrides if k.split(".")[0] == "profiles"]:  # a profile edited on the
+        _set_dotted(raw, key, overrides.pop(key))                         # command line applies too
     _apply_profile(raw, path)
     for key, value in overrides.items():
         _set_dotted(raw, key, value)
@@ -267,17 +282,18 @@ def _apply_profile(raw: dict[str, Any], path: Path) -> None:
     profiles = raw.get("profiles") or {}
     if not isinstance(profiles, dict):
         raise ConfigError(f"profiles: expected a mapping of profile name -> overrides in {path}")
+    for known_name, overrides in profiles.items():  # every profile, not only the chosen one
+        if not isinstance(overrides or {}, dict):
+            raise ConfigError(f"profiles.{known_name}: expected a mapping of dotted keys -> values")
+        for key in overrides or {}:
+            if str(key).split(".")[0] in ("profile", "profiles"):
+                raise ConfigError(f"profiles.{known_name}.{key}: a profile cannot choose a profile")
     if name is None:
         return
     if name not in profiles:
         known = ", ".join(sorted(map(str, profiles))) or "none"
         raise ConfigError(f"profile: {name!r} is not defined under profiles in {path} (known: {known})")
-    overrides = profiles[name] or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"profiles.{name}: expected a mapping of dotted keys -> values")
-    for key, value in overrides.items():
-        if str(key).split(".")[0] in ("profile", "profiles"):
-            raise ConfigError(f"profiles.{name}.{key}: a profile cannot choose a profile")
+    for key, value in (profiles[name] or {}).items():
         _set_dotted(raw, str(key), value)
 
 
@@ -478,6 +494,10 @@ def validate(cfg: Config) -> None:
         if cls not in ("covid", "non_covid"):
             raise ConfigError(f"data.labels.{name}: {cls!r} must be covid or non_covid")
     _validate_external(cfg)
+    for name in cfg.study.profiles:
+        if name == "paper" or name not in cfg.profiles:
+            raise ConfigError(f"study.profiles.{name}: not a profile of `profiles` other than paper "
+                              f"(known: {', '.join(sorted(set(cfg.profiles) - {'paper'})) or 'none'})")
 
 
 # An external set's name is a folder name (external/<dataset>/<cell>/<name>/) and an MLflow tag.

@@ -89,12 +89,12 @@ def cross_validate(
     from covidtl import train
 
     k = cfg.cv.folds
-    out = Path(out_root if out_root is not None else cfg.cv.out) / dataset / cell_name(model, init, dataset)
+    out = Path(out_root if out_root is not None else cfg.cv.out) / dataset / cell_name(model, init, dataset, cfg.profile)
     manifest = tables.read_manifest(cfg, dataset)
     folds = fold_tables(manifest, k, cfg.cv.seed, val_share(cfg))
     tracking.use_experiment(dataset)
     rows, predictions = [], []
-    with mlflow.start_run(run_name=f"cv {cell_name(model, init, dataset)}") as parent:
+    with mlflow.start_run(run_name=f"cv {cell_name(model, init, dataset, cfg.profile)}") as parent:
         mlflow.set_tags({**train.run_tags(cfg, model, init, dataset, kind="cv"), "cv_folds": str(k)})
         tracking.log_config(cfg)
         for i, table in enumerate(folds, start=1):

@@ -300,7 +300,10 @@ def evaluate(
         run_name=run_name or f"evaluate-{cell}",
         tags={"dataset": dataset, "cell": cell, "model_uri": model_uri, "manifest_sha256": manifest_sha,
               "split_strategy": cfg.split.strategy if is_dataset else "none",
-              "data_kind": "dataset" if is_dataset else "folder"},
+              "data_kind": "dataset" if is_dataset else "folder",
+              # Every score taken on a folder is counted by the report (external sets: how many
+              # looks at data that must never select a model).
+              **({} if is_dataset else {"data_folder": str(Path(data).resolve())})},
         params={"model_uri": model_uri, "data": str(data), "split": scored_split},
     )
     if out_dir is not None:

@@ -149,17 +149,16 @@ def score_dataset(
             say(f"Quarantined ({s.entry.name}): {row.path}: {row.reason}")
 
     cells: dict[str, Any] = {}
-    for model in cfg.study.models:
-        for init in cfg.study.inits:
-            cell = Cell.of(model, init, dataset, models_root)
-            status, reason = cell_status(cell)
-            record: dict[str, Any] = {"model": model, "init": init, "status": status}
-            if status != "ok":
-                record["reason"] = reason
-            elif sets:
-                record["run_id"] = cell.run_id()
-                record["scores"] = _score_cell(cfg, dataset, cell, sets, out, log, say)
-            cells[cell.name] = record
+    for profile, model, init in cfg.study.cells():
+        cell = Cell.of(model, init, dataset, models_root, profile)
+        status, reason = cell_status(cell)
+        record: dict[str, Any] = {"model": model, "init": init, "profile": profile, "status": status}
+        if status != "ok":
+            record["reason"] = reason
+        elif sets:
+            record["run_id"] = cell.run_id()
+            record["scores"] = _score_cell(cfg, dataset, cell, sets, out, log, say)
+        cells[cell.name] = record
     results = {
         "dataset": dataset,
         # all_* at 0.5, all_op_* at each cell's own operating point (its card); 95% intervals
@@ -198,6 +197,7 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
                 cfg, loaded, scored, prefix="all", experiment=dataset,
                 run_name=f"external-{cell.name}-{s.entry.name}",
                 tags={"dataset": dataset, "cell": cell.name, "external_set": s.entry.name,
+                      "data_folder": str(Path(s.entry.path).resolve()),
                       "model_uri": str(cell.model_file), "split_strategy": "none",
                       "manifest_sha256": s.summary()["manifest_sha256"]},
                 params={"model_uri": str(cell.model_file), "data": s.entry.path, "split": "all"},

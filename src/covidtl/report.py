@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from covidtl import paths, tracking
 from covidtl.cards import model_card, write_cards
-from covidtl.cells import Cell, init_label
+from covidtl.cells import PAPER_PROFILE, Cell, init_label
 from covidtl.comparisons import Scored, comparison_table, in_words
 from covidtl.config import Config
 from covidtl.errors import UserError
@@ -45,7 +46,7 @@ METRICS = (
     + [f"{m}_ci_{end}" for m in OPERATING[1:] for end in ("low", "high")]
     + ["epochs_used", "train_seconds"]
 )
-KEY = ["group", "dataset", "model", "init", "split_strategy"]
+KEY = ["group", "dataset", "model", "init", "profile", "split_strategy"]
 WORKSPACE = "workspace"  # the study cells under models/, as their metrics.json record them
 
 
@@ -77,31 +78,30 @@ def workspace_rows(cfg: Config, models_root: str | Path = MODELS_ROOT) -> pd.Dat
     client = _client()
     rows = []
     for dataset in cfg.study.datasets:
-        for model in cfg.study.models:
-            for init in cfg.study.inits:
-                cell = Cell.of(model, init, dataset, models_root)
-                row = {"group": WORKSPACE, "dataset": dataset, "model": model, "init": init_label(init),
-                       "split_strategy": cfg.split.strategy, "status": "missing", "note": "",
-                       "run_id": None, **dict.fromkeys(METRICS, float("nan"))}
-                record = cell.read_metrics()
-                if record is None:
-                    row["note"] = f"no {cell.metrics_file}: the cell has not run (dvc repro)"
-                elif record.get("status") in ("skipped", "failed"):
-                    row.update(status=record["status"], note=str(record.get("reason", "")),
-                               run_id=record.get("run_id"))
-                elif not record.get("run_id"):
-                    row["note"] = f"{cell.metrics_file} names no MLflow run; re-run the cell"
+        for profile, model, init in cfg.study.cells():
+            cell = Cell.of(model, init, dataset, models_root, profile)
+            row = {"group": WORKSPACE, "dataset": dataset, "model": model, "init": init_label(init),
+                   "profile": profile, "split_strategy": cfg.split.strategy, "status": "missing",
+                   "note": "", "run_id": None, **dict.fromkeys(METRICS, float("nan"))}
+            record = cell.read_metrics()
+            if record is None:
+                row["note"] = f"no {cell.metrics_file}: the cell has not run (dvc repro)"
+            elif record.get("status") in ("skipped", "failed"):
+                row.update(status=record["status"], note=str(record.get("reason", "")),
+                           run_id=record.get("run_id"))
+            elif not record.get("run_id"):
+                row["note"] = f"{cell.metrics_file} names no MLflow run; re-run the cell"
+            else:
+                row["run_id"] = record["run_id"]
+                try:
+                    run = client.get_run(record["run_id"])
+                except mlflow.exceptions.MlflowException:
+                    row["note"] = (f"run {record['run_id']} of {cell.metrics_file} is not in "
+                                   f"{tracking.tracking_uri()}; set MLFLOW_TRACKING_URI to its store")
                 else:
-                    row["run_id"] = record["run_id"]
-                    try:
-                        run = client.get_run(record["run_id"])
-                    except mlflow.exceptions.MlflowException:
-                        row["note"] = (f"run {record['run_id']} of {cell.metrics_file} is not in "
-                                       f"{tracking.tracking_uri()}; set MLFLOW_TRACKING_URI to its store")
-                    else:
-                        row.update(status="ok", **_metrics_of(run),
-                                   split_strategy=run.data.tags.get("split_strategy", row["split_strategy"]))
-                rows.append(row)
+                    row.update(status="ok", **_metrics_of(run),
+                               split_strategy=run.data.tags.get("split_strategy", row["split_strategy"]))
+            rows.append(row)
     return pd.DataFrame(rows, columns=[*KEY, "status", "note", "run_id", *METRICS])
 
 
@@ -128,6 +128,7 @@ def experiment_rows(cfg: Config, name: str) -> pd.DataFrame:
     out = pd.DataFrame({
         "group": name, "dataset": runs["tags.dataset"], "model": runs["tags.model"],
         "init": runs["tags.init"], "split_strategy": runs["tags.split_strategy"],
+        "profile": runs["tags.profile"].fillna("paper") if "tags.profile" in runs else "paper",
         "status": "ok", "note": "", "run_id": runs["run_id"],
     })
     for metric in METRICS:
@@ -161,7 +162,7 @@ def write_tables(
         "`—` = no result (status says why); never a zero.",
         "",
     ]
-    shown = ["model", "init", "status", *HEADLINE, "test_images", "operating_threshold",
+    shown = ["model", "init", "profile", "status", *HEADLINE, "test_images", "operating_threshold",
              "test_op_balanced_accuracy", "epochs_used", "train_seconds", "run_id"]
     lines += [
         f"Values at threshold 0.5 with their {confidence:.0%} group-bootstrap interval "
@@ -176,7 +177,7 @@ def write_tables(
         lines += [f"## {group}: {dataset} — split {strategy}", "", _markdown(_with_intervals(part)[shown]), ""]
         notes = part[part["note"] != ""]
         for _, row in notes.iterrows():
-            lines.append(f"- {row['model']}-{row['init']}: {row['note']}")
+            lines.append(f"- {_cell_of(row).name}: {row['note']}")
         if len(notes):
             lines.append("")
     lines += list(sections)
@@ -379,13 +380,15 @@ def build_report(
     out = Path(cfg.report.out)
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(cfg, models_root, experiments)
-    # The paper's figures and the paired tests use the workspace's cells; experiments are extra.
-    current = table[table["group"] == WORKSPACE]
+    # The paper's figures and the paired tests use the workspace's cells of the paper's protocol;
+    # experiments are extra, and other profiles' cells join the tables, cards and external scores.
+    workspace = table[table["group"] == WORKSPACE]
+    current = workspace[workspace["profile"] == PAPER_PROFILE]
     scored = scored_cells(current, Path(models_root))
     comparisons = comparison_table(scored, cfg.eval)
     gradcams = copy_gradcams(current, Path(models_root), out)
-    cross = cross_dataset_table(current)
-    sections = (cross_dataset_section(cross) + comparison_section(comparisons)
+    cross = cross_dataset_table(workspace)
+    sections = (cross_dataset_section(cross, external_score_counts(cfg)) + comparison_section(comparisons)
                 + gradcam_section(gradcams))
     files = write_tables(table, out, cfg.eval.confidence, sections)
     files += list(gradcams.values())
@@ -398,9 +401,8 @@ def build_report(
         files.append(plot_calibration([c for c in scored if c.dataset == dataset], dataset, out))
     files.append(plot_epochs(current, out))
     files += write_cards([
-        model_card(cfg, Cell.of(row["model"], row["init"], row["dataset"], models_root), row,
-                   external_scores(row["dataset"], Cell.of(row["model"], row["init"], row["dataset"]).name))
-        for row in current[current["status"] == "ok"].to_dict("records")
+        model_card(cfg, _cell_of(row, models_root), row, external_scores(row["dataset"], _cell_of(row).name))
+        for row in workspace[workspace["status"] == "ok"].to_dict("records")
     ], out)
     split_plot = plot_split_strategies(table, out)
     if split_plot:
@@ -418,13 +420,13 @@ def cross_dataset_table(table: pd.DataFrame) -> pd.DataFrame:
     """Each finished cell on its own test split beside each external set, with intervals."""
     rows = []
     for row in table[table["status"] == "ok"].to_dict("records"):
-        name = Cell.of(row["model"], row["init"], row["dataset"]).name
+        name = _cell_of(row).name
         scored = {"test split": {k.replace("test_", "", 1): v for k, v in row.items()
                                  if isinstance(k, str) and k.startswith("test_")}}
         scored.update({s: {k.replace("all_", "", 1): v for k, v in m.items()}
                        for s, m in external_scores(row["dataset"], name).items()})
         for scored_on, metrics in scored.items():
-            out = {"dataset": row["dataset"], "cell": f"{row['model']}-{row['init']}",
+            out = {"dataset": row["dataset"], "cell": name,
                    "scored_on": scored_on, "images": metrics.get("images")}
             for m in CROSS_METRICS:
                 for suffix in ("", "_ci_low", "_ci_high"):
@@ -433,8 +435,28 @@ def cross_dataset_table(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cross_dataset_section(cross: pd.DataFrame) -> list[str]:
+def external_score_counts(cfg: Config) -> dict[str, int]:
+    """How many scores were ever taken on each external set's folder: every kind=evaluate run
+    tagged with its resolved path (`covidtl external` and `covidtl evaluate --data FOLDER`)."""
+    import mlflow
+
+    _client()
+    counts = {}
+    for sets in cfg.external.values():
+        for entry in sets:
+            folder = str(Path(entry.path).resolve()).replace("'", "\\'")
+            runs = mlflow.search_runs(search_all_experiments=True, filter_string=(
+                f"tags.kind = 'evaluate' AND tags.data_folder = '{folder}'"))
+            counts[entry.name] = len(runs)
+    return counts
+
+
+def cross_dataset_section(cross: pd.DataFrame, score_counts: dict[str, int] | None = None) -> list[str]:
     lines = ["## Cross-dataset: own test split and external test sets", ""]
+    if score_counts:
+        lines += ["Scores taken so far on each external set (every MLflow evaluate run on its folder, "
+                  "this study's included): " + ", ".join(f"{k} {v}" for k, v in score_counts.items())
+                  + ". A set looked at many times is no longer untouched.", ""]
     if cross.empty or set(cross["scored_on"]) == {"test split"}:
         return lines + ["No external test set scored (`external` in params.yaml, stage "
                         "external@<dataset>): nothing here says how the models fare elsewhere.", ""]
@@ -450,6 +472,14 @@ def cross_dataset_section(cross: pd.DataFrame) -> list[str]:
         lines.append(f"| {row['dataset']} | {row['cell']} | {row['scored_on']} | {shown} | "
                      + " | ".join(values) + " |")
     return lines + [""]
+
+
+def _cell_of(row: dict | Any, models_root: str | Path = MODELS_ROOT) -> Cell:
+    """The cell folder of a results-table row (a dict or an itertuples row)."""
+    get = row.get if isinstance(row, dict) else lambda key, default=None: getattr(row, key, default)
+    profile = get("profile", PAPER_PROFILE)
+    return Cell.of(get("model"), get("init"), get("dataset"), models_root,
+                   PAPER_PROFILE if pd.isna(profile) else profile)
 
 
 def external_scores(dataset: str, cell: str, root: Path = Path(EXTERNAL_ROOT)) -> dict[str, dict]:

@@ -370,7 +370,7 @@ class Plan:
 
     @property
     def name(self) -> str:
-        return cell_name(self.model, self.init, self.dataset)
+        return cell_name(self.model, self.init, self.dataset, self.cfg.profile)
 
     def rows(self, split: str) -> pd.DataFrame:
         return self.train_rows if split == "train" else rows_of(self.table, split)
@@ -403,7 +403,7 @@ def plan_run(
         if rows.empty:
             raise UserError(f"{split_file}: the {name} split is empty; "
                             "re-split with more images or other split.fractions")
-    cell = Cell(Path(out_dir)) if out_dir is not None else Cell.of(model, init, dataset)
+    cell = Cell(Path(out_dir)) if out_dir is not None else Cell.of(model, init, dataset, profile=cfg.profile)
     return Plan(
         cfg=cfg, spec=spec, model=model, init=init, dataset=dataset,
         image_size=trainable_image_size(spec, cfg.train), learning_rate=rate,
@@ -800,7 +800,8 @@ def run_tags(cfg: Config, model: str, init: str, dataset: str, kind: str) -> dic
         "split_strategy": cfg.split.strategy,
         "git_commit": tracking.git_commit(),
         "manifest_sha256": tracking.file_sha256(paths.manifest_path(cfg, dataset)),
-        "cell": cell_name(model, init, dataset),
+        "cell": cell_name(model, init, dataset, cfg.profile),
+        "profile": cfg.profile,
         "kind": kind,
         **tracking.experiment_tags(),
     }

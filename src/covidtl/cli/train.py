@@ -58,8 +58,10 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
 
     reason = unavailable_reason(model, init) if skip_unavailable else None
     if reason:
-        cell = paths.cell_name(model, init, dataset)
-        write_skipped_cell(Path(out) if out else paths.cell_dir(model, init, dataset), reason)
+        # With --out the folder is given: no params file is needed to name it (a profile's is).
+        profile = config_from(ctx).profile if not out else "paper"
+        cell = paths.cell_name(model, init, dataset, profile)
+        write_skipped_cell(Path(out) if out else paths.cell_dir(model, init, dataset, profile=profile), reason)
         click.echo(f"SKIPPED {cell}: {reason}", err=True)
         return
 
