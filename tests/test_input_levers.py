@@ -166,3 +166,24 @@ def test_train_with_crop_and_normalize_then_predict_applies_them_without_flags(s
     assert got == pytest.approx(direct, abs=1e-5)
     cam = GradCam(model)(x)
     assert cam.heatmaps.shape == (1, *model.input_shape[1:3]) and np.isfinite(cam.heatmaps).all()
+
+
+def test_resume_restores_a_model_with_crop_and_normalize(tmp_path):
+    """The levers hold no weights: a checkpoint's weights and Adam's state go back into the rebuilt model."""
+    from covidtl.models.registry import build_model
+    from covidtl.train import Resume, fit, plan_run
+    from helpers_train import make_workdir
+
+    cfg, _ = make_workdir(tmp_path, **{"train.max_epochs": 1, "train.crop": "body", "train.normalize": "standardize"})
+    plan = plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell")
+    donor = build_model(plan.spec, "random", cfg.train, plan.image_size)
+    assert [layer.name for layer in donor.layers[1:3]] == ["body_crop", "normalize"]
+    donor.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+    x = synthetic_scan()[None].repeat(2, axis=0)
+    donor.train_on_batch(x, keras.utils.to_categorical([0, 1], 2))
+    donor.save(tmp_path / "epoch-0001.keras")
+    resume = Resume(run_id="r", epochs_done=1, history={"loss": [0.7]}, stopped_epoch=None, seconds=1.0,
+                    model_file=tmp_path / "epoch-0001.keras")
+    net = build_model(plan.spec, "random", cfg.train, plan.image_size)
+    fit(plan, net, None, None, run_id="r", resume=resume)
+    np.testing.assert_allclose(net.predict(x, verbose=0), donor.predict(x, verbose=0), atol=1e-6)
