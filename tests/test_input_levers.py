@@ -187,3 +187,21 @@ def test_resume_restores_a_model_with_crop_and_normalize(tmp_path):
     net = build_model(plan.spec, "random", cfg.train, plan.image_size)
     fit(plan, net, None, None, run_id="r", resume=resume)
     np.testing.assert_allclose(net.predict(x, verbose=0), donor.predict(x, verbose=0), atol=1e-6)
+
+
+def test_grad_cam_maps_go_back_onto_the_body_box():
+    """With train.crop the map is made in the cropped frame; explain overlays it where the body is."""
+    from covidtl.config import load_config
+    from covidtl.explain import uncrop
+    from covidtl.models.registry import build_model, get_spec
+
+    cfg = load_config(ROOT / "params.yaml", {"train.crop": "body"})
+    model = build_model(get_spec("custom_cnn"), "random", cfg.train, SIZE)
+    gradcam = GradCam(model)
+    assert gradcam.crop is model.get_layer("body_crop")
+    box = keras.ops.convert_to_numpy(gradcam.crop.boxes(synthetic_scan()[None]))
+    heat = uncrop(np.ones((1, SIZE, SIZE), dtype="float32"), box)[0]
+    top, bottom, left, right = np.round(box[0]).astype(int)
+    assert heat[top:bottom + 1, left:right + 1].min() == pytest.approx(1.0)
+    assert heat.sum() == pytest.approx((bottom - top + 1) * (right - left + 1), rel=1e-4)
+    assert gradcam(synthetic_scan()[None]).heatmaps.shape == (1, SIZE, SIZE)
