@@ -239,6 +239,8 @@ def make_offline_dataset(cfg: Config, dataset: str, spec: ModelSpec, image_size:
     from covidtl.data.augment import load_offline_dataset
     from covidtl.models.registry import preprocess_for
 
+    if intensity_on(cfg.augment.intensity):
+        log.warning("augment.intensity is applied online only: the offline set %s is read as stored", dataset)
     preprocess = preprocess_for(spec, cfg.train.preprocessing)
     ds = load_offline_dataset(cfg, dataset, image_size)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, len(CLASSES))))
