@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from covidtl.data.images import IMAGE_SUFFIXES, measure_or_reason
 from covidtl.errors import UserError
+from covidtl.models.input_layers import BodyCrop
 from covidtl.files import atomic_path
 from covidtl.paths import CLASSES, POSITIVE
 
@@ -76,6 +77,8 @@ class GradCam:
             x = layer(x, training=False)
         self.forward = keras.Model(inputs, [features, x], name=f"{model.name}_gradcam")
         self.size = tuple(int(d) for d in model.input_shape[1:3])
+        # train.crop: the maps are made in the cropped frame; they go back onto the body's box.
+        self.crop = next((layer for layer in body if isinstance(layer, BodyCrop)), None)
 
     def __call__(self, images, class_index: int | None = None) -> CamResult:
         """Maps for `images` (preprocessed model inputs): the predicted class, or `class_index`."""
@@ -96,12 +99,24 @@ class GradCam:
         cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))  # (n, h', w')
         peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
         cam = tf.math.divide_no_nan(cam, peak)
-        cam = tf.image.resize(cam[..., None], self.size, method="bilinear")[..., 0]
+        cam = tf.image.resize(cam[..., None], self.size, method="bilinear")[..., 0].numpy()
+        if self.crop is not None:
+            cam = uncrop(cam, keras.ops.convert_to_numpy(self.crop.boxes(x)))
         return CamResult(
-            heatmaps=np.clip(cam.numpy(), 0.0, 1.0).astype("float32"),
+            heatmaps=np.clip(cam, 0.0, 1.0).astype("float32"),
             probs=probs.numpy(),
             class_index=chosen.numpy(),
         )
+
+
+def uncrop(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Maps of the cropped frames (n, h, w) put back on their boxes (top, bottom, left, right) of
+    the input frame, zero outside: where `BodyCrop` read them from."""
+    out = np.zeros_like(maps)
+    for i, (top, bottom, left, right) in enumerate(np.round(boxes).astype(int)):
+        height, width = bottom - top + 1, right - left + 1
+        out[i, top:bottom + 1, left:right + 1] = tf.image.resize(maps[i][..., None], (height, width))[..., 0]
+    return out
 
 
 def grad_cam(model: keras.Model, images, class_index: int | None = None) -> np.ndarray:

@@ -17,7 +17,7 @@ import pandas as pd
 import tensorflow as tf
 from PIL import Image
 
-from covidtl.config import AugmentConfig, Config
+from covidtl.config import AugmentConfig, Config, IntensityConfig
 from covidtl.data.images import load_rgb
 from covidtl.paths import CLASSES
 
@@ -62,13 +62,61 @@ def augment_batch(images: tf.Tensor, aug: AugmentConfig, seed: tf.Tensor) -> tf.
     return tf.gather(tf.reshape(images, (-1, shape[3])), index)
 
 
+def intensity_on(intensity: IntensityConfig) -> bool:
+    return any((intensity.brightness, intensity.contrast, intensity.gamma, intensity.noise, intensity.blur))
+
+
+def augment_intensity(images: tf.Tensor, intensity: IntensityConfig, seed: tf.Tensor) -> tf.Tensor:
+    """Photometric augmentation (augment.intensity) on a whole batch of [0, 255] images -> float32 [0, 255].
+
+    Per image, on values in [0, 1]: a brightness offset, a contrast factor about the image's mean,
+    a gamma, Gaussian noise (one value per pixel, the same on every channel: a grey scan stays grey)
+    and, with probability `blur`, a 3x3 Gaussian blur; clipped to [0, 1] after each step, so the
+    model's preprocessing sees the range it expects. `seed` (two integers) fixes the draws.
+    """
+    x = tf.cast(images, tf.float32) / 255.0
+    n = tf.shape(x)[0]
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5)
+
+    def per_image(i, low, high):
+        return tf.random.stateless_uniform((n, 1, 1, 1), seeds[i], low, high)
+
+    if intensity.brightness:
+        x = tf.clip_by_value(x + per_image(0, -intensity.brightness, intensity.brightness), 0.0, 1.0)
+    if intensity.contrast:
+        mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
+        factor = per_image(1, 1.0 - intensity.contrast, 1.0 + intensity.contrast)
+        x = tf.clip_by_value((x - mean) * factor + mean, 0.0, 1.0)
+    if intensity.gamma:
+        x = tf.pow(x, per_image(2, 1.0 - intensity.gamma, 1.0 + intensity.gamma))
+    if intensity.noise:
+        noise = tf.random.stateless_normal(tf.concat([tf.shape(x)[:3], [1]], 0), seeds[3], stddev=intensity.noise)
+        x = tf.clip_by_value(x + noise, 0.0, 1.0)
+    if intensity.blur:
+        kernel = tf.constant([1.0, 2.0, 1.0]) / 4.0
+        kernel = (kernel[:, None] * kernel[None, :])[:, :, None, None]
+        channels = x.shape[-1] or 3
+        blurred = tf.nn.depthwise_conv2d(
+            tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC"),
+            tf.tile(kernel, [1, 1, channels, 1]), strides=[1, 1, 1, 1], padding="VALID",
+        )
+        x = tf.where(per_image(4, 0.0, 1.0) < intensity.blur, blurred, x)
+    return x * 255.0
+
+
 def augmented(ds: tf.data.Dataset, aug: AugmentConfig) -> tf.data.Dataset:
-    """`augment_batch` on each (images, labels) batch, with seeds drawn from augment.seed (new each epoch)."""
+    """`augment_batch` (and `augment_intensity` when augment.intensity is set) on each (images,
+    labels) batch, with seeds drawn from augment.seed (new each epoch)."""
     seeds = tf.data.Dataset.random(seed=aug.seed, rerandomize_each_iteration=True)
-    return tf.data.Dataset.zip(ds, seeds).map(
-        lambda xy, s: (augment_batch(xy[0], aug, tf.stack([s, tf.constant(0, tf.int64)])), xy[1]),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
+    photometric = intensity_on(aug.intensity)
+
+    def augment(xy, s):
+        images = augment_batch(xy[0], aug, tf.stack([s, tf.constant(0, tf.int64)]))
+        if photometric:  # its own draws: the geometric ones stay those of the same seed without it
+            images = augment_intensity(images, aug.intensity, tf.stack([s, tf.constant(1, tf.int64)]))
+        return images, xy[1]
+
+    return tf.data.Dataset.zip(ds, seeds).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def readable_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -191,6 +239,8 @@ def make_offline_dataset(cfg: Config, dataset: str, spec: ModelSpec, image_size:
     from covidtl.data.augment import load_offline_dataset
     from covidtl.models.registry import preprocess_for
 
+    if intensity_on(cfg.augment.intensity):
+        log.warning("augment.intensity is applied online only: the offline set %s is read as stored", dataset)
     preprocess = preprocess_for(spec, cfg.train.preprocessing)
     ds = load_offline_dataset(cfg, dataset, image_size)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, len(CLASSES))))

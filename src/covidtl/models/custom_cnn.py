@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import keras
 from keras import layers
 
@@ -10,11 +12,16 @@ INPUT_SIZE = 200
 MIN_INPUT_SIZE = 186
 
 
-def build_custom_cnn(input_shape: tuple[int, int, int], dropout: float = 0.0, head: str = "paper") -> keras.Model:
+def build_custom_cnn(input_shape: tuple[int, int, int], dropout: float = 0.0, head: str = "paper",
+                     front: Sequence[keras.layers.Layer] = ()) -> keras.Model:
     """Table 1 of the paper, layer by layer; the head is the same Flatten -> 1000 -> 2 (`paper`),
-    or global average pooling -> 2 (`gap`: the same at 200 px, where the last map is 1 x 1)."""
+    or global average pooling -> 2 (`gap`: the same at 200 px, where the last map is 1 x 1).
+    `front`: layers between the input and the first convolution (train.crop, train.normalize)."""
     inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.SeparableConv2D(16, 3, padding="valid", activation="relu")(inputs)  # 198², 91
+    x = inputs
+    for layer in front:
+        x = layer(x)
+    x = layers.SeparableConv2D(16, 3, padding="valid", activation="relu")(x)  # 198², 91
     x = layers.MaxPooling2D(2)(x)  # 99²
     x = layers.SeparableConv2D(16, 3, padding="valid", activation="relu")(x)  # 97², 416
     x = layers.MaxPooling2D(2)(x)  # 48²

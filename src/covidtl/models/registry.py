@@ -17,6 +17,7 @@ from covidtl.pretrained import IMAGENET_FILES
 from covidtl.config import TrainConfig
 from covidtl.errors import UserError
 from covidtl.models import weights
+from covidtl.models.input_layers import input_layers
 from covidtl.models.custom_cnn import MIN_INPUT_SIZE, build_custom_cnn
 
 def rescale(images):
@@ -140,8 +141,10 @@ def build_model(
     with `train.head: gap`, backbone -> GlobalAveragePooling -> Dense(2)."""
     size = image_size or image_size_for(spec, train_cfg)
     shape = (size, size, 3)
+    # train.crop / train.normalize: layers of the model, so every saved file applies them.
+    front = input_layers(train_cfg.crop, train_cfg.normalize)
     if spec.backbone is None:
-        model = build_custom_cnn(shape, dropout=train_cfg.dropout, head=train_cfg.head)
+        model = build_custom_cnn(shape, dropout=train_cfg.dropout, head=train_cfg.head, front=front)
         if init in ("imagenet", "finetune"):
             raise UserError(
                 f"--init {init}: {spec.name} has no ImageNet weights; use --init random "
@@ -164,8 +167,11 @@ def build_model(
     if init != "random":
         freeze_batchnorm(base)
     inputs = keras.Input(shape=shape, name="image")
+    x = inputs
+    for layer in front:
+        x = layer(x)
     # training=False documents the intent; it is freeze_batchnorm that keeps the statistics.
-    x = base(inputs, training=False) if init != "random" else base(inputs)
+    x = base(x, training=False) if init != "random" else base(x)
     x = layers.GlobalAveragePooling2D()(x) if train_cfg.head == "gap" else layers.Flatten()(x)
     if train_cfg.dropout:
         x = layers.Dropout(train_cfg.dropout)(x)
