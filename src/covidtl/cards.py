@@ -15,7 +15,8 @@ from typing import Any
 from covidtl import paths
 from covidtl.cells import Cell
 from covidtl.config import Config
-from covidtl.files import atomic_write_text, json_text
+from covidtl.files import atomic_path, atomic_write_text, json_text
+from covidtl.probe import read_verdict
 from covidtl.scores import with_interval
 
 INTENDED_USE = (
@@ -40,10 +41,12 @@ def _with_interval(metrics: dict[str, Any], key: str) -> str:
 
 def failure_modes(
     cfg: Config, dataset: str, metrics: dict[str, Any], external: dict[str, dict[str, Any]],
-    strategy: str,
+    strategy: str, probe: dict[str, Any] | None = None,
 ) -> list[str]:
     """Weaknesses the study measured for this model, each with its figures."""
     found = []
+    if probe and probe.get("shortcut_risk"):
+        found.append(probe["sentence"])  # `covidtl probe`: it reads the image's source, not its lungs
     auc = _value(metrics, "test_roc_auc")
     for name, scored in external.items():
         ext_auc = _value(scored, "all_roc_auc")
@@ -82,6 +85,7 @@ def model_card(
     trained = cell.read_card()
     leakage = _read_json(paths.leakage_path(cfg, dataset))
     metrics = {k: v for k, v in row.items() if k.startswith(("test_", "operating_"))}
+    probe = read_verdict(cell.probe_dir)
     return {
         "cell": cell.name, "model": row["model"], "init": row["init"], "run_id": row.get("run_id"),
         "intended_use": INTENDED_USE,
@@ -96,7 +100,16 @@ def model_card(
         "operating_point": trained.get("operating_point"),
         "test_metrics": metrics,
         "external": external,
-        "failure_modes": failure_modes(cfg, dataset, metrics, external, row.get("split_strategy", "")),
+        # None: never probed (`covidtl probe --model-uri models/<cell>`); else true or false.
+        "shortcut_risk": None if probe is None else bool(probe.get("shortcut_risk")),
+        "shortcut_probe": None if probe is None else {
+            "sentence": probe.get("sentence"), "scored": probe.get("scored"),
+            "gradcam_outside_lungs": probe.get("gradcam_outside_lungs"),
+            "figure": f"{cell.name}-probe.png",
+            "auc": {v["variant"]: [v.get("roc_auc"), v.get("roc_auc_ci_low"), v.get("roc_auc_ci_high")]
+                    for v in probe.get("variants", [])},
+        },
+        "failure_modes": failure_modes(cfg, dataset, metrics, external, row.get("split_strategy", ""), probe),
     }
 
 
@@ -131,18 +144,34 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines.append("")
     else:
         lines += ["**External test sets.** None scored: nothing here says how it fares elsewhere.", ""]
+    probe = card.get("shortcut_probe")
+    if probe:
+        lines += [f"**Shortcut probe** (`covidtl probe`, on the {probe['scored']}): shortcut_risk "
+                  f"{str(card['shortcut_risk']).lower()}. {probe['sentence']}", "",
+                  f"![shortcut probe]({probe['figure']})", ""]
+    else:
+        lines += ["**Shortcut probe.** Not run: nothing here says whether it reads the lungs or the "
+                  "image's source (`covidtl probe --model-uri models/<cell>`).", ""]
     lines += ["**Failure modes measured.**", ""]
     lines += [f"- {f}" for f in card["failure_modes"]] or ["- None crossed the report's thresholds."]
     return "\n".join(lines) + "\n"
 
 
-def write_cards(cards: list[dict[str, Any]], out: Path) -> list[Path]:
-    """reports/cards/<cell>.json and .md for each card."""
+def write_cards(
+    cards: list[dict[str, Any]], out: Path, models_root: str | Path = "models"
+) -> list[Path]:
+    """reports/cards/<cell>.json and .md for each card, and its probe figure beside them."""
     written = []
     for card in cards:
         base = out / "cards" / card["cell"]
         written.append(atomic_write_text(base.with_suffix(".json"), json_text(card)))
         written.append(atomic_write_text(base.with_suffix(".md"), card_markdown(card)))
+        figure = Cell(Path(models_root) / card["cell"]).probe_dir / "probe.png"
+        if card.get("shortcut_probe") and figure.is_file():
+            target = base.parent / card["shortcut_probe"]["figure"]
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(figure.read_bytes())
+            written.append(target)
     return written
 
 

@@ -63,6 +63,7 @@ class Cell:
         history.csv     one row per epoch
         predictions.csv path, group, actual, predicted (at 0.5), p_covid per test image
         gradcam.png     a seeded sample of test TP/FP/TN/FN with their Grad-CAM maps
+        probe/          `covidtl probe`'s shortcut test (probe.json: the card's shortcut_risk)
         config.yaml     the complete params that ran (a params file: `covidtl --params` re-runs it)
         checkpoint/     while training: epoch-NNNN.keras (with Adam's state) + state.json, to resume
     """
@@ -111,6 +112,10 @@ class Cell:
         return self.dir / "gradcam.png"
 
     @property
+    def probe_dir(self) -> Path:
+        return self.dir / "probe"
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.dir / "checkpoint"
 
@@ -126,6 +131,7 @@ class Cell:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file.unlink(missing_ok=True)
         self.gradcam_file.unlink(missing_ok=True)
+        shutil.rmtree(self.probe_dir, ignore_errors=True)  # it judged the model being replaced
         (self.model_dir / "SKIPPED.txt").unlink(missing_ok=True)
 
     def save_model(self, save: Callable[[Path], None]) -> Path:

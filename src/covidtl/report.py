@@ -403,7 +403,7 @@ def build_report(
     files += write_cards([
         model_card(cfg, _cell_of(row, models_root), row, external_scores(row["dataset"], _cell_of(row).name))
         for row in workspace[workspace["status"] == "ok"].to_dict("records")
-    ], out)
+    ], out, models_root)
     split_plot = plot_split_strategies(table, out)
     if split_plot:
         files.append(split_plot)

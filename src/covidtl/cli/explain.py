@@ -1,4 +1,4 @@
-"""Command for Grad-CAM explanations of a trained model's answers."""
+"""Commands that show what a trained model uses: Grad-CAM overlays and the shortcut probe."""
 
 from __future__ import annotations
 
@@ -43,4 +43,35 @@ def explain(ctx, inputs, model_uri, out, class_name) -> None:
                f"{len(bad)} unreadable file{'s' if len(bad) != 1 else ''}")
 
 
-COMMANDS: list[click.Command] = [explain]
+@click.command()
+@click.option("--model-uri", required=True,
+              help="runs:/<run_id>/model, models:/<name>/<version>, or a model.keras (or its folder).")
+@click.option("--data", required=True, help="A dataset of params.yaml, or any folder of class folders.")
+@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
+              show_default=True, help="Which split of a dataset (a folder is scored whole).")
+@click.option("--out", default=None,
+              help="Folder for probe.csv/.json, probe_classes.csv, probe.png (default for a "
+                   "models/<cell>/ folder: its probe/, read by the model card).")
+@click.option("--samples", default=3, show_default=True, help="Grad-CAM overlays per class in the figure.")
+@click.option("--no-log", is_flag=True, help="Do not log the probe to the model's MLflow run.")
+@click.pass_context
+def probe(ctx, model_uri, data, split, out, samples, no_log) -> None:
+    """Shortcut test: score a model with the lungs hidden, only the border or centre kept, shrunk
+    and shifted; Grad-CAM weight inside vs outside the lungs; verdict shortcut_risk."""
+    from covidtl.probe import probe as run
+
+    result = run(config_from(ctx), model_uri, data, split, out, samples=samples, log=not no_log,
+                 say=lambda line: click.echo(line, err=True))
+    click.echo(f"{'variant':<14} {'images':>6}  {'ROC AUC [95% CI]':<24} accuracy [95% CI]")
+    for row in result.table.to_dict("records"):
+        auc = f"{row['roc_auc']:.3f} [{row['roc_auc_ci_low']:.3f}, {row['roc_auc_ci_high']:.3f}]"
+        acc = f"{row['accuracy']:.3f} [{row['accuracy_ci_low']:.3f}, {row['accuracy_ci_high']:.3f}]"
+        click.echo(f"{row['variant']:<14} {row['images']:>6}  {auc:<24} {acc}")
+    if result.cams.outside_all is not None:
+        click.echo(f"Grad-CAM weight outside the lung region: {result.cams.outside_all:.1%}")
+    click.echo(f"shortcut_risk: {str(result.verdict['shortcut_risk']).lower()}. {result.verdict['sentence']}")
+    logged = f"; logged to run {result.run_id}" if result.run_id else ""
+    click.echo(f"probe {model_uri}: files in {result.out}{logged}")
+
+
+COMMANDS: list[click.Command] = [explain, probe]
