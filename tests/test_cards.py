@@ -29,3 +29,11 @@ def test_each_measured_weakness_is_stated_with_its_figures():
 def test_a_datasets_caution_reaches_every_card_trained_on_it():
     found = failure_modes(CFG, "xray", GOOD, {}, "grouped")
     assert len(found) == 1 and "different collections" in found[0]
+
+
+def test_a_probed_shortcut_is_stated_with_its_figure_and_a_clean_probe_adds_nothing():
+    flagged = {"shortcut_risk": True, "sentence": "This model uses image source or border cues.",
+               "figure": "m-probe.png"}
+    found = failure_modes(CFG, "ct", GOOD, {}, "grouped", flagged)
+    assert found == ["This model uses image source or border cues (figure: m-probe.png)."]
+    assert failure_modes(CFG, "ct", GOOD, {}, "grouped", {**flagged, "shortcut_risk": False}) == []

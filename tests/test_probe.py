@@ -90,6 +90,16 @@ def test_grad_cam_weight_outside_the_lungs():
     assert np.isnan(pr.outside_share(np.zeros((1, SIZE, SIZE)))[0])
 
 
+def test_a_two_by_two_map_always_puts_the_area_share_outside():
+    """Why the probe ignores Grad-CAM weight for 2x2 feature maps (the custom CNN at 200 px)."""
+    import tensorflow as tf
+
+    coarse = np.random.default_rng(0).random((5, 2, 2, 1)).astype("float32")
+    maps = tf.image.resize(coarse, (SIZE, SIZE), method="bilinear").numpy()[..., 0]
+    expected = 1 - pr.lung_mask(SIZE).mean()
+    assert np.allclose(pr.outside_share(maps), expected, atol=1e-3)
+
+
 # --------------------------------------------------------------------------- the verdict rule
 
 
@@ -193,6 +203,8 @@ def test_a_model_that_reads_a_border_marker_is_flagged_logged_and_carded(tmp_pat
     assert table.loc["border_only", "roc_auc"] > 0.75
     saved = json.loads((cell.probe_dir / "probe.json").read_text())
     assert saved["shortcut_risk"] is True and saved["images"] == table["images"].iloc[0]
+    # The custom CNN's 2x2 feature map cannot place weight inside or outside the lungs.
+    assert saved["gradcam_outside_lungs"] is None and "too coarse" in saved["gradcam_note"]
 
     run = mlflow.get_run(result.run_id)
     assert run.data.metrics["probe_auc_lungs_black"] == pytest.approx(table.loc["lungs_black", "roc_auc"])
@@ -204,7 +216,8 @@ def test_a_model_that_reads_a_border_marker_is_flagged_logged_and_carded(tmp_pat
            **result.metrics}
     card = model_card(cfg, cell, row, {})
     assert card["shortcut_risk"] is True
-    assert any("would likely fail on X-rays from elsewhere" in f for f in card["failure_modes"])
+    assert any("would likely fail on X-rays from elsewhere" in f and "(figure: cell-probe.png)" in f
+               for f in card["failure_modes"])
     written = write_cards([card], tmp_path / "reports", tmp_path)
     figure = tmp_path / "reports" / "cards" / card["shortcut_probe"]["figure"]
     assert figure in written and figure.read_bytes() == (cell.probe_dir / "probe.png").read_bytes()

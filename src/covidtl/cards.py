@@ -46,7 +46,9 @@ def failure_modes(
     """Weaknesses the study measured for this model, each with its figures."""
     found = []
     if probe and probe.get("shortcut_risk"):
-        found.append(probe["sentence"])  # `covidtl probe`: it reads the image's source, not its lungs
+        # `covidtl probe`: it reads the image's source, not its lungs; the sentence, then its figure.
+        figure = f" (figure: {probe['figure']})" if probe.get("figure") else ""
+        found.append(probe["sentence"].rstrip(".") + figure + ".")
     auc = _value(metrics, "test_roc_auc")
     for name, scored in external.items():
         ext_auc = _value(scored, "all_roc_auc")
@@ -86,6 +88,8 @@ def model_card(
     leakage = _read_json(paths.leakage_path(cfg, dataset))
     metrics = {k: v for k, v in row.items() if k.startswith(("test_", "operating_"))}
     probe = read_verdict(cell.probe_dir)
+    if probe is not None:
+        probe["figure"] = f"{cell.name}-probe.png"  # write_cards copies probe.png there
     return {
         "cell": cell.name, "model": row["model"], "init": row["init"], "run_id": row.get("run_id"),
         "intended_use": INTENDED_USE,
@@ -105,7 +109,7 @@ def model_card(
         "shortcut_probe": None if probe is None else {
             "sentence": probe.get("sentence"), "scored": probe.get("scored"),
             "gradcam_outside_lungs": probe.get("gradcam_outside_lungs"),
-            "figure": f"{cell.name}-probe.png",
+            "figure": probe["figure"],
             "auc": {v["variant"]: [v.get("roc_auc"), v.get("roc_auc_ci_low"), v.get("roc_auc_ci_high")]
                     for v in probe.get("variants", [])},
         },
@@ -146,8 +150,9 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines += ["**External test sets.** None scored: nothing here says how it fares elsewhere.", ""]
     probe = card.get("shortcut_probe")
     if probe:
+        said = ("see the failure modes" if card["shortcut_risk"] else probe["sentence"])
         lines += [f"**Shortcut probe** (`covidtl probe`, on the {probe['scored']}): shortcut_risk "
-                  f"{str(card['shortcut_risk']).lower()}. {probe['sentence']}", "",
+                  f"{str(card['shortcut_risk']).lower()}; {said}", "",
                   f"![shortcut probe]({probe['figure']})", ""]
     else:
         lines += ["**Shortcut probe.** Not run: nothing here says whether it reads the lungs or the "

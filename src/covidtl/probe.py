@@ -39,6 +39,7 @@ SHIFT = 0.08  # the image moved right and down by 8% of its side, black where it
 SEPARATES_AUC = 0.75
 SEPARATES_LOW = 0.5  # ... with the lower bound of its AUC interval above chance
 OUTSIDE_MASS = 0.5  # ... or most of the mean Grad-CAM weight outside the lung region
+COARSEST_GRID = 2  # a feature map this small (e.g. the custom CNN's 2x2 at 200 px) cannot place weight
 # Not lungs_blurred: a blurred opacity keeps its brightness, a real sign a lung reader may still use.
 HIDDEN_LUNG_VARIANTS = ("lungs_black", "border_only")
 TABLE_METRICS = ("roc_auc", "accuracy", "balanced_accuracy", "recall_covid", "recall_non_covid")
@@ -185,8 +186,9 @@ def class_table(y_true: np.ndarray, p_covid: dict[str, np.ndarray]) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def verdict(table: pd.DataFrame, outside_mass: float | None, figure: str = "probe.png") -> dict[str, Any]:
-    """shortcut_risk and the card's one plain sentence, from the variant table and Grad-CAM mass."""
+def verdict(table: pd.DataFrame, outside_mass: float | None) -> dict[str, Any]:
+    """shortcut_risk and the card's one plain sentence (the card adds its figure), from the variant
+    table and the Grad-CAM weight outside the lungs (None: not measurable)."""
     by_name = table.set_index("variant")
     hidden = [name for name in HIDDEN_LUNG_VARIANTS if name in by_name.index]
     separating = [f"{by_name.at[n, 'what']}: ROC AUC {by_name.at[n, 'roc_auc']:.3f} "
@@ -202,12 +204,12 @@ def verdict(table: pd.DataFrame, outside_mass: float | None, figure: str = "prob
     risk = bool(evidence)
     if risk:
         sentence = ("This model uses image source or border cues and would likely fail on X-rays from "
-                    f"elsewhere: {' and '.join(evidence)} (figure: {figure}).")
+                    f"elsewhere: {' and '.join(evidence)}.")
     else:
         aucs = ", ".join(f"{by_name.at[n, 'what']} {by_name.at[n, 'roc_auc']:.3f}" for n in hidden)
         mass = "" if outside_mass is None else f"; {outside_mass:.0%} of its Grad-CAM weight outside the lung region"
         sentence = (f"The shortcut probe found no sign of source cues (ROC AUC with the lungs hidden: "
-                    f"{aucs}{mass}); that does not show it works on X-rays from elsewhere (figure: {figure}).")
+                    f"{aucs}{mass}); that does not show it works on X-rays from elsewhere.")
     return {"shortcut_risk": risk, "sentence": sentence, "evidence": evidence}
 
 
@@ -221,6 +223,7 @@ class CamSummary:
     outside_all: float | None = None  # over every image
     samples: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = field(default_factory=dict)
     note: str = ""
+    grid: tuple[int, int] | None = None  # the feature map's size: the map's real resolution
 
 
 def outside_share(heatmaps: np.ndarray, margin: float = LUNG_MARGIN) -> np.ndarray:
@@ -269,8 +272,15 @@ def gradcam_summary(model, preprocess, images: np.ndarray, y_true: np.ndarray, p
         return CamSummary(note=f"no Grad-CAM: {exc}")
     maps = np.concatenate([cam(preprocess(images[s:s + batch_size].copy())).heatmaps
                            for s in range(0, len(images), batch_size)])
-    summary = CamSummary()
+    grid = tuple(int(d) for d in cam.forward.outputs[0].shape[1:3])
+    summary = CamSummary(grid=grid)
     share = outside_share(maps)
+    if min(grid) <= COARSEST_GRID:
+        # A 2x2 map upsampled bilinearly is symmetric enough that any centred box holds exactly its
+        # area share of the weight: the number would say nothing about where the model looks.
+        summary.note = (f"Grad-CAM map {grid[0]}x{grid[1]}: too coarse to tell inside from outside "
+                        "the lung region")
+        share = np.full(len(maps), np.nan)
     summary.outside_all = float(np.nanmean(share)) if np.isfinite(share).any() else None
     for index, label in enumerate(CLASSES):
         rows = np.flatnonzero(y_true == index)
@@ -312,7 +322,9 @@ def probe_figure(cams: CamSummary, classes: pd.DataFrame, title: str):
         rows, cols_ = lung_box(mean.shape[0])
         ax.add_patch(Rectangle((cols_.start - 0.5, rows.start - 0.5), cols_.stop - cols_.start,
                                rows.stop - rows.start, fill=False, edgecolor="white", linewidth=1.5))
-        ax.set_title(f"mean map, {label}\n{cams.outside.get(label, float('nan')):.0%} outside the box",
+        outside = cams.outside.get(label, float("nan"))
+        ax.set_title(f"mean map, {label}\n" + (f"{outside:.0%} outside the box" if np.isfinite(outside)
+                                               else f"{cams.grid[0]}x{cams.grid[1]} map: too coarse"),
                      fontsize=8)
         axes[r][0].set_ylabel(label, fontsize=9)
     ax = bottom.subplots()
@@ -399,7 +411,7 @@ def probe(
         "data": str(data), "scored": scored, "images": int(len(y_true)),
         "lung_region": {"margin": LUNG_MARGIN, "area_share": float(lung_mask(size).mean())},
         "gradcam_outside_lungs": cams.outside_all, "gradcam_outside_lungs_by_class": cams.outside,
-        "gradcam_note": cams.note, "variants": table.to_dict("records"),
+        "gradcam_note": cams.note, "gradcam_grid": cams.grid, "variants": table.to_dict("records"),
         "by_class": classes.to_dict("records"),
     }
     figure = probe_figure(cams, classes, f"Shortcut probe: {loaded.name} on the {scored}")

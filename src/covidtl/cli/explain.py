@@ -69,6 +69,8 @@ def probe(ctx, model_uri, data, split, out, samples, no_log) -> None:
         click.echo(f"{row['variant']:<14} {row['images']:>6}  {auc:<24} {acc}")
     if result.cams.outside_all is not None:
         click.echo(f"Grad-CAM weight outside the lung region: {result.cams.outside_all:.1%}")
+    elif result.cams.note:
+        click.echo(result.cams.note)
     click.echo(f"shortcut_risk: {str(result.verdict['shortcut_risk']).lower()}. {result.verdict['sentence']}")
     logged = f"; logged to run {result.run_id}" if result.run_id else ""
     click.echo(f"probe {model_uri}: files in {result.out}{logged}")
