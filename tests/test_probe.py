@@ -237,6 +237,9 @@ def test_a_model_that_reads_the_lungs_is_not_flagged(tmp_path, monkeypatch, stor
     assert card["shortcut_risk"] is None  # its probe went elsewhere: this cell was never probed
 
 
-def test_a_model_outside_a_cell_needs_out(tmp_path):
+def test_a_model_outside_a_cell_needs_out_and_a_missing_one_is_named(tmp_path):
+    missing = CliRunner().invoke(main, ["probe", "--model-uri", str(tmp_path / "cell"), "--data", "xray"])
+    assert missing.exit_code == 2 and f"{tmp_path / 'cell'}: no such file" in missing.output
+    (tmp_path / "model.keras").write_bytes(b"")  # the check happens before any model is read
     out = CliRunner().invoke(main, ["probe", "--model-uri", str(tmp_path / "model.keras"), "--data", "xray"])
     assert out.exit_code == 2 and "give --out" in out.output

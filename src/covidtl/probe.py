@@ -383,10 +383,12 @@ def probe(
     if out is None:
         # A study cell's probe lives in its folder, where its model card looks for it.
         local = Path(model_uri)
-        if "://" in model_uri or ":/" in model_uri or not local.is_dir():
+        is_uri = "://" in model_uri or ":/" in model_uri
+        if not is_uri:
+            model_files(local)  # a path that holds no model: one line, before anything runs
+        if is_uri or not local.is_dir():
             raise UserError(f"--model-uri {model_uri}: give --out (only a models/<cell>/ folder has "
                             "a place of its own for the probe)")
-        model_files(local)  # a folder that holds no model: one line, before anything runs
         out = Cell(local if (local / "model").is_dir() else local.parent).probe_dir
     loaded = load_trained(model_uri, cfg)
     preprocess = preprocess_for(get_spec(loaded.name), loaded.preprocessing)
