@@ -63,7 +63,7 @@ def test_the_best_profile_cells_run_beside_the_paper_cells(stages):
         cell = root[name]
         assert "-S profile=best -S augment.mode=online train " in cell.cmd, name
         model, init, dataset = name.split("@")[1].split("-")
-        assert [o.def_path for o in cell.outs] == [f"models/{model}-{init}-{dataset}-best/model"]
+        assert f"models/{model}-{init}-{dataset}-best/model" in [o.def_path for o in cell.outs]
         for key in ("profiles.best", "train.head", "train.crop", "augment.intensity.noise"):
             assert declares(cell, key), f"{name} reads {key} but does not declare it"
     for name, cell in root.items():  # the paper's cells train the paper's profile whatever params.yaml says
