@@ -142,3 +142,31 @@ def test_dvc_stage_and_mlproject_entry_point():
     assert not any(name.startswith("pretrain@") for name in stages)
     point = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["pretrain"]
     assert point["command"].startswith("covidtl ") and point["parameters"]["epochs"]["default"] == "auto"
+
+
+def test_cv_pretrain_fits_each_folds_file_on_that_folds_training_rows(synth_data, tmp_path, monkeypatch):
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from covidtl.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = CliRunner().invoke(main, [
+        "--params", str(ROOT / "params.yaml"), "-S", f"data.workdir={tmp_path / 'data'}",
+        "-S", f"data.datasets.ct.path={synth_data / 'ct'}", "-S", "train.batch_size=8",
+        "-S", "eval.bootstrap=0", "-S", "pretrain.datasets=[ct]", "-S", "pretrain.batch_size=16",
+        "cv", "--model", "custom_cnn", "--dataset", "ct", "--folds", "2", "--epochs", "1", "--pretrain",
+        "--out", str(tmp_path / "cv"),
+    ])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "cv" / "ct" / "custom_cnn-file-pretrain-ct"
+    assert len(pd.read_csv(out / "folds.csv")) == 2
+    for k in (1, 2):
+        fold = out / f"fold-{k}"
+        record = json.loads((fold / "pretrain.json").read_text())
+        split = pd.read_csv(fold / "split.csv")
+        train_names = {Path(p).name for p in split.loc[split["split"] == "train", "path"]}
+        assert {Path(f).name for f in record["datasets"]["ct"]["files"]} == train_names
+        assert record["datasets"]["ct"]["split_file"].endswith(f"fold-{k}/split.csv")
+        card = json.loads((fold / "cell" / "model" / "card.json").read_text())
+        assert card["init"].endswith(f"fold-{k}/pretrain.weights.h5")
