@@ -115,6 +115,17 @@ def test_cv_refuses_a_file_pretrained_on_the_datasets_own_split(pretrained):
         cross_validate(cfg, "custom_cnn", str(result.weights_file), "tiny", out_root=tmp / "cv")
 
 
+def test_a_file_pretrained_with_another_head_is_one_line(pretrained):
+    import dataclasses
+
+    from covidtl.models.registry import build_model, get_spec
+
+    cfg, _, result, _, _ = pretrained
+    other = "gap" if cfg.train.head == "paper" else "paper"
+    with pytest.raises(UserError, match=f"pretrained with head {cfg.train.head}.*-S train.head={cfg.train.head}"):
+        build_model(get_spec("custom_cnn"), str(result.weights_file), dataclasses.replace(cfg.train, head=other), 200)
+
+
 def test_bad_pretrain_settings_are_one_line(tmp_path):
     from covidtl.config import ConfigError
     from covidtl.pretrain import pretrain

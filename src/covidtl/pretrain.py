@@ -315,6 +315,21 @@ def _record(cfg: Config, model: str, size: int, used: pd.DataFrame, losses: list
     }
 
 
+def check_fits(weights_file: str | Path, model: str, head: str, image_size: int) -> None:
+    """A file `pretrain` wrote, refused in one line when it was made for another model, head or size."""
+    record = read_record(weights_file)
+    if not record or "method" not in record:
+        return  # not a pretrain file: the loader's own check names a mismatch
+    wanted = {"model": model, "image_size": image_size}
+    if model == "custom_cnn":  # its file holds the whole classifier, head included
+        wanted["head"] = head
+    for key, value in wanted.items():
+        if record.get(key) != value:
+            option = {"model": "--model", "image_size": f"-S train.image_size.{model}", "head": "-S train.head"}[key]
+            raise UserError(f"{weights_file}: pretrained with {key} {record.get(key)}, this run has {value}; "
+                            f"train with {option}={record.get(key)} or pretrain again with this run's settings")
+
+
 def check_not_leaking(init_path: str | Path, dataset: str) -> None:
     """Cross-validation: refuse a pretrained file that learnt from `dataset`'s split table, whose
     training rows hold other folds' test patients (pretrain inside each fold: `cv --pretrain`)."""

@@ -148,6 +148,9 @@ def build_model(
                 "or a weights file saved from this model"
             )
         if init != "random":
+            from covidtl.pretrain import check_fits
+
+            check_fits(init_file(init), spec.name, train_cfg.head, size)
             # PATH and finetune:PATH are both warm starts: every layer trains (finetune: at the
             # lower rate). A file from `covidtl pretrain` holds the whole classifier, its head untrained.
             weights.load_weights_file(model, init_file(init))
@@ -160,6 +163,9 @@ def build_model(
         weights.load_imagenet(base, spec)
         base.trainable = init == "finetune"
     else:  # PATH: the file's base frozen, like imagenet; finetune:PATH: fine-tuned, like finetune
+        from covidtl.pretrain import check_fits
+
+        check_fits(init_file(init), spec.name, train_cfg.head, size)
         weights.load_weights_file(base, init_file(init))
         base.trainable = is_finetune(init)
 
