@@ -41,10 +41,28 @@ def cell_name(model: str, init: str, dataset: str, profile: str = PAPER_PROFILE)
     return name if profile == PAPER_PROFILE else f"{name}-{profile}"
 
 
+FINETUNE_PREFIX = "finetune:"  # finetune:PATH: a weights file's base, fine-tuned like ImageNet's
+
+
+def init_file(init: str) -> str | None:
+    """The weights file an init names (`PATH` or `finetune:PATH`); None for random|imagenet|finetune."""
+    if init in INITS:
+        return None
+    return init.removeprefix(FINETUNE_PREFIX)
+
+
+def is_finetune(init: str) -> bool:
+    """Pre-trained weights that train at lr x train.finetune_lr_factor: `finetune`, `finetune:PATH`."""
+    return init == "finetune" or init.startswith(FINETUNE_PREFIX)
+
+
 def init_label(init: str) -> str:
-    """`random|imagenet|finetune` as given; a weights file becomes `file-<stem>` (a label stays as it is)."""
-    if init in INITS or (init.startswith("file-") and "/" not in init and "." not in init):
+    """`random|imagenet|finetune` as given; a weights file becomes `file-<stem>`, `finetune:PATH`
+    `finetune-file-<stem>` (a label stays as it is)."""
+    if init in INITS or (init.startswith(("file-", "finetune-file-")) and "/" not in init and "." not in init):
         return init
+    if init.startswith(FINETUNE_PREFIX):
+        return f"finetune-{init_label(init.removeprefix(FINETUNE_PREFIX))}"
     name = init.rstrip("/").rsplit("/", 1)[-1]
     for suffix in (".weights.h5", ".h5", ".hdf5"):
         if name.endswith(suffix):

@@ -143,6 +143,18 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """`covidtl pretrain`: a self-supervised (SimCLR) backbone from the training splits' images."""
+    epochs: int
+    batch_size: int  # images per step; each gives two views, so 2 x this many in the loss
+    temperature: float  # NT-Xent's softmax temperature
+    learning_rate: float  # Adam
+    datasets: list[str]  # whose training split (never val, test or external) it learns from
+    out: str  # folder: <out>/<model>.weights.h5 and <model>.json
+    seed: int
+
+
+@dataclass
 class CVConfig:
     folds: int
     seed: int
@@ -211,6 +223,7 @@ class Config:
     train: TrainConfig
     study: StudyConfig
     tune: TuneConfig
+    pretrain: PretrainConfig
     cv: CVConfig
     external: dict[str, list[ExternalSet]]
     report: ReportConfig
@@ -425,6 +438,9 @@ def validate(cfg: Config) -> None:
         "tune.min_epochs": cfg.tune.min_epochs,
         "tune.stale_after": cfg.tune.stale_after,
         "train.stop.patience": cfg.train.stop.patience,
+        "pretrain.epochs": cfg.pretrain.epochs,
+        "pretrain.temperature": cfg.pretrain.temperature,
+        "pretrain.learning_rate": cfg.pretrain.learning_rate,
     }
     unit_interval = {
         "train.label_smoothing": cfg.train.label_smoothing,
@@ -449,6 +465,11 @@ def validate(cfg: Config) -> None:
     if cfg.train.stop.rule == "patience" and cfg.train.select == "last":
         raise ConfigError("train.stop.rule: patience waits for `train.select` to improve, but "
                           "train.select is last; set train.select to val_auc or val_loss")
+    if cfg.pretrain.batch_size < 2:
+        raise ConfigError(f"pretrain.batch_size: {cfg.pretrain.batch_size} must be at least 2 "
+                          "(each image's other view is told apart from the rest of its batch)")
+    for name in cfg.pretrain.datasets:
+        cfg.dataset(name)  # an unknown name: the one line listing the known ones
     if not cfg.cv.folds >= 2:
         raise ConfigError(f"cv.folds: {cfg.cv.folds} must be at least 2")
     non_negative = {

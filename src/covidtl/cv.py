@@ -26,7 +26,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from covidtl import paths, tracking
-from covidtl.cells import PREDICTION_COLUMNS, Cell, cell_name
+from covidtl.cells import FINETUNE_PREFIX, PREDICTION_COLUMNS, Cell, cell_name, init_file
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
@@ -36,6 +36,8 @@ from covidtl.scores import Scores
 # The figures summarised across folds (each fold's test split, at 0.5 and at its operating point).
 FOLD_METRICS = ("roc_auc", "accuracy", "op_balanced_accuracy", "op_recall_covid", "op_recall_non_covid",
                 "ece")
+
+PRETRAINED_FILE = "pretrain.weights.h5"  # cv --pretrain: fold-<k>/pretrain.weights.h5 (+ pretrain.json)
 
 
 def fold_tables(manifest: pd.DataFrame, folds: int, seed: int, val_share: float) -> list[pd.DataFrame]:
@@ -79,15 +81,27 @@ class CVResult:
     summary: dict[str, Any]
 
 
+def pretrained_init(init: str, weights_file: str | Path) -> str:
+    """`cv --pretrain`: the fold's own pretrained file, fine-tuned (`--init finetune`) or as a
+    plain weights file (any other init: a warm start for the custom CNN, a frozen base otherwise)."""
+    return f"{FINETUNE_PREFIX}{weights_file}" if init == "finetune" else str(weights_file)
+
+
 def cross_validate(
     cfg: Config, model: str, init: str, dataset: str, *, out_root: str | Path | None = None,
-    lr: float | None = None, say: Callable[[str], None] = lambda line: None,
+    lr: float | None = None, pretrain: bool = False, say: Callable[[str], None] = lambda line: None,
 ) -> CVResult:
-    """Train and test `model` from `init` once per fold; write and log the folds and their summary."""
+    """Train and test `model` from `init` once per fold; write and log the folds and their summary.
+    `pretrain`: first pretrain (SimCLR) on the fold's training rows, and train from that file."""
     import mlflow
 
     from covidtl import train
+    from covidtl.pretrain import check_not_leaking, pretrain as fit_pretrain
 
+    if init_file(init) is not None:  # pretraining is fitted to data: a file from another split leaks
+        check_not_leaking(init_file(init), dataset)
+    if pretrain:
+        init = pretrained_init(init, PRETRAINED_FILE)  # the fold's file, by the name it gets
     k = cfg.cv.folds
     out = Path(out_root if out_root is not None else cfg.cv.out) / dataset / cell_name(model, init, dataset, cfg.profile)
     manifest = tables.read_manifest(cfg, dataset)
@@ -101,8 +115,13 @@ def cross_validate(
             fold_dir = out / f"fold-{i}"
             split_file = tables.write_split_at(cfg, dataset, table, fold_dir / "split.csv")
             say(f"fold {i}/{k}: {_counts(table)}")
+            fold_init = init
+            if pretrain:  # on this fold's training rows (and other datasets' training splits) only
+                done = fit_pretrain(cfg, model, out=fold_dir / PRETRAINED_FILE,
+                                    split_files={dataset: split_file}, nested=True, say=say)
+                fold_init = pretrained_init(init, done.weights_file)
             result = train.train(
-                cfg, model, init, dataset, lr=lr, run_name=f"fold {i}/{k}", nested=True,
+                cfg, model, fold_init, dataset, lr=lr, run_name=f"fold {i}/{k}", nested=True,
                 out_dir=fold_dir / "cell", split_file=split_file, log_model=False,
             )
             fold_predictions = Cell(fold_dir / "cell").read_predictions()

@@ -30,7 +30,7 @@ import tensorflow as tf
 from mlflow.exceptions import MlflowException
 
 from covidtl import distribute, optim, paths, tracking
-from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label
+from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label, is_finetune
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, make_offline_dataset, readable_rows
@@ -393,7 +393,7 @@ def plan_run(
         cfg = with_learning_rate(cfg, model, lr)
     base_rate = learning_rate_for(spec, cfg.train)
     # Fine-tuning moves pre-trained weights: the whole network runs at the lower rate.
-    rate = base_rate * cfg.train.finetune_lr_factor if init == "finetune" else base_rate
+    rate = base_rate * cfg.train.finetune_lr_factor if is_finetune(init) else base_rate
     split_file = Path(split_file) if split_file is not None else paths.split_path(cfg, dataset)
     table = load_split(cfg, dataset, split_file)
     train_rows = rows_of(table, "train")

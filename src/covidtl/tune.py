@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from covidtl import paths, tracking
-from covidtl.cells import INITS, init_label
+from covidtl.cells import init_file, init_label, is_finetune
 from covidtl.config import Config, TuneConfig
 from covidtl.data import tables
 from covidtl.errors import UserError
@@ -120,7 +120,7 @@ def study_identity(
         training["batch_size"] = t.batch_size
     if not cfg.tune.search_dropout:
         training["dropout"] = t.dropout
-    if init == "finetune":
+    if is_finetune(init):
         training["finetune_lr_factor"] = t.finetune_lr_factor
     augment: dict[str, Any] = {"mode": aug.mode}
     if aug.mode == "online":
@@ -140,8 +140,8 @@ def study_identity(
         "train": training,
         "augment": augment,
     }
-    if init not in INITS:  # a weights file: its content, not its path
-        settings["init_sha256"] = tracking.file_sha256(init)
+    if init_file(init) is not None:  # a weights file: its content, not its path
+        settings["init_sha256"] = tracking.file_sha256(init_file(init))
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:10]
     return StudyIdentity(model, init, dataset, settings, digest)

@@ -11,16 +11,19 @@ from covidtl.cli.train import _rate
 @click.command("cv")
 @click.option("--model", required=True, help="custom_cnn, densenet121, resnet50, inceptionv3, resnet101v2 or vgg16.")
 @click.option("--init", default="random", show_default=True,
-              help="random | imagenet | finetune | path to a .weights.h5 file for the base.")
+              help="random | imagenet | finetune | PATH to a .weights.h5 file for the base (frozen; the custom CNN: a warm start) | finetune:PATH (fine-tuned at the lower rate).")
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
 @click.option("--folds", type=AUTO_INT, default=None, help="Number of folds; auto = cv.folds.")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Cap on epochs per fold; auto = train.max_epochs.")
 @click.option("--lr", default=None, help="Adam learning rate; auto = train.learning_rates.<model>.")
 @click.option("--out", default=None, help="Results go to OUT/<dataset>/<cell>/ (default cv.out).")
+@click.option("--pretrain", is_flag=True,
+              help="Pretrain (SimCLR, params pretrain) inside each fold on its training rows, then train "
+              "from that file (--init finetune: fine-tuned; otherwise as a weights file).")
 @click.option("--prepare/--no-prepare", default=True, show_default=True,
               help="Make a missing manifest first (synth, ingest), as `dvc repro ingest@DATASET`.")
 @click.pass_context
-def cv(ctx, model, init, dataset, folds, epochs, lr, out, prepare) -> None:
+def cv(ctx, model, init, dataset, folds, epochs, lr, out, pretrain, prepare) -> None:
     """Cross-validate MODEL from INIT on DATASET: folds over patient groups, stratified by class.
 
     Every group is tested once by a model trained without it; prints the mean, spread and
@@ -31,8 +34,9 @@ def cv(ctx, model, init, dataset, folds, epochs, lr, out, prepare) -> None:
     if prepare:
         from covidtl.data.prepare import ensure_split
 
-        ensure_split(cfg, dataset, say=lambda line: click.echo(line, err=True))
-    result = cross_validate(cfg, model, init, dataset, out_root=out, lr=_rate(lr),
+        for name in {dataset, *(cfg.pretrain.datasets if pretrain else [])}:
+            ensure_split(cfg, name, say=lambda line: click.echo(line, err=True))
+    result = cross_validate(cfg, model, init, dataset, out_root=out, lr=_rate(lr), pretrain=pretrain,
                             say=lambda line: click.echo(line, err=True))
     s = result.summary
     for name in ("roc_auc", "accuracy", "op_balanced_accuracy"):

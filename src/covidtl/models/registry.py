@@ -12,7 +12,7 @@ from typing import Callable
 import keras
 from keras import layers
 
-from covidtl.cells import init_label
+from covidtl.cells import init_file, init_label, is_finetune
 from covidtl.pretrained import IMAGENET_FILES
 from covidtl.config import TrainConfig
 from covidtl.errors import UserError
@@ -151,7 +151,12 @@ def build_model(
                 "or a weights file saved from this model"
             )
         if init != "random":
-            weights.load_weights_file(model, init)  # warm start: every layer still trains
+            from covidtl.pretrain import check_fits
+
+            check_fits(init_file(init), spec.name, train_cfg.head, size)
+            # PATH and finetune:PATH are both warm starts: every layer trains (finetune: at the
+            # lower rate). A file from `covidtl pretrain` holds the whole classifier, its head untrained.
+            weights.load_weights_file(model, init_file(init))
         return model
 
     base = spec.backbone(include_top=False, weights=None, input_shape=shape)
@@ -160,9 +165,12 @@ def build_model(
     elif init in ("imagenet", "finetune"):
         weights.load_imagenet(base, spec)
         base.trainable = init == "finetune"
-    else:
-        weights.load_weights_file(base, init)
-        base.trainable = False
+    else:  # PATH: the file's base frozen, like imagenet; finetune:PATH: fine-tuned, like finetune
+        from covidtl.pretrain import check_fits
+
+        check_fits(init_file(init), spec.name, train_cfg.head, size)
+        weights.load_weights_file(base, init_file(init))
+        base.trainable = is_finetune(init)
 
     if init != "random":
         freeze_batchnorm(base)

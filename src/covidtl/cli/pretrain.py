@@ -1,0 +1,40 @@
+"""Command for self-supervised pretraining (SimCLR) on the training splits' images."""
+
+from __future__ import annotations
+
+import click
+
+from covidtl.cli import AUTO_INT, config_from
+
+
+@click.command()
+@click.option("--model", required=True, help="custom_cnn, densenet121, resnet50, inceptionv3, resnet101v2 or vgg16.")
+@click.option("--datasets", default=None,
+              help="Comma-separated datasets whose training split it learns from; auto = pretrain.datasets.")
+@click.option("--epochs", type=AUTO_INT, default=None, help="Epochs; auto = pretrain.epochs.")
+@click.option("--out", default=None, help="The .weights.h5 file (default <pretrain.out>/<model>.weights.h5).")
+@click.option("--prepare/--no-prepare", default=True, show_default=True,
+              help="Make a missing split table first (synth, ingest, split), as `dvc repro split@DATASET`.")
+@click.pass_context
+def pretrain(ctx, model, datasets, epochs, out, prepare) -> None:
+    """Learn MODEL's backbone from the unlabelled training images (SimCLR); writes a weights file
+    that `covidtl train --init FILE` (or --init finetune:FILE) loads, and its record beside it."""
+    names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets and datasets != "auto" else None
+    cfg = config_from(ctx, **{"pretrain.epochs": epochs, "pretrain.datasets": names})
+    from covidtl.mlflow_store import tracking_uri
+
+    tracking_uri()  # an unreachable tracking server: one line now, not after TensorFlow loads
+    if prepare:
+        from covidtl.data.prepare import ensure_split
+
+        for name in cfg.pretrain.datasets:
+            ensure_split(cfg, name, say=lambda line: click.echo(line, err=True))
+    from covidtl.pretrain import pretrain as run  # TensorFlow loads here
+
+    result = run(cfg, model, out=out, say=lambda line: click.echo(line, err=True))
+    click.echo(f"pretrain {model}: {result.images} training images, loss {result.losses[0]:.4f} -> "
+               f"{result.losses[-1]:.4f}; run {result.run_id}; weights {result.weights_file}, "
+               f"record {result.record_file}")
+
+
+COMMANDS: list[click.Command] = [pretrain]

@@ -1,0 +1,341 @@
+"""Self-supervised pretraining (SimCLR): a backbone learnt from unlabelled training images.
+
+Transfer learning without ImageNet: the registry model's body (the custom CNN up to its head,
+or a keras.applications base) learns, from two augmented views of each image, to tell the views
+of one image apart from the other images of its batch (NT-Xent loss). It reads the `train` rows
+of each dataset's split table only, never their labels, and never a val, test or external image.
+
+    <pretrain.out>/<model>.weights.h5   what `covidtl train --init FILE` (or finetune:FILE) loads:
+                                        the custom CNN's whole classifier (body pretrained, head
+                                        freshly initialised), or a backbone's base
+    <pretrain.out>/<model>.json         the record: images read (by split table and file), epochs,
+                                        loss per epoch, the weights file's sha256, the MLflow run
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from covidtl import paths, tracking
+from covidtl.config import Config
+from covidtl.data import tables
+from covidtl.errors import UserError
+from covidtl.files import atomic_write_text
+
+# The projection head SimCLR trains and then discards: Dense(PROJECTION_UNITS, relu) -> Dense(OUT).
+PROJECTION_UNITS = 256
+PROJECTION_OUT = 128
+# The views' augmentation beyond the pipeline's geometric one (augment_batch): a random crop of at
+# least this share of each side, resized back, and strong intensity jitter. Intensity is the
+# only colour a CT or X-ray has, so it is what stops the encoder matching views by grey level.
+MIN_CROP_SIDE = 0.6
+BRIGHTNESS = 0.3  # offset in +/- this fraction of [0, 255]
+CONTRAST = 0.4  # factor in [1 - c, 1 + c] about each image's mean
+NOISE = 0.03  # Gaussian noise sd, fraction of [0, 255]
+
+
+def default_out(cfg: Config, model: str) -> Path:
+    return Path(cfg.pretrain.out) / f"{model}.weights.h5"
+
+
+def record_path(weights_file: str | Path) -> Path:
+    """The record beside a weights file: x.weights.h5 -> x.json."""
+    path = Path(weights_file)
+    stem = path.name.removesuffix(".weights.h5")
+    return path.with_name(f"{stem}.json")
+
+
+def read_record(weights_file: str | Path) -> dict[str, Any] | None:
+    """The record `pretrain` wrote beside a weights file; None for a file it did not write."""
+    path = record_path(weights_file)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON; run `covidtl pretrain` again to rewrite it") from None
+
+
+def training_images(cfg: Config, datasets: list[str],
+                    split_files: dict[str, Path] | None = None) -> pd.DataFrame:
+    """The `train` rows of each dataset's split table (a cv fold's when `split_files` names it),
+    with a `dataset` column; labels are dropped: pretraining never sees them."""
+    frames = []
+    for name in datasets:
+        split_file = Path((split_files or {}).get(name) or paths.split_path(cfg, name))
+        table = tables.read_split(cfg, name, split_file)
+        rows = table[table["split"] == "train"][["path"] + (["sha256"] if "sha256" in table else [])]
+        if rows.empty:
+            raise UserError(f"{split_file}: no training rows to pretrain on; re-split {name}")
+        frames.append(rows.assign(dataset=name, split_file=str(split_file)))
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- the network
+
+
+def encoder_parts(spec, cfg: Config, image_size: int):
+    """(what the weights file holds, the body whose features are learnt): the custom CNN's whole
+    classifier and its layers up to the head; a backbone's base, twice."""
+    import keras
+
+    from covidtl.models.registry import build_model
+
+    if spec.backbone is not None:
+        base = spec.backbone(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+        return base, base
+    # The classifier `train --init FILE` builds, so the file's layers match it one for one.
+    classifier = build_model(spec, "random", cfg.train, image_size)
+    head = next(layer for layer in classifier.layers
+                if isinstance(layer, (keras.layers.GlobalAveragePooling2D, keras.layers.Flatten)))
+    return classifier, keras.Model(classifier.input, head.input, name="custom_cnn_body")
+
+
+def simclr_network(body):
+    """body -> global average pooling -> the projection head: the network NT-Xent trains."""
+    import keras
+    from keras import layers
+
+    x = layers.GlobalAveragePooling2D()(body.output)
+    x = layers.Dense(PROJECTION_UNITS, activation="relu")(x)
+    z = layers.Dense(PROJECTION_OUT, dtype="float32")(x)
+    return keras.Model(body.input, z, name="simclr")
+
+
+def nt_xent(z, temperature: float):
+    """SimCLR's loss: rows i and i + n of z are two views of one image; every other row of the
+    2n is a negative. Cross-entropy of cosine similarities / temperature."""
+    import tensorflow as tf
+
+    z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=1)
+    n2 = tf.shape(z)[0]
+    n = n2 // 2
+    logits = tf.matmul(z, z, transpose_b=True) / temperature
+    logits = logits - 1e9 * tf.eye(n2)  # an image's view is not its own positive
+    positives = tf.concat([tf.range(n, n2), tf.range(0, n)], axis=0)
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(positives, logits))
+
+
+# --------------------------------------------------------------------------- the views
+
+
+def view(images, cfg: Config, seed):
+    """One SimCLR view of a uint8 batch: the pipeline's rotation/zoom/flip, a random crop resized
+    back, brightness, contrast and noise; float32 in [0, 255]."""
+    import tensorflow as tf
+
+    from covidtl.data.pipeline import augment_batch
+
+    seeds = tf.random.experimental.stateless_split(seed, 6)
+    x = tf.cast(augment_batch(images, cfg.augment, seeds[0]), tf.float32)
+    n, size = tf.shape(x)[0], x.shape[1]
+
+    def uniform(i, shape, low, high):
+        return tf.random.stateless_uniform(shape, seeds[i], low, high)
+
+    side = uniform(1, (n, 1), MIN_CROP_SIDE, 1.0)
+    corner = uniform(2, (n, 2), 0.0, 1.0) * (1.0 - side)
+    boxes = tf.concat([corner, corner + side], axis=1)  # y1, x1, y2, x2 in [0, 1]
+    x = tf.image.crop_and_resize(x, boxes, tf.range(n), (size, size))
+    factor = uniform(3, (n, 1, 1, 1), 1.0 - CONTRAST, 1.0 + CONTRAST)
+    offset = uniform(5, (n, 1, 1, 1), -BRIGHTNESS, BRIGHTNESS) * 255.0
+    mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
+    x = (x - mean) * factor + mean + offset
+    x = x + tf.random.stateless_normal(tf.shape(x), seeds[4], stddev=NOISE * 255.0)
+    return tf.clip_by_value(x, 0.0, 255.0)
+
+
+def view_pairs(images: np.ndarray, spec, cfg: Config):
+    """Shuffled batches of (view 1, view 2), each preprocessed as training preprocesses its input."""
+    import tensorflow as tf
+
+    from covidtl.models.registry import preprocess_for
+
+    batch = min(cfg.pretrain.batch_size, len(images))
+    if batch < 2:
+        raise UserError("pretrain: fewer than 2 readable training images; add images or datasets")
+    preprocess = preprocess_for(spec, cfg.train.preprocessing)
+    size = images.shape[1]
+
+    def gather(index):
+        x = tf.numpy_function(lambda i: images[np.sort(i)], [index], tf.uint8, stateful=False)
+        x.set_shape((None, size, size, 3))
+        return x
+
+    def two_views(x, s):
+        seed = tf.stack([s, tf.constant(1, tf.int64)])
+        pair = tf.random.experimental.stateless_split(seed, 2)
+        return preprocess(view(x, cfg, pair[0])), preprocess(view(x, cfg, pair[1]))
+
+    ds = tf.data.Dataset.range(len(images)).shuffle(
+        len(images), seed=cfg.pretrain.seed, reshuffle_each_iteration=True)
+    # Whole batches only: NT-Xent's negatives are the rest of the batch.
+    ds = ds.batch(batch, drop_remainder=True).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    seeds = tf.data.Dataset.random(seed=cfg.pretrain.seed, rerandomize_each_iteration=True)
+    ds = tf.data.Dataset.zip(ds, seeds).map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class PretrainResult:
+    weights_file: Path
+    record_file: Path
+    losses: list[float]
+    run_id: str
+    images: int
+
+
+def pretrain(
+    cfg: Config, model: str, *, out: str | Path | None = None,
+    split_files: dict[str, Path] | None = None, nested: bool = False,
+    say: Callable[[str], None] = lambda line: None,
+) -> PretrainResult:
+    """SimCLR on the training splits of `cfg.pretrain.datasets`; one MLflow run (kind=pretrain)."""
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    from covidtl.data.cache import cached_images
+    from covidtl.data.pipeline import cache_dir, readable_rows
+    from covidtl.models.registry import get_spec, trainable_image_size
+
+    pc = cfg.pretrain
+    spec = get_spec(model)
+    size = trainable_image_size(spec, cfg.train)
+    out = Path(out) if out is not None else default_out(cfg, model)
+    if not out.name.endswith(".weights.h5"):
+        raise UserError(f"--out {out}: Keras writes weights only to a name ending in .weights.h5")
+    if not pc.datasets:
+        raise UserError("pretrain.datasets: empty; name at least one dataset, e.g. [ct, xray]")
+    rows = readable_rows(training_images(cfg, pc.datasets, split_files)).reset_index(drop=True)
+    # The same decoded uint8 images training reads (one cache per dataset's training rows).
+    parts, kept_rows = [], []
+    for name, group in rows.groupby("dataset", sort=False):
+        cached = cached_images(group.reset_index(drop=True), size, cache_dir(cfg))
+        parts.append(np.asarray(cached.images))
+        kept_rows.append(group.reset_index(drop=True)[cached.kept])
+    images = np.concatenate(parts)
+    used = pd.concat(kept_rows, ignore_index=True)
+    say(f"pretrain {model}: {len(images)} training images of {', '.join(pc.datasets)} at {size} px, "
+        f"{pc.epochs} epochs")
+
+    keras.utils.set_random_seed(pc.seed)
+    saved, body = encoder_parts(spec, cfg, size)
+    net = simclr_network(body)
+    optimizer = keras.optimizers.Adam(pc.learning_rate)
+    variables = net.trainable_variables
+    optimizer.build(variables)
+
+    def step(v1, v2):
+        with tf.GradientTape() as tape:
+            loss = nt_xent(net(tf.concat([v1, v2], axis=0), training=True), pc.temperature)
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss
+
+    step = step if cfg.train.run_eagerly else tf.function(step)
+    ds = view_pairs(images, spec, cfg)
+
+    if not nested:  # a cv fold's pretraining stays in its parent run's experiment
+        tracking.use_experiment("pretrain")
+    with mlflow.start_run(run_name=f"pretrain {model}", nested=nested) as run:
+        mlflow.set_tags({"kind": "pretrain", "model": model, "datasets": ",".join(pc.datasets),
+                         "git_commit": tracking.git_commit(), **tracking.experiment_tags()})
+        tracking.log_config(cfg)
+        mlflow.log_params({"pretrain_model": model, "pretrain_images": len(images), "image_size": size})
+        losses: list[float] = []
+        start = time.monotonic()
+        for epoch in range(1, pc.epochs + 1):
+            total, steps = 0.0, 0
+            for v1, v2 in ds:
+                total += float(step(v1, v2))
+                steps += 1
+            losses.append(total / max(steps, 1))
+            if not math.isfinite(losses[-1]):
+                raise UserError(f"pretrain: the loss became {losses[-1]} at epoch {epoch}; lower "
+                                "pretrain.learning_rate or raise pretrain.temperature")
+            mlflow.log_metric("pretrain_loss", losses[-1], step=epoch)
+            say(f"pretrain epoch {epoch}/{pc.epochs}: loss {losses[-1]:.4f} ({time.monotonic() - start:.0f} s)")
+        weights_file = _save_weights(saved, out)
+        record = _record(cfg, model, size, used, losses, weights_file, run.info.run_id,
+                         time.monotonic() - start)
+        record_file = atomic_write_text(record_path(out), json.dumps(record, indent=2) + "\n")
+        mlflow.log_metric("pretrain_seconds", record["seconds"])
+        mlflow.log_artifact(str(weights_file))
+        mlflow.log_artifact(str(record_file))
+    return PretrainResult(weights_file, record_file, losses, run.info.run_id, len(images))
+
+
+def _save_weights(model, out: Path) -> Path:
+    """The weights file, whole or not at all (Keras insists on the .weights.h5 ending)."""
+    import os
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name.removesuffix('.weights.h5')}.tmp{os.getpid()}.weights.h5")
+    try:
+        model.save_weights(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _record(cfg: Config, model: str, size: int, used: pd.DataFrame, losses: list[float],
+            weights_file: Path, run_id: str, seconds: float) -> dict[str, Any]:
+    """Which images (split table, sha256, files) and settings made the weights file."""
+    datasets = {}
+    for name, group in used.groupby("dataset", sort=False):
+        split_file = Path(group["split_file"].iloc[0])
+        root = tables.dataset_root(cfg, name)
+        datasets[name] = {
+            "split_file": str(split_file), "split_sha256": tracking.file_sha256(split_file),
+            "split": "train", "images": int(len(group)),
+            "files": sorted(tables.relative_to_root(p, root) for p in group["path"]),
+        }
+    return {
+        "model": model, "method": "simclr", "image_size": size, "head": cfg.train.head,
+        "weights_file": weights_file.name, "weights_sha256": tracking.file_sha256(weights_file),
+        "holds": "classifier (head untrained)" if model == "custom_cnn" else "base",
+        "epochs": cfg.pretrain.epochs, "batch_size": cfg.pretrain.batch_size,
+        "temperature": cfg.pretrain.temperature, "learning_rate": cfg.pretrain.learning_rate,
+        "seed": cfg.pretrain.seed, "preprocessing": cfg.train.preprocessing,
+        "loss": losses, "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1),
+        "images": int(len(used)), "datasets": datasets, "run_id": run_id,
+        "git_commit": tracking.git_commit(),
+    }
+
+
+def check_fits(weights_file: str | Path, model: str, head: str, image_size: int) -> None:
+    """A file `pretrain` wrote, refused in one line when it was made for another model, head or size."""
+    record = read_record(weights_file)
+    if not record or "method" not in record:
+        return  # not a pretrain file: the loader's own check names a mismatch
+    wanted = {"model": model, "image_size": image_size}
+    if model == "custom_cnn":  # its file holds the whole classifier, head included
+        wanted["head"] = head
+    for key, value in wanted.items():
+        if record.get(key) != value:
+            option = {"model": "--model", "image_size": f"-S train.image_size.{model}", "head": "-S train.head"}[key]
+            raise UserError(f"{weights_file}: pretrained with {key} {record.get(key)}, this run has {value}; "
+                            f"train with {option}={record.get(key)} or pretrain again with this run's settings")
+
+
+def check_not_leaking(init_path: str | Path, dataset: str) -> None:
+    """Cross-validation: refuse a pretrained file that learnt from `dataset`'s split table, whose
+    training rows hold other folds' test patients (pretrain inside each fold: `cv --pretrain`)."""
+    record = read_record(init_path)
+    if record and dataset in record.get("datasets", {}):
+        raise UserError(
+            f"{init_path}: pretrained on {record['datasets'][dataset]['split_file']}, whose training "
+            f"rows include patients the folds of {dataset} test; pass --pretrain to pretrain inside "
+            f"each fold, or a file pretrained without {dataset} (-S 'pretrain.datasets=[...]')")
