@@ -100,7 +100,7 @@ def model_card(
             "near_duplicate_pairs_across_splits": leakage.get("crossing_pairs", {}).get("near_duplicate_total"),
         },
         "training": {k: trained.get(k) for k in ("image_size", "preprocessing", "learning_rate",
-                                                 "lr_source", "epochs_used", "git_commit")},
+                                                 "lr_source", "epochs_used", "git_commit", "tta")},
         "operating_point": trained.get("operating_point"),
         "test_metrics": metrics,
         "external": external,

@@ -139,7 +139,7 @@ class TrainConfig:
     weight_decay: float  # > 0: AdamW with this decoupled decay instead of Adam
     schedule: Literal["constant", "cosine"]  # cosine: decays to 0 at max_epochs
     warmup_epochs: int  # linear warm-up from 0 over this many epochs (0: none)
-    tta: Literal["none", "flip"]  # test-time augmentation the saved model applies itself
+    tta: Literal["none", "flip", "flip_zoom"]  # test-time augmentation the saved model applies itself
 
 
 @dataclass

@@ -28,6 +28,7 @@ from covidtl.data.pipeline import make_dataset, readable_rows
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text, json_text
 from covidtl.models.registry import MODELS, get_spec
+from covidtl.models.wrappers import tta_of, with_tta  # also registers the wrappers' layers for loading
 from covidtl.scores import Scores
 from covidtl.train import predict, rows_of
 
@@ -43,6 +44,7 @@ class LoadedModel:
     source_run_id: str | None
     # The threshold chosen on the validation split when it was trained (None: an older model).
     operating_threshold: float | None = None
+    dataset: str | None = None  # what it was trained on (card or run params), where known
 
 
 @dataclass
@@ -90,7 +92,7 @@ def load_trained(model_uri: str, cfg: Config | None = None) -> LoadedModel:
     return LoadedModel(
         model, params.get("model") or _name_from_model(model), params.get("init", "unknown"),
         params.get("train.preprocessing", _default_preprocessing(cfg)), info.run_id,
-        metrics.get("operating_threshold"),
+        metrics.get("operating_threshold"), params.get("dataset"),
     )
 
 
@@ -129,7 +131,7 @@ def load_model_files(
     return LoadedModel(
         model, card.get("model") or _name_from_model(model), card.get("init", "unknown"),
         card.get("preprocessing", _default_preprocessing(cfg)), card.get("run_id"),
-        (card.get("operating_point") or {}).get("threshold"),
+        (card.get("operating_point") or {}).get("threshold"), card.get("dataset"),
     )
 
 
@@ -278,12 +280,17 @@ def evaluate(
     out_dir: str | Path | None = None,
     run_name: str | None = None,
     say: Callable[[str], None] = print,
+    tta: str = "none",
 ) -> EvaluateResult:
-    """Score `model_uri` on `data` (split of a dataset, or a whole folder); one MLflow run."""
+    """Score `model_uri` on `data` (split of a dataset, or a whole folder); one MLflow run.
+
+    `tta`: average the model over these views here (a model saved without TTA), so the same
+    weights are measured with and without it; its operating point stays the one it was saved with."""
     if split not in SPLITS:
         raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
     tracking.tracking_uri()  # a tracking server that does not answer: refused before any scoring
     loaded = load_trained(model_uri, cfg)
+    loaded = dataclasses.replace(loaded, model=with_tta(loaded.model, tta))
     with tempfile.TemporaryDirectory(prefix="covidtl-eval-") as tmp:
         rows, dataset, manifest, is_dataset = load_rows(cfg, data, split, Path(tmp), say)
         scored_split = split if is_dataset else "all"
@@ -304,7 +311,8 @@ def evaluate(
               # Every score taken on a folder is counted by the report (external sets: how many
               # looks at data that must never select a model).
               **({} if is_dataset else {"data_folder": str(Path(data).resolve())})},
-        params={"model_uri": model_uri, "data": str(data), "split": scored_split},
+        params={"model_uri": model_uri, "data": str(data), "split": scored_split,
+                "tta_added": tta, "tta": tta_of(loaded.model)},
     )
     if out_dir is not None:
         out = Path(out_dir)

@@ -22,6 +22,7 @@ from covidtl.data.images import IMAGE_SUFFIXES, measure_or_reason
 from covidtl.errors import UserError
 from covidtl.models.input_layers import BodyCrop
 from covidtl.files import atomic_path
+from covidtl.models.wrappers import networks_of
 from covidtl.paths import CLASSES, POSITIVE
 
 CONV_LAYERS = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
@@ -58,7 +59,40 @@ class CamResult:
 
 
 class GradCam:
-    """Grad-CAM for one model; the rebuilt forward pass is made once and reused per batch."""
+    """Grad-CAM for one model; the rebuilt forward pass is made once and reused per batch.
+
+    A TTA or ensemble wrapper (covidtl.models.wrappers) has no single chain of layers: the map is
+    that of the network(s) inside, for the class the whole model predicts. A TTA model's is its
+    network's on the image as given (what the mirror view adds is the same evidence mirrored); an
+    ensemble's is the mean of its members' maps. The probabilities are the whole model's.
+    """
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        networks = networks_of(model)
+        self.networks = [NetworkCam(net) for net in networks] if networks != [model] else []
+        self.single = None if self.networks else NetworkCam(model)
+        self.size = tuple(int(d) for d in model.input_shape[1:3])
+
+    def __call__(self, images, class_index: int | None = None) -> CamResult:
+        """Maps for `images` (preprocessed model inputs): the predicted class, or `class_index`."""
+        if self.single is not None:
+            return self.single(images, class_index)
+        x = np.asarray(images, dtype="float32")
+        probs = np.asarray(self.model(x, training=False))
+        chosen = (probs.argmax(axis=1) if class_index is None
+                  else np.full(len(x), int(class_index))).astype("int32")
+        maps = [cam(x, chosen).heatmaps for cam in self.networks]
+        return CamResult(heatmaps=np.mean(maps, axis=0).astype("float32"), probs=probs, class_index=chosen)
+
+    @property
+    def forward(self) -> keras.Model:
+        """The (first) network's pass to its feature map and head."""
+        return (self.single or self.networks[0]).forward
+
+
+class NetworkCam:
+    """Grad-CAM of one plain (chain-shaped) network."""
 
     def __init__(self, model: keras.Model):
         body, head = feature_split(model)
@@ -80,8 +114,8 @@ class GradCam:
         # train.crop: the maps are made in the cropped frame; they go back onto the body's box.
         self.crop = next((layer for layer in body if isinstance(layer, BodyCrop)), None)
 
-    def __call__(self, images, class_index: int | None = None) -> CamResult:
-        """Maps for `images` (preprocessed model inputs): the predicted class, or `class_index`."""
+    def __call__(self, images, class_index: int | np.ndarray | None = None) -> CamResult:
+        """Maps for `images`: the predicted class, `class_index`, or one class per image (an array)."""
         x = tf.convert_to_tensor(np.asarray(images, dtype="float32"))
         with tf.GradientTape() as tape:
             features, out = self.forward(x, training=False)
@@ -90,8 +124,12 @@ class GradCam:
                 probs = tf.nn.softmax(scores)
             else:
                 scores = probs = out
-            chosen = (tf.argmax(probs, axis=1, output_type=tf.int32) if class_index is None
-                      else tf.fill([tf.shape(x)[0]], tf.constant(int(class_index), tf.int32)))
+            if class_index is None:
+                chosen = tf.argmax(probs, axis=1, output_type=tf.int32)
+            elif np.ndim(class_index):
+                chosen = tf.constant(np.asarray(class_index, dtype="int32"))
+            else:
+                chosen = tf.fill([tf.shape(x)[0]], tf.constant(int(class_index), tf.int32))
             # Each image's score only depends on its own features: one gradient call for the batch.
             target = tf.reduce_sum(tf.gather(scores, chosen, axis=1, batch_dims=1))
         grads = tape.gradient(target, features)

@@ -44,6 +44,7 @@ from covidtl.models.registry import (
     preprocess_for,
     trainable_image_size,
 )
+from covidtl.models.wrappers import with_tta
 from covidtl.scores import DEFAULT_THRESHOLD, Scores, choose_operating_point
 
 # ignore_errors() leaves the first epoch's length unknown; Keras then warns at its end.
@@ -715,24 +716,26 @@ def _run(
     operating = {"rule": plan.cfg.eval.operating_point, "threshold": DEFAULT_THRESHOLD,
                  "chosen_on": "none: the run scored no split"}
     scored, metrics = None, {}
+    # The model that is saved, scored and explained: with train.tta the network averaged over its
+    # views (covidtl.models.wrappers), so its operating point and test figures are the saved model's.
+    clean = with_tta(inference_copy(net), plan.cfg.train.tta)
     if evaluate_test:
-        val = score(plan, net, "val")
+        val = score(plan, clean, "val")
         operating = choose_operating_point(val.scores if val else None, plan.cfg.eval.operating_point)
         mlflow.log_metric("operating_threshold", operating["threshold"])
-        scored = score(plan, net, "test")
+        scored = score(plan, clean, "test")
     if scored is not None:
         metrics = scored.scores.summary("test", plan.cfg.eval, operating["threshold"])
         tracking.log_metrics(metrics)
         tracking.log_evaluation(scored.scores.y_true, scored.scores.p_covid, prefix="test")
         tracking.log_curves(scored.scores, prefix="test")
         if len(scored.rows) == len(scored.scores):  # a file dropped at decode time: no aligned sample
-            figure = sample_figure(net, preprocess_for(plan.spec, plan.cfg.train.preprocessing),
+            figure = sample_figure(clean, preprocess_for(plan.spec, plan.cfg.train.preprocessing),
                                    scored.rows, scored.scores.y_true, scored.scores.p_covid,
                                    seed=plan.cfg.eval.seed)
             plan.cell.save_figure(figure, plan.cell.gradcam_file)
             mlflow.log_figure(figure, "test_gradcam_samples.png")
 
-    clean = inference_copy(net)
     model_path = plan.cell.save_model(clean.save)
     card = model_card(plan, fitted, run_id, operating)
     root = tables.dataset_root(plan.cfg, plan.dataset)
@@ -785,6 +788,7 @@ def model_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any
         "epochs_used": fitted.epochs_used, "run_id": run_id, **plan.run_on,
         # The weights are this epoch's: the last (the paper) or the best by `selected_by`.
         "selected_by": fitted.selected_by, "best_epoch": fitted.best_epoch,
+        "tta": plan.cfg.train.tta,  # the saved model averages over these views itself
         # Read by everything that scores this model: evaluate, predict, the external sets.
         "operating_point": operating,
         "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,

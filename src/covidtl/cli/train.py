@@ -112,15 +112,18 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
 @click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
               show_default=True, help="Which split of a dataset (a folder is scored whole).")
 @click.option("--out", default=None, help="Also write metrics.json and predictions.csv here.")
+@click.option("--tta", type=click.Choice(["none", "flip", "flip_zoom"]), default="none", show_default=True,
+              help="Average a model saved without test-time augmentation over these views here "
+                   "(a model trained with train.tta applies its own).")
 @click.pass_context
-def evaluate(ctx, model_uri, data, split, out) -> None:
+def evaluate(ctx, model_uri, data, split, out, tta) -> None:
     """Score a trained model on a dataset or folder; logs a kind=evaluate MLflow run."""
     from covidtl.mlflow_store import tracking_uri
 
     tracking_uri()  # an unreachable tracking server: one line before MLflow and TensorFlow load
     from covidtl.evaluate import evaluate as run
 
-    result = run(config_from(ctx), model_uri, data, split=split, out_dir=out,
+    result = run(config_from(ctx), model_uri, data, split=split, out_dir=out, tta=tta,
                  say=lambda line: click.echo(line, err=True))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
                       if k.endswith(("accuracy", "recall_covid", "precision_covid", "f1_covid", "roc_auc")))

@@ -19,6 +19,7 @@ from covidtl.errors import UserError
 from covidtl.models import weights
 from covidtl.models.input_layers import input_layers
 from covidtl.models.custom_cnn import MIN_INPUT_SIZE, build_custom_cnn
+from covidtl.models.wrappers import unwrap
 
 def rescale(images):
     """The paper's preprocessing: pixel values to [0, 1]."""
@@ -113,8 +114,9 @@ def preprocess_for(spec: ModelSpec, mode: str) -> Callable:
 
 
 def base_of(model: keras.Model) -> keras.Model | None:
-    """The pre-trained backbone inside a built model (None for the custom CNN)."""
-    for layer in model.layers:
+    """The pre-trained backbone inside a built model (None for the custom CNN); a TTA or ensemble
+    wrapper is looked into (its first network)."""
+    for layer in unwrap(model).layers:
         if isinstance(layer, keras.Model):
             return layer
     return None
