@@ -39,7 +39,9 @@ def trained(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        cfg, _ = make_workdir(tmp)
+        # No bootstrap intervals and few BatchNorm batches: nothing here measures them, and they
+        # cost most of each run's time.
+        cfg, _ = make_workdir(tmp, **{"eval.bootstrap": 0, "train.bn_recalibration_batches": 2})
         plain = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "plain", log_model=False)
         flip_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tta="flip", seed=1))
         flip = train(flip_cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "flip", log_model=False)
@@ -247,3 +249,23 @@ def test_grad_cam_works_on_tta_and_ensemble_models(trained, ensemble, tmp_path):
                   "--out", str(tmp_path / model.name))
         assert run.exit_code == 0, run.output
         assert len(list((tmp_path / model.name).glob("*-gradcam.png"))) == 2
+
+
+def test_the_fold_models_of_a_cv_run_make_an_ensemble(trained, tmp_path):
+    tmp, *_ = trained
+    # A finished cv run's layout (covidtl.cv), its two "folds" the two trained cells.
+    cv_dir = tmp_path / "cv"
+    for k, cell in ((1, "plain"), (2, "flip")):
+        shutil.copytree(tmp / cell, cv_dir / f"fold-{k}" / "cell")
+    pooled = pd.concat([pd.read_csv(tmp / cell / "predictions.csv") for cell in ("plain", "flip")])
+    pooled.to_csv(cv_dir / "predictions.csv", index=False)
+    (cv_dir / "summary.json").write_text("{}")
+    run = cli(tmp, "ensemble", "--cv", str(cv_dir), "--out", str(tmp_path / "ens"), "--no-log-model")
+    assert run.exit_code == 0, run.output
+    assert "test not scored" in run.output  # every image was in some fold's training data
+    card = json.loads((tmp_path / "ens" / "model" / "card.json").read_text())
+    assert [m["source"] for m in card["members"]] == [str(cv_dir / f"fold-{k}" / "cell") for k in (1, 2)]
+    assert card["operating_point"]["chosen_on"] == "the cv run's pooled out-of-fold predictions"
+    assert len(networks_of(load_trained(str(tmp_path / "ens")).model)) == 2
+    not_cv = cli(tmp, "ensemble", "--cv", str(tmp / "plain"), "--out", str(tmp_path / "e2"))
+    assert not_cv.exit_code == 2 and "not a finished `covidtl cv` run" in not_cv.output

@@ -145,14 +145,12 @@ def build_ensemble(
 
     if cv_dir is not None:
         operating, scored = cv_operating_point(cfg, cv_dir), None
-        rows = readable_rows(tables.read_manifest(cfg, dataset)).head(1)
     else:
         table = tables.read_split(cfg, dataset)
         val_rows, test_rows = table[table["split"] == "val"], table[table["split"] == "test"]
         val = score_rows(cfg, loaded, val_rows) if len(val_rows) else None
         operating = choose_operating_point(val.scores() if val else None, cfg.eval.operating_point)
         scored = score_rows(cfg, loaded, test_rows) if len(test_rows) else None
-        rows = readable_rows(val_rows if len(val_rows) else test_rows).head(1)
     say(f"ensemble of {len(members)} on {dataset}: threshold {operating['threshold']:.4g} "
         f"(chosen on: {operating['chosen_on']})")
     metrics = scored.metrics("test", cfg.eval, operating["threshold"]) if scored else {}
@@ -191,12 +189,16 @@ def build_ensemble(
         mlflow.log_dict(card, "card.json")
         model_uri = None
         if log_model:
-            spec = get_spec(first.name)
-            example = example_batch(make_dataset(rows, spec, scoring_config(cfg, first), members[0].size,
-                                                 training=False))
-            model_uri = tracking.log_keras_model(model, example)
+            model_uri = tracking.log_keras_model(model, input_example(cfg, first, dataset, members[0].size))
         mlflow.set_tags(tracking.model_tags(model_path, model_uri))
     return EnsembleResult(run_id, model_path, members, operating, metrics)
+
+
+def input_example(cfg: Config, loaded: LoadedModel, dataset: str, size: int) -> np.ndarray:
+    """One image of the dataset, as the model takes it: MLflow's input example."""
+    rows = readable_rows(tables.read_manifest(cfg, dataset)).head(1)
+    return example_batch(make_dataset(rows, get_spec(loaded.name), scoring_config(cfg, loaded), size,
+                                      training=False))
 
 
 def cv_operating_point(cfg: Config, cv_dir: str | Path) -> dict[str, Any]:
