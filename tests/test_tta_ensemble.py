@@ -159,11 +159,12 @@ def test_evaluate_tta_flip_on_a_plain_model_equals_the_tta_model(trained, tmp_pa
 
 @pytest.fixture(scope="module")
 def ensemble(trained):
-    """The CLI's ensemble of the plain model (by run id) and the flip model (by folder)."""
+    """The CLI's ensemble of the plain model (by run id) and the flip model (by folder), its model
+    logged to MLflow too (the default)."""
     tmp, _, uri, plain, _ = trained
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        run = cli(tmp, "ensemble", plain.run_id, str(tmp / "flip"), "--out", str(tmp / "ens"), "--no-log-model")
+        run = cli(tmp, "ensemble", plain.run_id, str(tmp / "flip"), "--out", str(tmp / "ens"))
     assert run.exit_code == 0, run.output
     assert "ensemble of 2: test accuracy" in run.output
     return tmp / "ens"
@@ -188,6 +189,8 @@ def test_an_ensemble_of_two_models_is_their_mean_and_is_taken_like_any_model(tra
     assert run.data.tags["kind"] == "ensemble"
     assert run.data.metrics["operating_threshold"] == pytest.approx(card["operating_point"]["threshold"])
     assert "test_roc_auc" in run.data.metrics
+    logged = load_trained(run.data.tags["model_uri"])  # MLflow's copy loads with its layers too
+    np.testing.assert_allclose(p_covid(logged.model, x), expected, atol=TOL)
 
     files = images(tmp)
     done = cli(tmp, "predict", *map(str, files), "--model-uri", str(ensemble), "--out", str(tmp_path / "p.csv"))

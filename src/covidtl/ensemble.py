@@ -144,13 +144,14 @@ def build_ensemble(
     loaded = LoadedModel(model, first.name, "ensemble", first.preprocessing, None, None, dataset)
 
     if cv_dir is not None:
-        operating, scored = cv_operating_point(cfg, cv_dir), None
+        operating, scored, example_rows = cv_operating_point(cfg, cv_dir), None, None
     else:
         table = tables.read_split(cfg, dataset)
         val_rows, test_rows = table[table["split"] == "val"], table[table["split"] == "test"]
         val = score_rows(cfg, loaded, val_rows) if len(val_rows) else None
         operating = choose_operating_point(val.scores() if val else None, cfg.eval.operating_point)
         scored = score_rows(cfg, loaded, test_rows) if len(test_rows) else None
+        example_rows = val_rows if len(val_rows) else test_rows
     say(f"ensemble of {len(members)} on {dataset}: threshold {operating['threshold']:.4g} "
         f"(chosen on: {operating['chosen_on']})")
     metrics = scored.metrics("test", cfg.eval, operating["threshold"]) if scored else {}
@@ -189,14 +190,16 @@ def build_ensemble(
         mlflow.log_dict(card, "card.json")
         model_uri = None
         if log_model:
-            model_uri = tracking.log_keras_model(model, input_example(cfg, first, dataset, members[0].size))
+            model_uri = tracking.log_keras_model(model, input_example(cfg, first, dataset, members[0].size,
+                                                                      example_rows))
         mlflow.set_tags(tracking.model_tags(model_path, model_uri))
     return EnsembleResult(run_id, model_path, members, operating, metrics)
 
 
-def input_example(cfg: Config, loaded: LoadedModel, dataset: str, size: int) -> np.ndarray:
-    """One image of the dataset, as the model takes it: MLflow's input example."""
-    rows = readable_rows(tables.read_manifest(cfg, dataset)).head(1)
+def input_example(cfg: Config, loaded: LoadedModel, dataset: str, size: int,
+                  rows: pd.DataFrame | None = None) -> np.ndarray:
+    """One image of `rows` (default: the dataset's manifest), as the model takes it: MLflow's input example."""
+    rows = readable_rows(rows if rows is not None else tables.read_manifest(cfg, dataset)).head(1)
     return example_batch(make_dataset(rows, get_spec(loaded.name), scoring_config(cfg, loaded), size,
                                       training=False))
 
