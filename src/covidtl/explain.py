@@ -90,6 +90,11 @@ class GradCam:
         """The (first) network's pass to its feature map and head."""
         return (self.single or self.networks[0]).forward
 
+    @property
+    def crop(self):
+        """The (first) network's BodyCrop layer (train.crop), None without one."""
+        return (self.single or self.networks[0]).crop
+
 
 class NetworkCam:
     """Grad-CAM of one plain (chain-shaped) network."""
