@@ -105,14 +105,14 @@ def worker_pipe(job: dict) -> dict:
     return {"rates": [rate(batches(), job["batches"]) for _ in range(job["repeats"])]}
 
 
-def baseline_iterator(table, size: int, augment: bool):
+def baseline_iterator(table, size: int, augment: bool, seed: int = 42):
     from tf_keras.preprocessing.image import ImageDataGenerator
 
     options = dict(rotation_range=25, horizontal_flip=True, zoom_range=0.2) if augment else {}
     frame = table.assign(filename=table["path"].astype(str), label=table["label"].astype(str))
     return ImageDataGenerator(rescale=1 / 255, **options).flow_from_dataframe(
         frame, x_col="filename", y_col="label", target_size=(size, size), batch_size=BATCH,
-        class_mode="categorical", classes=["non_covid", "covid"], shuffle=augment, seed=42)
+        class_mode="categorical", classes=["non_covid", "covid"], shuffle=augment, seed=seed)
 
 
 class Timer:
