@@ -112,8 +112,8 @@ RECIPES = {"baseline": run_baseline, "covidtl": run_covidtl}
 
 def once(args, recipe: str, seed: int) -> dict:
     """One run's figures, from its metrics file when an earlier invocation finished it."""
-    folder = args.out / f"{recipe}-seed{seed}"
-    record = args.out / f"{recipe}-seed{seed}.json"
+    folder = args.out / f"{recipe}-{args.epochs}ep-seed{seed}"
+    record = folder.with_suffix(".json")
     if record.exists():
         return json.loads(record.read_text())
     before, start = _child_cpu(), time.perf_counter()
