@@ -310,11 +310,11 @@ def main() -> None:
         print(f"| decode cache {size} px | {built['seconds']:.1f} | {built['images']} train+val images, "
               f"{built['images'] / built['seconds']:.0f} images/s, peak {built['rss_mib']:.0f} MiB |")
 
+    clock.lap("one-off work")
     print(f"\n## Input pipeline: augmented batches of {BATCH} (images/s, median of {repeats} after a warm-up)\n")
     print("| size | decode only | baseline ImageDataGenerator | covidtl | covidtl / baseline | "
           "peak MiB baseline / covidtl |\n|---:|---:|---:|---:|---:|---:|")
     pipeline_rate = {}
-    clock.lap("one-off work")
     for size in sizes:
         limit = 12  # 384 images a repetition: whole passes (1390) only added minutes, not precision
         decode = measure({**base, "kind": "decode", "size": size, "batches": limit})
