@@ -37,8 +37,9 @@ def worker(job: dict) -> dict:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (job["batch"], size, size, 3)).astype("float32")
     y = np.eye(2, dtype="float32")[rng.integers(0, 2, job["batch"])]
+    variants = [VARIANTS[k] for k in job["variants"]]
     nets, first = [], []
-    for precision, xla in VARIANTS:
+    for precision, xla in variants:
         keras.mixed_precision.set_global_policy(precision)
         keras.utils.set_random_seed(0)
         net = build_model(spec, "random", cfg.train, size)
@@ -48,7 +49,7 @@ def worker(job: dict) -> dict:
         first.append(time.perf_counter() - start)
         nets.append(net)
     keras.mixed_precision.set_global_policy("float32")
-    steps: list[list[float]] = [[] for _ in VARIANTS]
+    steps: list[list[float]] = [[] for _ in variants]
     for _ in range(job["steps"]):
         for k, net in enumerate(nets):
             start = time.perf_counter()
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(bp.MODELS))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant after the first")
+    parser.add_argument("--no-xla", action="store_true",
+                        help="float32 against mixed_bfloat16 only (XLA's compile of a large backbone takes minutes)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -71,12 +74,14 @@ def main() -> None:
     began = time.perf_counter()
     print(f"# XLA and mixed_bfloat16 per model: batch {args.batch}, {args.steps} interleaved timed steps each")
     print(f"cores {os.cpu_count()}, load average at start {', '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-    names = [f"{p}{' + XLA' if xla else ''}" for p, xla in VARIANTS]
+    chosen = [k for k, (_, xla) in enumerate(VARIANTS) if not (xla and args.no_xla)]
+    names = [f"{p}{' + XLA' if xla else ''}" for p, xla in (VARIANTS[k] for k in chosen)]
     print("| model | px | " + " | ".join(f"{n} step s (ratio)" for n in names) + " | first step s (each) | CPU s |")
     print("|---|---:|" + "---:|" * len(names) + "---|---:|", flush=True)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
     for model in args.models.split(","):
-        job = {"model": model, "batch": args.batch, "steps": args.steps, "data": "", "workdir": "/tmp"}
+        job = {"model": model, "batch": args.batch, "steps": args.steps, "variants": chosen, "data": "",
+               "workdir": "/tmp"}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
                               text=True, env=env)
