@@ -120,3 +120,35 @@ def test_augmentation_flips_exactly_and_is_seeded(table, tmp_path):
     np.testing.assert_array_equal(full, augment_batch(images, aug, (1, 2)).numpy())
     assert not np.array_equal(full, augment_batch(images, aug, (1, 3)).numpy())
     assert full.dtype == np.uint8 and not np.array_equal(full, images.numpy())
+
+
+def test_prune_keeps_the_most_recently_used_caches(table, tmp_path):
+    import os
+
+    from click.testing import CliRunner
+
+    from covidtl.cli import main
+    from covidtl.data.cache import prune
+
+    root = tmp_path / "data" / "cache"
+    old, middle, new = (cached_images(table, size, root) for size in (20, 24, 28))
+    for age, cached in ((300, old), (200, middle), (100, new)):
+        stamp = cached.path.stat().st_mtime - age
+        os.utime(cached.path.with_suffix(".json"), (stamp, stamp))
+    cached_images(table, 20, root)  # reused: now the most recently used
+    orphan = root / ("0" * 64 + ".npy")  # an array whose index a killed build never wrote
+    orphan.write_bytes(b"x")
+    dead_tmp = root / ".abc.tmp999999999.npy"
+    dead_tmp.write_bytes(b"x")
+
+    pruned = prune(root, keep=2)
+    assert pruned.kept == 2
+    assert sorted(p.name for p in pruned.removed) == sorted(
+        [middle.path.name, middle.path.with_suffix(".json").name, orphan.name, dead_tmp.name])
+    assert old.path.exists() and new.path.exists()
+    again = cached_images(table, 20, root)
+    assert again.path == old.path  # the kept cache is still whole: reused, not rebuilt
+
+    result = CliRunner().invoke(main, ["-S", f"data.workdir={tmp_path / 'data'}", "cache", "prune", "--keep", "0"])
+    assert result.exit_code == 0, result.output
+    assert "removed 4 files" in result.output and not list(root.iterdir())

@@ -99,3 +99,28 @@ def augment(ctx: click.Context, dataset: str, sizes: tuple[int, ...]) -> None:
 
 
 COMMANDS.append(augment)
+
+
+# --- cache prune: owned by the performance work (issue 11) ---
+@click.group("cache")
+def cache() -> None:
+    """The decoded-image cache under data.workdir/cache."""
+
+
+@cache.command("prune")
+@click.option("--keep", type=click.IntRange(min=0), default=12, show_default=True,
+              help="How many of the most recently used caches to keep (one per split table and size).")
+@click.pass_context
+def cache_prune(ctx: click.Context, keep: int) -> None:
+    """Remove all but the KEEP most recently used caches (a changed manifest, size or decode rule
+    leaves its old cache behind), and what killed builds left."""
+    from covidtl.data.cache import prune
+    from covidtl.data.pipeline import cache_dir
+
+    root = cache_dir(config_from(ctx))
+    pruned = prune(root, keep)
+    click.echo(f"cache prune: removed {len(pruned.removed)} files ({pruned.freed_bytes / 2**20:.1f} MiB), "
+               f"kept {pruned.kept} caches in {root}")
+
+
+COMMANDS.append(cache)

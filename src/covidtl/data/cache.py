@@ -6,6 +6,10 @@ of each file, rounded to uint8 (as the offline augmented set always stored it), 
 ``<data.workdir>/cache/<key>.npy`` with ``<key>.json`` listing the rows it holds. The key covers
 the files (path and content hash from the manifest), the size and the decode rules, so a changed
 manifest, size or rule builds a new cache and an unchanged one is reused by every run.
+
+Caches of old manifests, sizes or rules are never read again; `prune` (`covidtl cache prune`)
+removes all but the most recently used ones. Each use touches the index, so its modification time
+is the cache's last use.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def cached_images(table: pd.DataFrame, image_size: int, root: str | Path) -> Cac
     npy, index = Path(root) / f"{key}.npy", Path(root) / f"{key}.json"
     if not (npy.exists() and index.exists()):
         build(table, image_size, npy, index)
+    else:
+        _mark_used(index)
     kept = np.asarray(json.loads(index.read_text())["kept"], dtype=bool)
     return Cached(np.load(npy, mmap_mode="r"), kept, npy)
 
@@ -109,6 +115,60 @@ def _truncate(npy: Path, n: int) -> None:
     part = np.array(full[:n])
     del full
     np.save(npy, part)
+
+
+def _mark_used(index: Path) -> None:
+    try:
+        os.utime(index)
+    except OSError:  # a read-only workdir still reads its caches; only pruning loses the order
+        pass
+
+
+@dataclass
+class Pruned:
+    removed: list[Path]  # the files removed
+    kept: int  # caches left
+    freed_bytes: int
+
+
+def prune(root: str | Path, keep: int) -> Pruned:
+    """Keep the `keep` most recently used caches under `root`; remove the others, any array whose
+    index is missing (a killed build) and the temporary files of builds whose process is gone.
+    Run it while no training builds a cache: an array renamed a moment before its index counts as orphaned."""
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0, not {keep}")
+    root = Path(root)
+    if not root.is_dir():
+        return Pruned([], 0, 0)
+    indexes = sorted(_visible(root, "*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    kept_keys = {p.stem for p in indexes[:keep]}
+    doomed = list(indexes[keep:])  # the index first: a half-pruned cache never looks complete
+    doomed += [p for p in _visible(root, "*.npy") if p.stem not in kept_keys]
+    doomed += [p for p in root.glob(".*.tmp*") if not _alive(p)]
+    freed = 0
+    for path in doomed:
+        freed += path.stat().st_size
+        path.unlink()
+    return Pruned(doomed, len(kept_keys), freed)
+
+
+def _visible(root: Path, pattern: str) -> list[Path]:
+    """Caches and their indexes; pathlib's glob also matches the hidden temporary files."""
+    return [p for p in root.glob(pattern) if not p.name.startswith(".")]
+
+
+def _alive(tmp: Path) -> bool:
+    """Whether the process that writes this temporary file (atomic_path names it by pid) still runs."""
+    pid = tmp.name.split(".tmp")[-1].split(".")[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _file_stamp(path: str) -> str:
