@@ -45,8 +45,11 @@ LEVERS: dict[str, list[str]] = {
     "label_smoothing": BASE + ["train.label_smoothing=0.1"],
     "weight_decay": BASE + ["train.weight_decay=0.01"],
     "cosine_warmup": BASE + ["train.schedule=cosine", "train.warmup_epochs=1"],
-    "best": ["profile=best"],
+    "best": ["profile=best"],  # the stronger recipe from random weights
+    "best_pretrained": ["profile=best"],  # ... from --pretrained FILE (`covidtl pretrain`)
+    "pretrained": BASE,  # base from --pretrained FILE: the pretraining lever alone
 }
+FROM_FILE = ("best_pretrained", "pretrained")  # rows whose runs start from --pretrained
 DERIVED = ("ensemble", "tta")  # from the base row's models, no training
 
 
@@ -63,6 +66,10 @@ def train_once(args, row: str, seed: int) -> dict:
         cmd = [str(BIN / "covidtl"), *sum((["-S", o] for o in overrides), []), "train",
                "--model", "custom_cnn", "--dataset", args.dataset, "--seed", str(seed),
                "--epochs", str(args.epochs), "--out", str(folder), "--no-log-model"]
+        if row in FROM_FILE:
+            if not args.pretrained:
+                raise SystemExit(f"--rows {row}: give --pretrained FILE (a `covidtl pretrain` weights file)")
+            cmd += ["--init", str(args.pretrained)]
         log = args.out / f"{row}-seed{seed}.log"
         started = time.perf_counter()
         with open(log, "w") as sink:
@@ -126,7 +133,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/covidtl-levers"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--rows", nargs="+", default=["paper", "base", *LEVERS.keys() - {"paper", "base", "best"}])
+    parser.add_argument("--rows", nargs="+", default=["paper", "base", *(
+        k for k in LEVERS if k not in ("paper", "base", "best", *FROM_FILE))])
+    parser.add_argument("--pretrained", type=Path, default=None,
+                        help="weights file of `covidtl pretrain` (same split's training rows) for "
+                             f"the rows {', '.join(FROM_FILE)}")
     parser.add_argument("-S", "--set", action="append", default=[], help="an override for every run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
