@@ -114,7 +114,7 @@ def tta_row(args) -> list[dict]:
     for seed in args.seeds:
         out = run_dir(args.out, "tta", seed)
         if not (out / "metrics.json").exists():
-            model = run_dir(args.out, "base", seed) / "model.keras"
+            model = run_dir(args.out, "base", seed)  # the cell folder: model/model.keras + card
             cmd = [str(BIN / "covidtl"), *sum((["-S", o] for o in common_overrides(args)), []), "evaluate",
                    "--model-uri", str(model), "--data", args.dataset, "--tta", "flip", "--out", str(out)]
             with open(args.out / f"tta-seed{seed}.log", "w") as sink:

@@ -110,6 +110,19 @@ class AutoInt(click.ParamType):
 AUTO_INT = AutoInt()
 
 
+def scored_data_options(command):
+    """--model-uri, --data and --split: what every command that scores a trained model reads."""
+    for option in reversed([
+        click.option("--model-uri", required=True,
+                     help="runs:/<run_id>/model, models:/<name>/<version>, or a model.keras (or its folder)."),
+        click.option("--data", required=True, help="A dataset of params.yaml, or any folder of class folders."),
+        click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
+                     show_default=True, help="Which split of a dataset (a folder is scored whole)."),
+    ]):
+        command = option(command)
+    return command
+
+
 def config_from(ctx: click.Context, **extra: Any) -> Config:
     """The resolved config: params file, then -S overrides, then command options (not None)."""
     overrides = dict(ctx.obj.get("overrides", {}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import config_from
+from covidtl.cli import config_from, scored_data_options
 
 
 @click.command()
@@ -44,11 +44,7 @@ def explain(ctx, inputs, model_uri, out, class_name) -> None:
 
 
 @click.command()
-@click.option("--model-uri", required=True,
-              help="runs:/<run_id>/model, models:/<name>/<version>, or a model.keras (or its folder).")
-@click.option("--data", required=True, help="A dataset of params.yaml, or any folder of class folders.")
-@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
-              show_default=True, help="Which split of a dataset (a folder is scored whole).")
+@scored_data_options
 @click.option("--out", default=None,
               help="Folder for probe.csv/.json, probe_classes.csv, probe.png (default for a "
                    "models/<cell>/ folder: its probe/, read by the model card).")

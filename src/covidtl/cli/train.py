@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from covidtl.cli import AUTO_INT, config_from
+from covidtl.cli import AUTO_INT, config_from, scored_data_options
 
 
 def _rate(value: str | None) -> float | None:
@@ -106,11 +106,7 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
 
 
 @click.command()
-@click.option("--model-uri", required=True,
-              help="runs:/<run_id>/model, models:/<name>/<version>, or a model.keras (or its folder).")
-@click.option("--data", required=True, help="A dataset of params.yaml, or any folder of class folders.")
-@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
-              show_default=True, help="Which split of a dataset (a folder is scored whole).")
+@scored_data_options
 @click.option("--out", default=None, help="Also write metrics.json and predictions.csv here.")
 @click.option("--tta", type=click.Choice(["none", "flip", "flip_zoom"]), default="none", show_default=True,
               help="Average a model saved without test-time augmentation over these views here "
