@@ -34,7 +34,6 @@ def run(*args: str):
         ("profile=fast", "Error: profile: 'fast' is not defined under profiles in"),
         ("profiles.best={profile: paper}", "Error: profiles.best.profile: a profile cannot choose a profile"),
         ("train.label_smoothing=1.5", "Error: train.label_smoothing: 1.5 must be in [0, 1)"),
-        ("train.warmup_epochs=2", "Error: train.warmup_epochs: 2 leaves no epoch after the warm-up"),
         ("study.profiles={fast: {models: [vgg16], inits: [random]}}", "Error: study.profiles.fast: not a profile"),
     ],
 )
@@ -144,3 +143,14 @@ def test_a_profile_cell_is_named_apart_from_the_paper_cell(tmp_path):
     assert Cell.of("custom_cnn", "random", "ct", profile="best").name == "custom_cnn-random-ct-best"
     cells = config(tmp_path).study.cells()
     assert ("best", "custom_cnn", "random") in cells and cells[0][0] == "paper"
+
+
+def test_the_warm_up_leaves_at_least_one_epoch_of_the_schedule(tmp_path):
+    from covidtl.optim import learning_rate_schedule
+
+    short = config(tmp_path, profile="best", **{"train.max_epochs": 1}).train
+    assert short.warmup_epochs == 1 and learning_rate_schedule(1e-3, short, steps=10)(0) > 0  # no warm-up left
+    long = config(tmp_path, profile="best", **{"train.max_epochs": 4}).train
+    schedule = learning_rate_schedule(1e-3, long, steps=10)
+    assert float(schedule(0)) < float(schedule(9)) <= 1e-3 + 1e-9  # rising over the first epoch
+    assert float(schedule(39)) < float(schedule(10))  # then the cosine falls to the last step

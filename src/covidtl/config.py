@@ -456,9 +456,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.weight_decay < 0 or cfg.train.warmup_epochs < 0:
         raise ConfigError("train.weight_decay and train.warmup_epochs must be >= 0, got "
                           f"{cfg.train.weight_decay} and {cfg.train.warmup_epochs}")
-    if cfg.train.warmup_epochs >= cfg.train.max_epochs and cfg.train.warmup_epochs:
-        raise ConfigError(f"train.warmup_epochs: {cfg.train.warmup_epochs} leaves no epoch after the "
-                          f"warm-up of train.max_epochs {cfg.train.max_epochs}; lower it")
+
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}: {value} must be > 0")
@@ -468,8 +466,6 @@ def validate(cfg: Config) -> None:
     if cfg.pretrain.batch_size < 2:
         raise ConfigError(f"pretrain.batch_size: {cfg.pretrain.batch_size} must be at least 2 "
                           "(each image's other view is told apart from the rest of its batch)")
-    for name in cfg.pretrain.datasets:
-        cfg.dataset(name)  # an unknown name: the one line listing the known ones
     if not cfg.cv.folds >= 2:
         raise ConfigError(f"cv.folds: {cfg.cv.folds} must be at least 2")
     non_negative = {

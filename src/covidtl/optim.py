@@ -21,7 +21,8 @@ def steps_per_epoch(train_images: int, global_batch: int) -> int:
 
 def learning_rate_schedule(rate: float, train_cfg: TrainConfig, steps: int):
     """`rate` itself (constant, no warm-up), or a Keras schedule over `train.max_epochs` epochs."""
-    warmup = train_cfg.warmup_epochs * steps
+    # A run shorter than its profile's warm-up (a one-epoch check) keeps at least one epoch after it.
+    warmup = min(train_cfg.warmup_epochs, train_cfg.max_epochs - 1) * steps
     total = train_cfg.max_epochs * steps
     if train_cfg.schedule == "constant" and not warmup:
         return rate

@@ -218,6 +218,8 @@ def pretrain(
         raise UserError(f"--out {out}: Keras writes weights only to a name ending in .weights.h5")
     if not pc.datasets:
         raise UserError("pretrain.datasets: empty; name at least one dataset, e.g. [ct, xray]")
+    for name in pc.datasets:  # checked here, not at load: a project without one of them still runs
+        cfg.dataset(name)     # everything else; an unknown name is the one line listing the known ones
     rows = readable_rows(training_images(cfg, pc.datasets, split_files)).reset_index(drop=True)
     # The same decoded uint8 images training reads (one cache per dataset's training rows).
     parts, kept_rows = [], []
