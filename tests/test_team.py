@@ -306,6 +306,6 @@ def test_a_queued_experiment_logs_to_the_projects_store_and_its_cells_come_back_
     # apply then checks out every pipeline's outputs, and reports those that never ran here
     # (augment/, tune/, this experiment's untargeted stages) as missing, with a non-zero status.
     applied = run(project, "dvc", "exp", "apply", "slice-cnn", check=False)
-    assert f"models/{CELL}" not in applied.stdout + applied.stderr
+    assert f"models/{CELL}/" not in applied.stdout + applied.stderr  # (the -best cell never ran here)
     metrics = json.loads((project / "models" / CELL / "metrics.json").read_text())
     assert metrics["run_id"] == record.info.run_id and (project / "models" / CELL / "model" / "model.keras").is_file()
