@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,14 +215,8 @@ class Cell:
         """The weights of the best epoch so far (train.select), kept beside the checkpoint until the
         run ends; the next state.json names it (until then the previous best stays too)."""
         name = f"best-epoch-{epoch:04d}.weights.h5"
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        # Keras insists on the .weights.h5 ending, so the temporary name keeps it.
-        tmp = self.checkpoint_dir / f".best-epoch-{epoch:04d}.tmp{os.getpid()}.weights.h5"
-        try:
+        with atomic_path(self.checkpoint_dir / name) as tmp:  # .best-epoch-NNNN.tmp<pid>.weights.h5
             save_weights(tmp)
-            os.replace(tmp, self.checkpoint_dir / name)
-        finally:
-            tmp.unlink(missing_ok=True)
         return name
 
     def remove_checkpoint(self) -> None:

@@ -160,15 +160,20 @@ def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about
         across[name] = {"mean": mean, "sd": sd, "ci_low": _clip01(mean - half), "ci_high": _clip01(mean + half),
                         "min": float(values.min()) if n else math.nan,
                         "max": float(values.max()) if n else math.nan, "folds": n}
-    # Class indices in CLASSES order, as Scores expects them.
-    y_index = pooled["actual"].map(paths.CLASSES.index).to_numpy(int)
-    scores = Scores.of(y_index, pooled["p_covid"].to_numpy(float), pooled["group"].astype(str).to_numpy())
+    scores = pooled_scores(pooled)
     return {
         **about, "folds": int(len(per_fold)), "confidence": cfg.eval.confidence,
         "images": int(len(pooled)), "groups": int(pooled["group"].nunique()),
         "across_folds": across,
         "pooled": scores.summary("pooled", cfg.eval),
     }
+
+
+def pooled_scores(pooled: pd.DataFrame) -> Scores:
+    """A cv run's out-of-fold predictions (predictions.csv: actual, p_covid, group) as Scores."""
+    # Class indices in CLASSES order, as Scores expects them.
+    y_index = pooled["actual"].map(paths.CLASSES.index).to_numpy(int)
+    return Scores.of(y_index, pooled["p_covid"].to_numpy(float), pooled["group"].astype(str).to_numpy())
 
 
 def _clip01(value: float) -> float:

@@ -33,7 +33,7 @@ from covidtl.errors import UserError
 from covidtl.evaluate import LoadedModel, load_trained, score_rows, scoring_config
 from covidtl.models.registry import get_spec, preprocess_for
 from covidtl.models.wrappers import ensemble_of, tta_of
-from covidtl.scores import DEFAULT_THRESHOLD, Scores, choose_operating_point
+from covidtl.scores import DEFAULT_THRESHOLD, choose_operating_point
 from covidtl.train import INTENDED_USE, Scored, example_batch
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -207,10 +207,10 @@ def input_example(cfg: Config, loaded: LoadedModel, dataset: str, size: int,
 def cv_operating_point(cfg: Config, cv_dir: str | Path) -> dict[str, Any]:
     """The threshold the rule picks on the cv run's pooled out-of-fold predictions: each image
     scored by the one fold that never saw it (no ensemble output exists for unseen data)."""
-    pooled = pd.read_csv(Path(cv_dir) / "predictions.csv")
-    positive = paths.CLASSES.index(paths.POSITIVE)
-    y = np.where(pooled["actual"] == paths.POSITIVE, positive, 1 - positive)
-    chosen = choose_operating_point(Scores.of(y, pooled["p_covid"].to_numpy(float)), cfg.eval.operating_point)
+    from covidtl.cv import pooled_scores
+
+    pooled = pd.read_csv(Path(cv_dir) / "predictions.csv", dtype={"group": str})
+    chosen = choose_operating_point(pooled_scores(pooled), cfg.eval.operating_point)
     if chosen["chosen_on"] == "validation":
         chosen["chosen_on"] = "the cv run's pooled out-of-fold predictions"
     return chosen

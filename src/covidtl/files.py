@@ -51,7 +51,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     `path` only when the block finishes; otherwise it is removed and `path` is untouched.
     A full disk or an unwritable folder becomes one OutputError naming `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    # Keras' weights files must end in .weights.h5, the whole two-part suffix.
+    suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
+    tmp = path.with_name(f".{path.name.removesuffix(suffix)}.tmp{os.getpid()}{suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp

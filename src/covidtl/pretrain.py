@@ -28,7 +28,7 @@ from covidtl import paths, tracking
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text
+from covidtl.files import atomic_path, atomic_write_text
 
 # The projection head SimCLR trains and then discards: Dense(PROJECTION_UNITS, relu) -> Dense(OUT).
 PROJECTION_UNITS = 256
@@ -279,16 +279,9 @@ def pretrain(
 
 
 def _save_weights(model, out: Path) -> Path:
-    """The weights file, whole or not at all (Keras insists on the .weights.h5 ending)."""
-    import os
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name.removesuffix('.weights.h5')}.tmp{os.getpid()}.weights.h5")
-    try:
+    """The weights file, whole or not at all."""
+    with atomic_path(out) as tmp:
         model.save_weights(str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -145,6 +145,11 @@ def build_model(
     shape = (size, size, 3)
     # train.crop / train.normalize: layers of the model, so every saved file applies them.
     front = input_layers(train_cfg.crop, train_cfg.normalize)
+    weights_file = init_file(init)  # PATH or finetune:PATH; None for random, imagenet, finetune
+    if weights_file is not None:  # a `covidtl pretrain` file made for another model, head or size
+        from covidtl.pretrain import check_fits
+
+        check_fits(weights_file, spec.name, train_cfg.head, size)
     if spec.backbone is None:
         model = build_custom_cnn(shape, dropout=train_cfg.dropout, head=train_cfg.head, front=front)
         if init in ("imagenet", "finetune"):
@@ -152,13 +157,10 @@ def build_model(
                 f"--init {init}: {spec.name} has no ImageNet weights; use --init random "
                 "or a weights file saved from this model"
             )
-        if init != "random":
-            from covidtl.pretrain import check_fits
-
-            check_fits(init_file(init), spec.name, train_cfg.head, size)
+        if weights_file is not None:
             # PATH and finetune:PATH are both warm starts: every layer trains (finetune: at the
             # lower rate). A file from `covidtl pretrain` holds the whole classifier, its head untrained.
-            weights.load_weights_file(model, init_file(init))
+            weights.load_weights_file(model, weights_file)
         return model
 
     base = spec.backbone(include_top=False, weights=None, input_shape=shape)
@@ -168,10 +170,7 @@ def build_model(
         weights.load_imagenet(base, spec)
         base.trainable = init == "finetune"
     else:  # PATH: the file's base frozen, like imagenet; finetune:PATH: fine-tuned, like finetune
-        from covidtl.pretrain import check_fits
-
-        check_fits(init_file(init), spec.name, train_cfg.head, size)
-        weights.load_weights_file(base, init_file(init))
+        weights.load_weights_file(base, weights_file)
         base.trainable = is_finetune(init)
 
     if init != "random":
