@@ -145,6 +145,18 @@ class Timer:
         return _Timer()
 
 
+def seeded_plan(job: dict):
+    """The run `covidtl train` would plan for job["model"] on the CT set, with the seed set."""
+    import keras
+
+    from covidtl import train as covidtl_train
+
+    cfg = config(job)
+    plan = covidtl_train.plan_run(cfg, job["model"], "random", "ct", out_dir=Path(job["workdir"]) / "cell")
+    keras.utils.set_random_seed(42)
+    return cfg, plan
+
+
 def worker_train(job: dict) -> dict:
     """Whole epochs with validation (job["epochs"]) or a few training steps (job["steps"])."""
     import keras
@@ -153,9 +165,7 @@ def worker_train(job: dict) -> dict:
     from covidtl import train as covidtl_train
     from covidtl.models.registry import build_model
 
-    cfg = config(job)
-    plan = covidtl_train.plan_run(cfg, job["model"], "random", "ct", out_dir=Path(job["workdir"]) / "cell")
-    keras.utils.set_random_seed(42)
+    cfg, plan = seeded_plan(job)
     timer, callbacks = Timer.make(), []
     if job["recipe"] == "covidtl":
         net = build_model(plan.spec, "random", cfg.train, plan.image_size)
@@ -189,7 +199,7 @@ def worker_train(job: dict) -> dict:
 
 
 def worker_steps(job: dict) -> dict:
-    """Both recipes' training steps on one compiled network (1 + job["steps"] each, first dropped).
+    """Both recipes' training steps on one compiled network, job["steps"] timed each.
 
     For the backbones a step is >99% the model's own compute, and importing, building and
     tracing one of them costs ~45 s on 2 cores: one process and one network measure both recipes
@@ -202,9 +212,7 @@ def worker_steps(job: dict) -> dict:
     from covidtl import train as covidtl_train
     from covidtl.models.registry import build_model
 
-    cfg = config(job)
-    plan = covidtl_train.plan_run(cfg, job["model"], "random", "ct", out_dir=Path(job["workdir"]) / "cell")
-    keras.utils.set_random_seed(42)
+    cfg, plan = seeded_plan(job)
     net = build_model(plan.spec, "random", cfg.train, plan.image_size)
     net.compile(optimizer=keras.optimizers.Adam(plan.learning_rate), loss="categorical_crossentropy",
                 metrics=["accuracy"], run_eagerly=False)
@@ -370,12 +378,6 @@ def main() -> None:
           "covidtl s/epoch | ratio | peak MiB baseline / covidtl |\n|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for model in models:
         size = NATIVE.get(model, 224)
-        if model == "custom_cnn":
-            how = {"steps": 4} if quick else {"epochs": repeats}
-            settings = [("paper-scale (graph)", False), ("committed default (eager)", True)]
-        else:
-            how, settings = {"steps": repeats}, [("paper-scale (graph)", False)]
-        job = {**base, "kind": "train", "model": model, **how}
         if model != "custom_cnn":
             pair = measure({**base, "kind": "steps", "model": model, "steps": repeats})
             baseline, ours = pair["baseline"], pair["covidtl"]
@@ -385,6 +387,9 @@ def main() -> None:
                   f"{med(ours['images_s']) / med(baseline['images_s']):.2f}x | {pair['rss_mib']:.0f} (one process) |",
                   flush=True)
             continue
+        how = {"steps": 4} if quick else {"epochs": repeats}
+        settings = [("paper-scale (graph)", False), ("committed default (eager)", True)]
+        job = {**base, "kind": "train", "model": model, **how}
         baseline = measure({**job, "recipe": "baseline"})
         for name, eager in settings:
             # Eager epochs take minutes: the committed default is timed on a few steps.
