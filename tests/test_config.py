@@ -131,7 +131,7 @@ def test_a_profile_sets_its_keys_and_a_command_line_key_still_wins(tmp_path):
     paper = config(tmp_path)
     best = config(tmp_path, profile="best")
     assert paper.profile == "paper" and paper.train.head == "paper" and paper.train.select == "last"
-    assert best.profile == "best" and best.train.head == "gap" and best.train.select == "val_auc"
+    assert best.profile == "best" and best.train.head == "gap" and best.train.stop.rule == "none"
     assert config(tmp_path, profile="best", **{"train.head": "paper"}).train.head == "paper"
     assert "profiles.best.train.head" not in best.flat() and best.flat()["train.head"] == "gap"
 
@@ -142,7 +142,7 @@ def test_a_profile_cell_is_named_apart_from_the_paper_cell(tmp_path):
     assert Cell.of("custom_cnn", "random", "ct").name == "custom_cnn-random-ct"
     assert Cell.of("custom_cnn", "random", "ct", profile="best").name == "custom_cnn-random-ct-best"
     cells = config(tmp_path).study.cells()
-    assert ("best", "custom_cnn", "random") in cells and cells[0][0] == "paper"
+    assert ("best", "custom_cnn", "pretrained") in cells and cells[0][0] == "paper"
 
 
 def test_the_warm_up_leaves_at_least_one_epoch_of_the_schedule(tmp_path):

@@ -66,6 +66,16 @@ def test_the_best_profile_cells_run_beside_the_paper_cells(stages):
         assert f"models/{model}-{init}-{dataset}-best/model" in [o.def_path for o in cell.outs]
         for key in ("profiles.best", "train.head", "train.crop", "augment.intensity.noise"):
             assert declares(cell, key), f"{name} reads {key} but does not declare it"
+        # It starts from the profile's own pretraining: the file `--init pretrained` resolves to.
+        pretrained = root[f"pretrain_best@{model}"]
+        assert f"data/pretrain/best/{model}.weights.h5" in paths_of(cell)
+        assert f"data/pretrain/best/{model}.weights.h5" in [o.def_path for o in pretrained.outs]
+        assert params["profiles"]["best"]["pretrain.out"] == "data/pretrain/best"
+        assert "-S profile=best pretrain " in pretrained.cmd
+        for key in ("profiles.best", "pretrain.epochs", "train.crop", "train.image_size.custom_cnn"):
+            assert declares(pretrained, key), f"pretrain_best@{model} reads {key} but does not declare it"
+        # Pretraining reads training splits only, never a cell's val/test predictions or models.
+        assert not [p for p in paths_of(pretrained) if p.startswith("models")]
     for name, cell in root.items():  # the paper's cells train the paper's profile whatever params.yaml says
         if name.startswith("train@"):
             assert "-S profile=paper " in cell.cmd, name

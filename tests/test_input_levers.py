@@ -112,6 +112,18 @@ def test_equalize_does_not_see_a_monotone_intensity_change():
         Normalize("clahe")
 
 
+def test_equalize_gives_each_pixel_its_mid_rank_on_an_8_bit_scan():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (3, 40, 50, 1)).repeat(3, axis=-1).astype("float32")
+    out = keras.ops.convert_to_numpy(Normalize("equalize")(image))
+    for got, grey in zip(out, image[..., 0]):
+        expected = (rankdata(grey.ravel(), method="average") - 0.5) / grey.size  # ties counted half
+        np.testing.assert_allclose(got[..., 0].ravel(), expected, atol=1e-6)
+        np.testing.assert_array_equal(got[..., 0], got[..., 2])
+
+
 def intensity(**values) -> IntensityConfig:
     return IntensityConfig(**{"brightness": 0.0, "contrast": 0.0, "gamma": 0.0, "noise": 0.0, "blur": 0.0,
                               **values})

@@ -89,6 +89,36 @@ def test_train_loads_the_file_as_a_warm_start(how, pretrained, monkeypatch):
     assert init_label(init) == ("file-custom_cnn" if how == "file" else "finetune-file-custom_cnn")
 
 
+def test_init_pretrained_is_the_file_pretrain_wrote_with_these_params(pretrained, monkeypatch):
+    import dataclasses
+
+    from mlflow.tracking import MlflowClient
+
+    from covidtl import tracking
+    from covidtl.cv import cross_validate
+    from covidtl.train import train
+
+    cfg, _, result, _, tmp = pretrained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+
+    def with_out(folder):
+        return dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, out=str(folder)))
+
+    run = train(with_out(tmp / "out"), "custom_cnn", "pretrained", "tiny", out_dir=tmp / "cell-named",
+                log_model=False)
+    params = MlflowClient().get_run(run.run_id).data.params
+    assert params["init"] == "pretrained" and params["init_file"] == str(result.weights_file)
+    assert params["init_sha256"] == tracking.file_sha256(result.weights_file)
+    assert (init_label("pretrained"), init_label("finetune:pretrained")) == ("pretrained", "finetune-pretrained")
+    with pytest.raises(UserError, match="pretrain inside each fold"):  # the file's own leak check
+        cross_validate(with_out(tmp / "out"), "custom_cnn", "pretrained", "tiny", out_root=tmp / "cv-named")
+    with pytest.raises(UserError, match=r"none/custom_cnn.weights.h5 does not exist; run `covidtl pretrain "
+                                        r"--model custom_cnn` with the same -S options"):
+        train(with_out(tmp / "none"), "custom_cnn", "finetune:pretrained", "tiny", out_dir=tmp / "cell-missing",
+              log_model=False)
+    assert not (tmp / "cell-missing").exists()  # refused before anything was written
+
+
 def test_a_backbone_file_loads_frozen_or_fine_tuned(tmp_path, monkeypatch):
     from covidtl.models.registry import base_of, build_model, get_spec
     from covidtl.pretrain import pretrain

@@ -100,6 +100,19 @@ def test_a_run_that_selects_by_val_loss_keeps_its_best_epoch(tmp_path):
     assert not (tmp_path / "cell" / "checkpoint").exists()  # best weights go with the checkpoint
 
 
+def test_a_fixed_budget_trains_every_epoch_and_keeps_the_last(tmp_path):
+    """stop.rule none: the paper's thresholds, met by any epoch here, end nothing."""
+    cfg, _ = make_workdir(tmp_path, **{
+        "train.stop.rule": "none", "train.select": "last", "train.max_epochs": 2,
+        "train.stop.val_accuracy": 0.0, "train.stop.val_loss": 1.0e9,
+    })
+    result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell", log_model=False)
+    record = json.loads((tmp_path / "cell" / "metrics.json").read_text())
+    assert result.epochs_used == 2 and len(result.history["val_loss"]) == 2
+    assert (record["selected_by"], record["best_epoch"]) == ("last", 2)
+    assert MlflowClient().get_run(result.run_id).data.tags["stopped_by"] == "max_epochs"
+
+
 class _Killed(Exception):
     """Stands for a kill right after an epoch's checkpoint was written."""
 

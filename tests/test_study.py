@@ -147,8 +147,21 @@ def test_study_outputs_metrics_plots_and_report(repo):
     # The stronger recipe's cell (profile best, stage train_best@...) ran beside the paper's.
     best = both[both["profile"] == "best"]
     assert list(best["model"]) == ["custom_cnn"] and list(best["status"]) == ["ok"]
-    best_record = json.loads((repo / "models/custom_cnn-random-ct-best/metrics.json").read_text())
-    assert best_record["selected_by"] == "val_auc" and best["run_id"].iloc[0] == best_record["run_id"]
+    best_record = json.loads((repo / "models/custom_cnn-pretrained-ct-best/metrics.json").read_text())
+    assert best["run_id"].iloc[0] == best_record["run_id"]
+    # The profile's fixed budget (train.max_epochs 10, over TINY's 2), its last epoch kept.
+    assert (best_record["epochs_used"], best_record["selected_by"], best_record["best_epoch"]) == (10, "last", 10)
+    # ... from the profile's SimCLR file (stage pretrain_best@custom_cnn), learnt from training rows only.
+    card = json.loads((repo / "models/custom_cnn-pretrained-ct-best/model/card.json").read_text())
+    pretrained = json.loads((repo / "data/pretrain/best/custom_cnn.json").read_text())
+    assert card["init"] == "pretrained" and pretrained["epochs"] == 5
+    assert {d["split"] for d in pretrained["datasets"].values()} == {"train"}
+    split = pd.read_csv(repo / "data/ct/split.csv")
+    def tail(path):  # class folder / file name: the same image, however its path is rooted
+        return Path(path).parts[-2:]
+
+    held_out = {tail(p) for p in split.loc[split["split"] != "train", "path"]}
+    assert held_out and not held_out & {tail(f) for f in pretrained["datasets"]["ct"]["files"]}
     table = both[both["profile"] == "paper"].set_index(["model", "init"])
     assert table.loc[("custom_cnn", "random"), "status"] == "ok"
     assert table.loc[("vgg16", "random"), "test_accuracy"] == pytest.approx(
@@ -162,7 +175,7 @@ def test_study_outputs_metrics_plots_and_report(repo):
     # The external stage: every trained cell scored on the default second site, the others listed.
     external = json.loads((repo / "external" / "ct" / "results.json").read_text())
     assert external["sets"]["ct-site2"]["images"] == 20 and external["sets"]["ct-site2"]["quarantined"] == 0
-    for cell in ("custom_cnn-random-ct", "vgg16-random-ct", "custom_cnn-random-ct-best"):
+    for cell in ("custom_cnn-random-ct", "vgg16-random-ct", "custom_cnn-pretrained-ct-best"):
         record = external["cells"][cell]
         assert record["status"] == "ok" and record["run_id"] == json.loads(
             (repo / "models" / cell / "metrics.json").read_text())["run_id"]

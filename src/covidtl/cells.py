@@ -21,7 +21,10 @@ EPOCH_METRICS = ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc
 MODEL_DIR = "model"  # models/<cell>/model/: model.keras + card.json, or SKIPPED.txt
 MODELS_ROOT = "models"
 PREDICTION_COLUMNS = ("path", "group", "actual", "predicted", "p_covid")
-INITS = ("random", "imagenet", "finetune")  # or a path to a weights file
+# `pretrained`: the file `covidtl pretrain --model M` writes with the run's params (its
+# pretrain.out); like a PATH, and `finetune:pretrained` like finetune:PATH. Or a path to a weights file.
+PRETRAINED = "pretrained"
+INITS = ("random", "imagenet", "finetune", PRETRAINED)
 PAPER_PROFILE = "paper"  # params.yaml `profile`: the paper's protocol; cells of another are suffixed
 
 
@@ -44,10 +47,10 @@ FINETUNE_PREFIX = "finetune:"  # finetune:PATH: a weights file's base, fine-tune
 
 
 def init_file(init: str) -> str | None:
-    """The weights file an init names (`PATH` or `finetune:PATH`); None for random|imagenet|finetune."""
-    if init in INITS:
-        return None
-    return init.removeprefix(FINETUNE_PREFIX)
+    """The weights file an init names (`PATH` or `finetune:PATH`); None for a named init
+    (random|imagenet|finetune|pretrained: `covidtl.pretrain.resolve_init` finds pretrained's file)."""
+    name = init.removeprefix(FINETUNE_PREFIX)
+    return None if name in INITS else name
 
 
 def is_finetune(init: str) -> bool:

@@ -105,7 +105,7 @@ class AugmentConfig:
 
 @dataclass
 class StopConfig:
-    rule: Literal["paper", "patience"]
+    rule: Literal["paper", "patience", "none"]
     val_accuracy: float
     val_loss: float
     patience: int

@@ -96,10 +96,11 @@ def cross_validate(
     import mlflow
 
     from covidtl import train
-    from covidtl.pretrain import check_not_leaking, pretrain as fit_pretrain
+    from covidtl.pretrain import check_not_leaking, pretrain as fit_pretrain, resolve_init
 
-    if init_file(init) is not None:  # pretraining is fitted to data: a file from another split leaks
-        check_not_leaking(init_file(init), dataset)
+    weights_file = init_file(resolve_init(cfg, model, init))
+    if weights_file is not None:  # pretraining is fitted to data: a file from another split leaks
+        check_not_leaking(weights_file, dataset)
     if pretrain:
         init = pretrained_init(init, PRETRAINED_FILE)  # the fold's file, by the name it gets
     k = cfg.cv.folds

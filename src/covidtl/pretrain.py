@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from covidtl import paths, tracking
+from covidtl.cells import FINETUNE_PREFIX, PRETRAINED
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
@@ -44,6 +45,18 @@ NOISE = 0.03  # Gaussian noise sd, fraction of [0, 255]
 
 def default_out(cfg: Config, model: str) -> Path:
     return Path(cfg.pretrain.out) / f"{model}.weights.h5"
+
+
+def resolve_init(cfg: Config, model: str, init: str) -> str:
+    """`pretrained` (`finetune:pretrained`) as the file `covidtl pretrain --model M` writes with
+    these params, which must exist; any other init as given."""
+    if init.removeprefix(FINETUNE_PREFIX) != PRETRAINED:
+        return init
+    path = default_out(cfg, model)
+    if not path.is_file():
+        raise UserError(f"--init {init}: {path} does not exist; run `covidtl pretrain --model {model}` "
+                        f"with the same -S options first (the study: `dvc repro pretrain_best@{model}`)")
+    return init.removesuffix(PRETRAINED) + str(path)
 
 
 def record_path(weights_file: str | Path) -> Path:

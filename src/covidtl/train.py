@@ -30,7 +30,7 @@ import tensorflow as tf
 from mlflow.exceptions import MlflowException
 
 from covidtl import distribute, optim, paths, tracking
-from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label, is_finetune
+from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_file, init_label, is_finetune
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, make_offline_dataset, readable_rows
@@ -45,6 +45,7 @@ from covidtl.models.registry import (
     trainable_image_size,
 )
 from covidtl.models.wrappers import with_tta
+from covidtl.pretrain import resolve_init
 from covidtl.scores import DEFAULT_THRESHOLD, Scores, choose_operating_point
 
 # ignore_errors() leaves the first epoch's length unknown; Keras then warns at its end.
@@ -366,6 +367,7 @@ class Plan:
     train_rows: pd.DataFrame
     cell: Cell
     split_file: Path  # where `table` came from: the dataset's split.csv, or a cross-validation fold's
+    build_init: str  # what the network is built from: `init`, with `pretrained` as its file's path
     # Where it ran: precision, strategy, replicas, lr_scaling, global_batch_size (covidtl.distribute).
     run_on: dict[str, Any] = field(default_factory=dict)
 
@@ -410,6 +412,7 @@ def plan_run(
         image_size=trainable_image_size(spec, cfg.train), learning_rate=rate,
         lr_source=lr_source or ("params" if lr is None else "--lr"),
         table=table, train_rows=train_rows, cell=cell, split_file=split_file,
+        build_init=resolve_init(cfg, model, init),
     )
 
 
@@ -653,7 +656,7 @@ def train(
     cfg = dist.data_config(plan.cfg)  # train.batch_size: the global batch, split across replicas
     keras.utils.set_random_seed(cfg.train.seed)
     # First: a missing weights file fails fast. In the run's precision, mirrored across replicas.
-    net = dist.build(lambda: build_model(plan.spec, init, cfg.train, plan.image_size))
+    net = dist.build(lambda: build_model(plan.spec, plan.build_init, cfg.train, plan.image_size))
     train_ds, val_ds = fit_datasets(plan, cfg)
     plan.cell.begin()
 
@@ -772,6 +775,9 @@ def log_plan(plan: Plan) -> None:
         "val_images": len(plan.rows("val")), "test_images": len(plan.rows("test")),
         **plan.run_on,
     })
+    weights_file = init_file(plan.build_init)
+    if weights_file is not None:  # the exact file it started from, whatever its path
+        mlflow.log_params({"init_file": weights_file, "init_sha256": tracking.file_sha256(weights_file)})
     tracking.log_split_inputs(
         plan.dataset, plan.split_file, paths.manifest_path(cfg, plan.dataset),
         {"train": plan.train_rows, "val": plan.rows("val"), "test": plan.rows("test")},

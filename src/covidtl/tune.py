@@ -40,6 +40,7 @@ from covidtl.data import tables
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
 from covidtl.models.registry import get_spec, trainable_image_size
+from covidtl.pretrain import resolve_init
 from covidtl.train import train
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,9 @@ def study_identity(
         "train": training,
         "augment": augment,
     }
-    if init_file(init) is not None:  # a weights file: its content, not its path
-        settings["init_sha256"] = tracking.file_sha256(init_file(init))
+    weights_file = init_file(resolve_init(cfg, model, init))
+    if weights_file is not None:  # a weights file: its content, not its path
+        settings["init_sha256"] = tracking.file_sha256(weights_file)
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:10]
     return StudyIdentity(model, init, dataset, settings, digest)

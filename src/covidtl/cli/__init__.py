@@ -108,6 +108,9 @@ class AutoInt(click.ParamType):
 
 
 AUTO_INT = AutoInt()
+INIT_HELP = ("random | imagenet | finetune | PATH to a .weights.h5 file for the base (frozen; the custom CNN: "
+             "a warm start) | finetune:PATH (fine-tuned at the lower rate) | pretrained (finetune:pretrained): "
+             "the file `covidtl pretrain` wrote with the same params.")
 
 
 def scored_data_options(command):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import AUTO_INT, config_from
+from covidtl.cli import AUTO_INT, INIT_HELP, config_from
 from covidtl.cli.train import _rate
 
 
 @click.command("cv")
 @click.option("--model", required=True, help="custom_cnn, densenet121, resnet50, inceptionv3, resnet101v2 or vgg16.")
 @click.option("--init", default="random", show_default=True,
-              help="random | imagenet | finetune | PATH to a .weights.h5 file for the base (frozen; the custom CNN: a warm start) | finetune:PATH (fine-tuned at the lower rate).")
+              help=INIT_HELP)
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
 @click.option("--folds", type=AUTO_INT, default=None, help="Number of folds; auto = cv.folds.")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Cap on epochs per fold; auto = train.max_epochs.")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from covidtl.cli import AUTO_INT, config_from, scored_data_options
+from covidtl.cli import AUTO_INT, INIT_HELP, config_from, scored_data_options
 
 
 def _rate(value: str | None) -> float | None:
@@ -25,7 +25,7 @@ def _rate(value: str | None) -> float | None:
 @click.command()
 @click.option("--model", required=True, help="custom_cnn, densenet121, resnet50, inceptionv3, resnet101v2 or vgg16.")
 @click.option("--init", default="random", show_default=True,
-              help="random | imagenet | finetune | PATH to a .weights.h5 file for the base (frozen; the custom CNN: a warm start) | finetune:PATH (fine-tuned at the lower rate).")
+              help=INIT_HELP)
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Cap on epochs; auto = train.max_epochs.")
 @click.option("--lr", default=None, help="Adam learning rate; auto = train.learning_rates.<model>; "

