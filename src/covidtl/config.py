@@ -112,12 +112,19 @@ class StopConfig:
 
 
 @dataclass
+class LinearProbeConfig:
+    """`train.head: linear_probe`: L2 logistic regression on pooled frozen features."""
+    c_grid: list[float]  # inverse regularisation strengths tried
+    folds: int  # patient-grouped folds inside the training rows that choose C
+
+
+@dataclass
 class TrainConfig:
     batch_size: int
     max_epochs: int
     seed: int
     preprocessing: Literal["model", "rescale"]
-    head: Literal["paper", "gap"]
+    head: Literal["paper", "gap", "linear_probe"]
     head_units: int
     dropout: float
     finetune_lr_factor: float
@@ -140,6 +147,11 @@ class TrainConfig:
     schedule: Literal["constant", "cosine"]  # cosine: decays to 0 at max_epochs
     warmup_epochs: int  # linear warm-up from 0 over this many epochs (0: none)
     tta: Literal["none", "flip", "flip_zoom"]  # test-time augmentation the saved model applies itself
+    # Frozen parts computed once per image (covidtl.features, covidtl.frozen).
+    feature_cache: Literal["auto", "off"]
+    feature_copies: int  # augmented copies stored per training image (0: the images as decoded)
+    unfreeze_after: str  # none | top_block | a layer of the base: the layers after it train
+    linear_probe: LinearProbeConfig
 
 
 @dataclass
@@ -463,6 +475,14 @@ def validate(cfg: Config) -> None:
     if cfg.train.stop.rule == "patience" and cfg.train.select == "last":
         raise ConfigError("train.stop.rule: patience waits for `train.select` to improve, but "
                           "train.select is last; set train.select to val_auc or val_loss")
+    if cfg.train.feature_copies < 0:
+        raise ConfigError(f"train.feature_copies: {cfg.train.feature_copies} must be >= 0 "
+                          "(0 trains on the images as decoded)")
+    probe = cfg.train.linear_probe
+    if not probe.c_grid or any(not c > 0 for c in probe.c_grid):
+        raise ConfigError(f"train.linear_probe.c_grid: {probe.c_grid} must be a non-empty list of numbers > 0")
+    if probe.folds < 2:
+        raise ConfigError(f"train.linear_probe.folds: {probe.folds} must be at least 2")
     if cfg.pretrain.batch_size < 2:
         raise ConfigError(f"pretrain.batch_size: {cfg.pretrain.batch_size} must be at least 2 "
                           "(each image's other view is told apart from the rest of its batch)")

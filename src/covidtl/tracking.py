@@ -199,7 +199,10 @@ def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:
 
 
 def log_history(history: dict[str, list[float]]) -> None:
-    """Per-epoch metrics (if not already logged live) and the training-curves plot."""
+    """Per-epoch metrics (if not already logged live) and the training-curves plot (none for a fit
+    without epochs: the linear probe)."""
+    if not history:
+        return
     mlflow.log_figure(curves_figure(history), "training_curves.png")
     plt.close("all")
 

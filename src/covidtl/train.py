@@ -29,13 +29,14 @@ import pandas as pd
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 
-from covidtl import distribute, optim, paths, tracking
+from covidtl import distribute, linear_probe, optim, paths, pretrained, tracking
 from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_file, init_label, is_finetune
 from covidtl.config import Config
 from covidtl.data import tables
-from covidtl.data.pipeline import make_dataset, make_offline_dataset, readable_rows
+from covidtl.data.pipeline import label_indices, make_dataset, make_offline_dataset, readable_rows
 from covidtl.errors import UserError
 from covidtl.explain import sample_figure
+from covidtl.frozen import BASE, FrozenTraining, cache_cut
 from covidtl.models.registry import (
     ModelSpec,
     build_model,
@@ -487,6 +488,7 @@ class Fitted:
     seconds: float
     selected_by: str = "last"  # train.select
     best_epoch: int | None = None  # the epoch whose weights the model holds (None: no epoch ran)
+    about: dict[str, Any] = field(default_factory=dict)  # what the card says of a fit without epochs
 
     @property
     def epochs_used(self) -> int:
@@ -618,6 +620,47 @@ def score(plan: Plan, net: keras.Model, split: str = "test") -> Scored | None:
     return Scored(rows, Scores.of(y_true, prob, groups))
 
 
+def score_frozen(plan: Plan, frozen: FrozenTraining, split: str = "test") -> Scored | None:
+    """`score` through the stored features: the top on them is the network on the images."""
+    rows, y_true, prob = frozen.predict(plan.rows(split))
+    if not len(y_true):
+        return None
+    groups = rows["group"].to_numpy() if "group" in rows else None
+    return Scored(rows, Scores.of(y_true, prob, groups))
+
+
+def frozen_training(plan: Plan, net: keras.Model) -> FrozenTraining | None:
+    """The stored-feature path for a network with a frozen part (None: the whole network trains
+    on images every epoch). A linear probe always reads features: it has no epochs to run through."""
+    cut = cache_cut(plan)
+    if plan.cfg.train.head == "linear_probe":
+        cut = cut or BASE
+    return FrozenTraining(plan, net, cut) if cut is not None else None
+
+
+def fit_linear_probe(plan: Plan, net: keras.Model, frozen: FrozenTraining) -> Fitted:
+    """`train.head: linear_probe`: the logistic regression fitted on the training rows' pooled
+    features (C by grouped CV inside them) becomes the network's Dense(2)."""
+    started = time.perf_counter()
+    rows = readable_rows(plan.train_rows)
+    settings = plan.cfg.train.linear_probe
+    probe = linear_probe.fit(frozen.features(rows), label_indices(rows), rows["group"].to_numpy(),
+                             settings.c_grid, settings.folds, plan.cfg.train.seed)
+    net.get_layer("probabilities").set_weights(list(linear_probe.weights_for_dense(probe)))
+    about = {"c": probe.c, "inner_folds": probe.inner_folds, "search": probe.search,
+             "train_images": len(rows)}
+    mlflow.log_params({"linear_probe_c": probe.c, "linear_probe_inner_folds": probe.inner_folds})
+    mlflow.log_dict(about, "linear_probe.json")
+    return Fitted({}, "linear_probe", time.perf_counter() - started, selected_by="linear_probe_grouped_cv",
+                  about={"linear_probe": about})
+
+
+def example_images(plan: Plan) -> np.ndarray:
+    """One validation image as the model takes it (MLflow's input example)."""
+    rows = readable_rows(plan.rows("val")).head(1)
+    return example_batch(make_dataset(rows, plan.spec, plan.cfg, plan.image_size, training=False))
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -657,14 +700,22 @@ def train(
     keras.utils.set_random_seed(cfg.train.seed)
     # First: a missing weights file fails fast. In the run's precision, mirrored across replicas.
     net = dist.build(lambda: build_model(plan.spec, plan.build_init, cfg.train, plan.image_size))
-    train_ds, val_ds = fit_datasets(plan, cfg)
+    frozen = frozen_training(plan, net)
+    if frozen is None:
+        train_ds, val_ds = fit_datasets(plan, cfg)
+    elif cfg.train.head != "linear_probe":
+        say(f"Training {plan.model}'s layers after its frozen part ({frozen.parts.cut}) on stored features "
+            f"({frozen.cache.root})")
+        train_ds, val_ds = frozen.datasets(cfg.train.batch_size, VALIDATION_BATCH_FACTOR * cfg.train.batch_size)
+    else:
+        train_ds = val_ds = None
     plan.cell.begin()
 
     tracking.use_experiment(dataset)
     with _start_run(plan, resume, run_name or plan.name, nested) as run:
         try:
             model_path, fitted, metrics = _run(plan, net, train_ds, val_ds, extra_callbacks,
-                                               evaluate_test, log_model, run.info.run_id, resume)
+                                               evaluate_test, log_model, run.info.run_id, resume, frozen)
         except TrainingInterrupted as exc:
             plan.cell.write_failed(run.info.run_id, str(exc))
             mlflow.end_run("KILLED")
@@ -698,7 +749,7 @@ def _start_run(plan: Plan, resume: Resume | None, run_name: str, nested: bool):
 
 def _run(
     plan: Plan, net: keras.Model, train_ds, val_ds, callbacks, evaluate_test: bool, log_model: bool | None,
-    run_id: str, resume: Resume | None = None,
+    run_id: str, resume: Resume | None = None, frozen: FrozenTraining | None = None,
 ) -> tuple[Path, Fitted, dict[str, float]]:
     """Inside the run: log what it is, fit, score, write the cell's files, log the results."""
     if resume is None:
@@ -709,7 +760,14 @@ def _run(
     else:  # the plan was logged when the run began; only what a kill cut off is added
         log_missing_epochs(run_id, resume.history)
         mlflow.set_tag("resumed_after_epoch", resume.epochs_done)
-    fitted = fit(plan, net, train_ds, val_ds, callbacks, run_id=run_id, resume=resume)
+    if plan.cfg.train.head == "linear_probe":
+        fitted = fit_linear_probe(plan, net, frozen)
+    else:  # the top alone trains when the frozen part's features are stored: it shares net's layers
+        fitted = fit(plan, frozen.parts.top if frozen else net, train_ds, val_ds, callbacks,
+                     run_id=run_id, resume=resume)
+    if frozen is not None:
+        mlflow.log_metrics({"feature_entries_computed": frozen.cache.counts.computed,
+                            "feature_entries_read": frozen.cache.counts.read})
     mlflow.log_metrics({"epochs_used": fitted.epochs_used, "train_seconds": fitted.seconds})
     if fitted.best_epoch:
         mlflow.log_metric("best_epoch", fitted.best_epoch)
@@ -722,11 +780,15 @@ def _run(
     # The model that is saved, scored and explained: with train.tta the network averaged over its
     # views (covidtl.models.wrappers), so its operating point and test figures are the saved model's.
     clean = with_tta(inference_copy(net), plan.cfg.train.tta)
+    if frozen is not None and plan.cfg.train.tta == "none":  # the same figures, without the frozen pass
+        scorer = lambda split: score_frozen(plan, frozen, split)  # noqa: E731
+    else:
+        scorer = lambda split: score(plan, clean, split)  # noqa: E731
     if evaluate_test:
-        val = score(plan, clean, "val")
+        val = scorer("val")
         operating = choose_operating_point(val.scores if val else None, plan.cfg.eval.operating_point)
         mlflow.log_metric("operating_threshold", operating["threshold"])
-        scored = score(plan, clean, "test")
+        scored = scorer("test")
     if scored is not None:
         metrics = scored.scores.summary("test", plan.cfg.eval, operating["threshold"])
         tracking.log_metrics(metrics)
@@ -740,7 +802,7 @@ def _run(
             mlflow.log_figure(figure, "test_gradcam_samples.png")
 
     model_path = plan.cell.save_model(clean.save)
-    card = model_card(plan, fitted, run_id, operating)
+    card = model_card(plan, fitted, run_id, operating, frozen)
     root = tables.dataset_root(plan.cfg, plan.dataset)
     plan.cell.write_results(
         metrics={"status": "ok", **metrics, "epochs_used": fitted.epochs_used,
@@ -756,7 +818,8 @@ def _run(
     # runs must not depend on this disk, so there the model goes to its artifact store too.
     model_uri = None
     if log_model or (log_model is None and tracking.is_remote()):
-        model_uri = tracking.log_keras_model(clean, example_batch(val_ds))
+        example = example_batch(val_ds) if frozen is None else example_images(plan)
+        model_uri = tracking.log_keras_model(clean, example)
     mlflow.set_tags(tracking.model_tags(model_path, model_uri))
     plan.cell.remove_checkpoint()
     return model_path, fitted, metrics
@@ -775,17 +838,26 @@ def log_plan(plan: Plan) -> None:
         "val_images": len(plan.rows("val")), "test_images": len(plan.rows("test")),
         **plan.run_on,
     })
-    weights_file = init_file(plan.build_init)
-    if weights_file is not None:  # the exact file it started from, whatever its path
-        mlflow.log_params({"init_file": weights_file, "init_sha256": tracking.file_sha256(weights_file)})
+    provenance = pretrained.provenance(plan.model, plan.build_init)
+    if provenance:  # the exact file it started from, whatever its path
+        mlflow.log_params({"init_file": provenance["file"], "init_sha256": provenance["sha256"]})
+        mlflow.set_tag("init_source", provenance["source"])
     tracking.log_split_inputs(
         plan.dataset, plan.split_file, paths.manifest_path(cfg, plan.dataset),
         {"train": plan.train_rows, "val": plan.rows("val"), "test": plan.rows("test")},
     )
 
 
-def model_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any]) -> dict[str, Any]:
+def model_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any],
+               frozen: FrozenTraining | None = None) -> dict[str, Any]:
     """card.json beside model.keras: what evaluate and predict need, and what the model is."""
+    trained_on = {}
+    if frozen is not None:  # which part was frozen and stored, and how many copies each image had
+        trained_on["frozen_part"] = {"cut": frozen.parts.cut, "feature_view": frozen.clean_view.digest(),
+                                     "feature_copies": plan.cfg.train.feature_copies}
+    provenance = pretrained.provenance(plan.model, plan.build_init)
+    if provenance:  # the exact ImageNet or weights file it started from, and where that came from
+        trained_on["init_weights"] = provenance
     return {
         "model": plan.model, "init": plan.init, "dataset": plan.dataset,
         "image_size": plan.image_size, "preprocessing": plan.cfg.train.preprocessing,
@@ -797,6 +869,8 @@ def model_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any
         "tta": plan.cfg.train.tta,  # the saved model averages over these views itself
         # Read by everything that scores this model: evaluate, predict, the external sets.
         "operating_point": operating,
+        "head": plan.cfg.train.head, "unfreeze_after": plan.cfg.train.unfreeze_after,
+        **trained_on, **fitted.about,
         "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
     }
 

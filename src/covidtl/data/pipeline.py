@@ -7,6 +7,7 @@ evaluation decodes each file, as `covidtl predict` does.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -117,6 +118,21 @@ def augmented(ds: tf.data.Dataset, aug: AugmentConfig) -> tf.data.Dataset:
         return images, xy[1]
 
     return tf.data.Dataset.zip(ds, seeds).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def copy_seed(seed: int, sha256: str, copy: int) -> int:
+    """The seed of one augmented copy of one image: its own draws, whatever batch it lands in, so a
+    stored copy (`covidtl.features`) is the same copy in every run and fold."""
+    digest = hashlib.sha256(f"{seed}:{copy}:{sha256}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def augment_image(image: tf.Tensor, aug: AugmentConfig, seed: tf.Tensor) -> tf.Tensor:
+    """`augmented`'s augmentation of one [0, 255] image from its own seed (`copy_seed`)."""
+    images = augment_batch(image[None], aug, tf.stack([seed, tf.constant(0, tf.int64)]))
+    if intensity_on(aug.intensity):
+        images = augment_intensity(images, aug.intensity, tf.stack([seed, tf.constant(1, tf.int64)]))
+    return images[0]
 
 
 def readable_rows(table: pd.DataFrame) -> pd.DataFrame:

@@ -36,6 +36,9 @@ class ModelSpec:
     preprocess_input: Callable
     # The smallest input the network accepts (keras.applications: 32, InceptionV3 75).
     min_input_size: int = 32
+    # The base's layer before its last block (`train.unfreeze_after: top_block`): a single tensor
+    # through which everything flows, so the layers after it can train on its stored output.
+    top_block_cut: str | None = None
 
     @property
     def lr_key(self) -> str:
@@ -52,22 +55,27 @@ MODELS: dict[str, ModelSpec] = {
     "densenet121": ModelSpec(
         "densenet121", 224, keras.applications.DenseNet121,
         keras.applications.densenet.preprocess_input,
+        top_block_cut="pool4_pool",
     ),
     "resnet50": ModelSpec(
         "resnet50", 224, keras.applications.ResNet50,
         keras.applications.resnet.preprocess_input,
+        top_block_cut="conv4_block6_out",
     ),
     "inceptionv3": ModelSpec(
         "inceptionv3", 299, keras.applications.InceptionV3,
         keras.applications.inception_v3.preprocess_input, min_input_size=75,
+        top_block_cut="mixed8",
     ),
     "resnet101v2": ModelSpec(
         "resnet101v2", 224, keras.applications.ResNet101V2,
         keras.applications.resnet_v2.preprocess_input,
+        top_block_cut="conv4_block23_out",
     ),
     "vgg16": ModelSpec(
         "vgg16", 224, keras.applications.VGG16,
         keras.applications.vgg16.preprocess_input,
+        top_block_cut="block4_pool",
     ),
 }
 
@@ -136,6 +144,54 @@ def freeze_batchnorm(base: keras.Model) -> None:
             layer.trainable = False
 
 
+# Heads on globally pooled features: `gap` trains Dense(2) with Adam, `linear_probe` fits it as an
+# L2-regularised logistic regression (covidtl.linear_probe).
+POOLED_HEADS = ("gap", "linear_probe")
+FROZEN_INITS = "imagenet or a weights file (its base frozen)"
+
+
+def has_frozen_base(spec: ModelSpec, init: str) -> bool:
+    """Whether `init` leaves a pre-trained base frozen: imagenet, or a weights file (not finetune)."""
+    return spec.backbone is not None and init not in ("random", "finetune") and not is_finetune(init)
+
+
+def check_frozen_recipe(spec: ModelSpec, init: str, train_cfg: TrainConfig) -> None:
+    """A linear probe and `train.unfreeze_after` need a frozen pre-trained base; refuse the rest."""
+    wants = [f"train.head {train_cfg.head}"] if train_cfg.head == "linear_probe" else []
+    if train_cfg.unfreeze_after != "none":
+        wants.append(f"train.unfreeze_after {train_cfg.unfreeze_after}")
+    if wants and not has_frozen_base(spec, init):
+        what = (f"{spec.name} has no pre-trained base" if spec.backbone is None
+                else f"--init {init} trains every layer")
+        raise UserError(f"{' and '.join(wants)}: needs a frozen pre-trained base, but {what}; use a "
+                        f"keras.applications model with --init {FROZEN_INITS}")
+    if train_cfg.head == "linear_probe" and train_cfg.unfreeze_after != "none":
+        raise UserError("train.head linear_probe fits the head alone on frozen features; set "
+                        "train.unfreeze_after to none, or use train.head gap to train the top block too")
+
+
+def unfreeze_cut(spec: ModelSpec, setting: str) -> str | None:
+    """The layer after which the base trains (`train.unfreeze_after`): `top_block` is the
+    registry's cut before the last block, a layer name is itself; None for `none`."""
+    if setting == "none":
+        return None
+    if setting == "top_block":
+        return spec.top_block_cut
+    return setting
+
+
+def unfreeze_after(base: keras.Model, cut: str) -> None:
+    """Every layer of `base` after `cut` (in its topological order) trains; `cut` and the ones
+    before it stay frozen, so their output can be stored once (covidtl.frozen)."""
+    names = [layer.name for layer in base.layers]
+    if cut not in names:
+        raise UserError(f"train.unfreeze_after {cut}: not a layer of {base.name}; give top_block or one "
+                        f"of its layers (e.g. {', '.join(names[-12:-8])})")
+    base.trainable = True
+    for layer in base.layers[: names.index(cut) + 1]:
+        layer.trainable = False
+
+
 def build_model(
     spec: ModelSpec, init: str, train_cfg: TrainConfig, image_size: int | None = None
 ) -> keras.Model:
@@ -150,6 +206,7 @@ def build_model(
         from covidtl.pretrain import check_fits
 
         check_fits(weights_file, spec.name, train_cfg.head, size)
+    check_frozen_recipe(spec, init, train_cfg)
     if spec.backbone is None:
         model = build_custom_cnn(shape, dropout=train_cfg.dropout, head=train_cfg.head, front=front)
         if init in ("imagenet", "finetune"):
@@ -173,6 +230,9 @@ def build_model(
         weights.load_weights_file(base, weights_file)
         base.trainable = is_finetune(init)
 
+    cut = unfreeze_cut(spec, train_cfg.unfreeze_after)
+    if cut is not None:  # the frozen base's last layers train: the ones after `cut`
+        unfreeze_after(base, cut)
     if init != "random":
         freeze_batchnorm(base)
     inputs = keras.Input(shape=shape, name="image")
@@ -181,7 +241,7 @@ def build_model(
         x = layer(x)
     # training=False documents the intent; it is freeze_batchnorm that keeps the statistics.
     x = base(x, training=False) if init != "random" else base(x)
-    x = layers.GlobalAveragePooling2D()(x) if train_cfg.head == "gap" else layers.Flatten()(x)
+    x = layers.GlobalAveragePooling2D()(x) if train_cfg.head in POOLED_HEADS else layers.Flatten()(x)
     if train_cfg.dropout:
         x = layers.Dropout(train_cfg.dropout)(x)
     if train_cfg.head == "paper":
