@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import h5py
+import keras
 import numpy as np
 import pandas as pd
+from keras.src.legacy.saving import legacy_h5_format
 from PIL import Image
 
 from covidtl.config import load_config
@@ -84,3 +87,11 @@ def make_workdir(tmp: Path, dataset: str = "tiny", files: list[Path] | None = No
     }
     settings.update(overrides)
     return load_config(ROOT_PARAMS, settings), table
+
+
+def save_keras_cache_file(base: keras.Model, path: Path) -> Path:
+    """Write weights in the legacy .h5 layout of the files keras.applications downloads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, base)
+    return path

@@ -6,18 +6,17 @@ import socket
 import time
 from pathlib import Path
 
-import h5py
 import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from keras.src.legacy.saving import legacy_h5_format
 
 from covidtl.cli import main
 from covidtl.config import load_config
 from covidtl.errors import UserError
 from covidtl.models import weights
 from covidtl.models.registry import MODELS, base_of, build_model, get_spec, init_label
+from helpers_train import save_keras_cache_file
 
 ROOT = Path(__file__).parents[1]
 SMALL = {"custom_cnn": 200, "inceptionv3": 75}  # the smallest inputs each accepts; others 32
@@ -30,13 +29,6 @@ def train_cfg():
 
 def small(name: str) -> int:
     return SMALL.get(name, 32)
-
-
-def save_keras_cache_file(base: keras.Model, path: Path) -> None:
-    """Write weights in the legacy .h5 layout of the files keras.applications downloads."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, base)
 
 
 def test_custom_cnn_is_table_1_exactly(train_cfg):

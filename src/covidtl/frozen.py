@@ -180,8 +180,11 @@ class FrozenTraining:
         rows = readable_rows(rows)
         if rows.empty:
             return rows, np.zeros(0, dtype=int), np.zeros((0, len(CLASSES)))
-        probs = self.parts.top.predict(self.features(rows), batch_size=4 * EXTRACT_BATCH, verbose=0)
-        return rows, label_indices(rows), np.asarray(probs, dtype=float)
+        features = self.features(rows)
+        # Plain calls, not Keras' predict: its traced function would be traced anew for each fold's top.
+        probs = np.concatenate([np.asarray(self.parts.top(features[i:i + 4 * EXTRACT_BATCH], training=False))
+                                for i in range(0, len(features), 4 * EXTRACT_BATCH)])
+        return rows, label_indices(rows), probs.astype(float)
 
 
 def _with_sha256(rows: pd.DataFrame) -> pd.DataFrame:
