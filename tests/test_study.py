@@ -35,6 +35,7 @@ TINY = {
 CELLS = ["custom_cnn-random-ct", "vgg16-random-ct", "vgg16-imagenet-ct", "custom_cnn-imagenet-ct"]
 WEIGHTS = {f"weights@{m}-{i}" for m in TINY["study.models"] for i in TINY["study.inits"]}
 VGG16_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+TINY_VGG16_SIZE = 32  # params.yaml's quick profile
 
 pytestmark = pytest.mark.timeout(1800)  # per test; the whole file: 3.4 min on 2 cores (8 min at load 9)
 
@@ -206,6 +207,13 @@ def test_weights_dropped_where_the_skip_message_says_train_exactly_their_cell(re
     assert "up to date" in _run(repo, "dvc", "status", "dvc.yaml").stdout
     table = pd.read_csv(repo / "reports" / "results.csv").set_index(["model", "init"])
     assert table.loc[("vgg16", "imagenet"), "status"] == "ok"
+    # Trained through the feature cache, at the size the params name, from the file it recorded.
+    card = json.loads((repo / "models/vgg16-imagenet-ct/model/card.json").read_text())
+    assert card["frozen_part"]["cut"] == "base" and card["image_size"] == TINY_VGG16_SIZE
+    assert card["init_weights"]["sha256"] == record["sha256"]
+    unit = repo / "data" / "cache" / "features" / card["frozen_part"]["feature_view"]
+    split = pd.read_csv(repo / "data/ct/split.csv")
+    assert len(list(unit.glob("*.feat"))) == split.loc[split["split"] != "train", "sha256"].nunique()
 
 
 def test_each_cell_declares_every_training_setting_it_reads():
