@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -36,13 +37,18 @@ def collect(ds):
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def assert_decoded(table, images, size):
+    """`images` are what the decode makes of `table`'s files, rounded to uint8."""
+    for path, image in zip(table["path"], images, strict=True):
+        decoded = decode_image(tf.constant(path), size).numpy()
+        np.testing.assert_array_equal(image, np.clip(np.round(decoded), 0, 255).astype(np.uint8))
+
+
 def test_cache_holds_the_decodes_pixels_rounded(table, tmp_path):
     cached = cached_images(table, 36, tmp_path / "cache")
     assert cached.images.shape == (len(table), 36, 36, 3) and cached.images.dtype == np.uint8
     assert set(table["mode"]) == {"L", "RGB", "RGBA"}
-    for path, image in zip(table["path"], cached.images):
-        decoded = decode_image(tf.constant(path), 36).numpy()
-        np.testing.assert_array_equal(image, np.clip(np.round(decoded), 0, 255).astype(np.uint8))
+    assert_decoded(table, cached.images, 36)
 
 
 def test_real_ct_slices_cache_as_they_decode(shared_data, tmp_path):
@@ -83,6 +89,45 @@ def test_a_build_without_its_index_counts_as_unfinished(table, tmp_path):
     rebuilt = cached_images(table, 32, tmp_path / "cache")
     assert index.exists() and rebuilt.images.shape == (len(table), 32, 32, 3)
     assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp" in p.name]  # no temporary left behind
+
+
+def truncate(npy: Path) -> None:
+    npy.write_bytes(npy.read_bytes()[:-100])
+
+
+def flip_a_pixel(npy: Path) -> None:
+    data = bytearray(npy.read_bytes())
+    data[-1] ^= 0xFF  # the last image's last pixel: same size, same header
+    npy.write_bytes(bytes(data))
+
+
+def break_the_index(npy: Path) -> None:
+    npy.with_suffix(".json").write_text('{"kept": [true, ')
+
+
+def index_from_before_the_checks(npy: Path) -> None:
+    index = npy.with_suffix(".json")
+    record = json.loads(index.read_text())
+    index.write_text(json.dumps({k: v for k, v in record.items() if k not in ("bytes", "sha256")}))
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    (truncate, "(truncated)"),
+    (flip_a_pixel, "its sha256 is not the one its index records"),
+    (break_the_index, "not valid JSON"),
+    (index_from_before_the_checks, "records no size and sha256"),
+])
+def test_a_damaged_cache_is_never_read_but_rebuilt(table, tmp_path, caplog, damage, said):
+    root = tmp_path / "cache"
+    npy = cached_images(table, 32, root).path
+    damage(npy)
+    with caplog.at_level(logging.WARNING, logger="covidtl.data.cache"):
+        rebuilt = cached_images(table, 32, root)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and said in warnings[0] and npy.stem in warnings[0], warnings
+        assert_decoded(table, rebuilt.images, 32)
+        caplog.clear()
+        assert cached_images(table, 32, root).path == npy and not caplog.records  # whole again: reused
 
 
 def test_cached_training_skips_a_corrupt_file_and_says_which(table, tmp_path, caplog):

@@ -7,6 +7,12 @@ of each file, rounded to uint8 (as the offline augmented set always stored it), 
 the files (path and content hash from the manifest), the size and the decode rules, so a changed
 manifest, size or rule builds a new cache and an unchanged one is reused by every run.
 
+The index also records the array's size and sha256, and each use checks both: a truncated or
+altered array (or an index that is not valid JSON, or one written before these checks) is never
+read but rebuilt, with one warning naming the file. The check reads the array once per run: its
+sha256 took 0.18 s for 1,762 images at 224 px (265 MB in the page cache; ~1 s from this machine's
+disk, pages the first epoch then finds cached), against ~34 s to build it.
+
 Caches of old manifests, sizes or rules are never read again; `prune` (`covidtl cache prune`)
 removes all but the most recently used ones. Each use touches the index, so its modification time
 is the cache's last use.
@@ -24,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidtl.files import atomic_path
+from covidtl.files import atomic_path, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +60,39 @@ def cached_images(table: pd.DataFrame, image_size: int, root: str | Path) -> Cac
     """The cache of `table`'s images at `image_size` under `root`, built first if it is missing."""
     key = cache_key(table, image_size)
     npy, index = Path(root) / f"{key}.npy", Path(root) / f"{key}.json"
-    if not (npy.exists() and index.exists()):
-        build(table, image_size, npy, index)
+    record = None
+    if npy.exists() and index.exists():
+        record, damage = _checked(npy, index)
+        if damage:
+            log.warning("rebuilding the decode cache: %s", damage)
+    if record is None:
+        record = build(table, image_size, npy, index)
     else:
         _mark_used(index)
-    kept = np.asarray(json.loads(index.read_text())["kept"], dtype=bool)
-    return Cached(np.load(npy, mmap_mode="r"), kept, npy)
+    return Cached(np.load(npy, mmap_mode="r"), np.asarray(record["kept"], dtype=bool), npy)
 
 
-def build(table: pd.DataFrame, image_size: int, npy: Path, index: Path) -> None:
-    """Decode every row in parallel into a temporary file, then rename; the index is written last,
-    so a killed build leaves no cache that looks complete."""
+def _checked(npy: Path, index: Path) -> tuple[dict | None, str | None]:
+    """The index of a whole cache, or None and what is wrong: the array is read only if its size
+    and sha256 are the ones its index recorded."""
+    try:
+        record = json.loads(index.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, f"{index}: not valid JSON (a damaged index)"
+    if not isinstance(record, dict) or not {"bytes", "sha256", "kept"} <= record.keys():
+        return None, f"{index}: records no size and sha256 of its array (written before they were checked)"
+    size = npy.stat().st_size
+    if size != record["bytes"]:
+        what = "truncated" if size < record["bytes"] else "longer than built"
+        return None, f"{npy}: {size} bytes where its index records {record['bytes']} ({what})"
+    if file_sha256(npy) != record["sha256"]:
+        return None, f"{npy}: its sha256 is not the one its index records (its bytes changed since the build)"
+    return record, None
+
+
+def build(table: pd.DataFrame, image_size: int, npy: Path, index: Path) -> dict:
+    """Decode every row in parallel into a temporary file, then rename; the index (returned) is
+    written last, so a killed build leaves no cache that looks complete."""
     import tensorflow as tf
 
     from covidtl.data.pipeline import resize_rgb
@@ -95,8 +123,12 @@ def build(table: pd.DataFrame, image_size: int, npy: Path, index: Path) -> None:
         del images
         if n < len(paths):  # rows that failed were left out: shrink to the rows kept
             _truncate(tmp, n)
+        # Of the final bytes, before the rename: the index never vouches for an array it did not see.
+        written = {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+    record = {"rules": DECODE_RULES, "size": image_size, "paths": paths, "kept": kept, **written}
     with atomic_path(index) as tmp:
-        tmp.write_text(json.dumps({"rules": DECODE_RULES, "size": image_size, "paths": paths, "kept": kept}))
+        tmp.write_text(json.dumps(record))
+    return record
 
 
 def _try_load(path) -> tuple[np.ndarray, np.bool_]:
