@@ -71,12 +71,11 @@ def rate(batches, limit: int | None) -> float:
 
 def worker_cache(job: dict) -> dict:
     from covidtl.data.cache import cached_images
-    from covidtl.data.pipeline import cache_dir
 
     cfg, start = config(job), time.perf_counter()
     n = 0
     for split in ("train", "val"):
-        n += len(cached_images(rows(job, split), job["size"], cache_dir(cfg)).images)
+        n += len(cached_images(rows(job, split), job["size"], cfg).images)
     return {"seconds": time.perf_counter() - start, "images": n}
 
 

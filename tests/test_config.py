@@ -34,6 +34,8 @@ def run(*args: str):
         ("profile=fast", "Error: profile: 'fast' is not defined under profiles in"),
         ("profiles.best={profile: paper}", "Error: profiles.best.profile: a profile cannot choose a profile"),
         ("train.label_smoothing=1.5", "Error: train.label_smoothing: 1.5 must be in [0, 1)"),
+        ("cache.max_gb=-1", "Error: cache.max_gb: -1.0 must be >= 0"),
+        ("cache.max_gb=lots", "Error: cache.max_gb: expected a number, got 'lots'"),
         ("study.profiles={fast: {models: [vgg16], inits: [random]}}", "Error: study.profiles.fast: not a profile"),
     ],
 )

@@ -67,6 +67,12 @@ class DataConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The caches under <data.workdir>/cache (decoded images, backbone features): one budget."""
+    max_gb: float  # least recently used caches are removed past this total; 0 = no limit
+
+
+@dataclass
 class IngestConfig:
     hash_size: int
     near_duplicate_bits: int
@@ -229,6 +235,7 @@ class EvalConfig:
 class Config:
     synth: SynthConfig
     data: DataConfig
+    cache: CacheConfig
     ingest: IngestConfig
     split: SplitConfig
     augment: AugmentConfig
@@ -495,6 +502,7 @@ def validate(cfg: Config) -> None:
         "augment.rotation": cfg.augment.rotation,
         "ingest.near_duplicate_bits": cfg.ingest.near_duplicate_bits,
         "tune.prune_after": cfg.tune.prune_after,
+        "cache.max_gb": cfg.cache.max_gb,
     }
     for key, value in non_negative.items():
         if value < 0:

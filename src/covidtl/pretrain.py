@@ -220,7 +220,7 @@ def pretrain(
     import tensorflow as tf
 
     from covidtl.data.cache import cached_images
-    from covidtl.data.pipeline import cache_dir, readable_rows
+    from covidtl.data.pipeline import readable_rows
     from covidtl.models.registry import get_spec, trainable_image_size
 
     pc = cfg.pretrain
@@ -237,7 +237,7 @@ def pretrain(
     # The same decoded uint8 images training reads (one cache per dataset's training rows).
     parts, kept_rows = [], []
     for name, group in rows.groupby("dataset", sort=False):
-        cached = cached_images(group.reset_index(drop=True), size, cache_dir(cfg))
+        cached = cached_images(group.reset_index(drop=True), size, cfg)
         parts.append(np.asarray(cached.images))
         kept_rows.append(group.reset_index(drop=True)[cached.kept])
     images = np.concatenate(parts)

@@ -104,23 +104,28 @@ COMMANDS.append(augment)
 # --- cache prune: owned by the performance work (issue 11) ---
 @click.group("cache")
 def cache() -> None:
-    """The decoded-image cache under data.workdir/cache."""
+    """The decoded-image and feature caches under data.workdir/cache."""
 
 
 @cache.command("prune")
 @click.option("--keep", type=click.IntRange(min=0), default=12, show_default=True,
-              help="How many of the most recently used caches to keep (one per split table and size).")
+              help="How many of the most recently used caches to keep (decode caches, one per split "
+                   "table and size, and feature views together).")
+@click.option("--max-gb", type=float, default=None,
+              help="Their total size to prune down to, least recently used first; 0 = no limit "
+                   "(default: cache.max_gb).")
 @click.pass_context
-def cache_prune(ctx: click.Context, keep: int) -> None:
-    """Remove all but the KEEP most recently used caches (a changed manifest, size or decode rule
-    leaves its old cache behind), and what killed builds left."""
-    from covidtl.data.cache import prune
+def cache_prune(ctx: click.Context, keep: int, max_gb: float | None) -> None:
+    """Remove the least recently used caches beyond KEEP or MAX_GB (a changed manifest, size or
+    decode rule leaves its old cache behind), and what killed builds left."""
+    from covidtl.data.cache import budget_bytes, prune
     from covidtl.data.pipeline import cache_dir
 
-    root = cache_dir(config_from(ctx))
-    pruned = prune(root, keep)
-    click.echo(f"cache prune: removed {len(pruned.removed)} files ({pruned.freed_bytes / 2**20:.1f} MiB), "
-               f"kept {pruned.kept} caches in {root}")
+    cfg = config_from(ctx, **{"cache.max_gb": max_gb})
+    root = cache_dir(cfg)
+    pruned = prune(root, keep, max_bytes=budget_bytes(cfg.cache.max_gb))
+    click.echo(f"cache prune: removed {pruned.files} files ({pruned.freed_bytes / 1e6:.1f} MB): "
+               f"{pruned.summary()}; kept {pruned.kept} caches ({pruned.kept_bytes / 1e9:.2f} GB) in {root}")
 
 
 COMMANDS.append(cache)

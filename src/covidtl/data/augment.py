@@ -63,10 +63,10 @@ def _write_size(cfg: Config, rows: pd.DataFrame, size: int, total: int, out: Pat
     from tqdm import tqdm
 
     from covidtl.data.cache import cached_images
-    from covidtl.data.pipeline import augment_batch, cache_dir
+    from covidtl.data.pipeline import augment_batch
 
     # The same decoded uint8 images training reads (built here if training has not yet).
-    cached = cached_images(rows, size, cache_dir(cfg))
+    cached = cached_images(rows, size, cfg)
     originals = cached.images
     rows = rows[cached.kept].reset_index(drop=True)
     total = min(total, len(rows) * cfg.augment.copies_per_image)

@@ -229,7 +229,7 @@ def _cached_batches(table, cfg: Config, image_size: int, training: bool, batch_s
     """Batches gathered from the memory-mapped cache by index: no decoding after the first build."""
     from covidtl.data.cache import cached_images
 
-    cached = cached_images(table, image_size, cache_dir(cfg))
+    cached = cached_images(table, image_size, cfg)
     images = cached.images
     labels = tf.one_hot(label_indices(table)[cached.kept], len(CLASSES))
 
