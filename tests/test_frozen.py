@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import keras
@@ -191,3 +192,19 @@ def test_view_digests_every_field():
     assert len(seen) == 12
     with pytest.raises(ValueError):
         dataclasses.replace(view, copy=1)  # an augmented copy without its augmentation settings
+
+
+def test_feature_views_share_the_decode_caches_budget(tmp_path):
+    """An older view is pruned when a run's new entries pass cache.max_gb; the run's own views stay."""
+    root = tmp_path / "data" / "cache" / "features"  # where a run's config puts them
+    plan, net, old = frozen_run(tmp_path)
+    old.cache = FeatureCache(root)
+    old.features(readable_rows(plan.train_rows), 1)
+    old_unit = old.cache.unit(old.view(1))
+    os.utime(old_unit / "view.json", (1, 1))  # used long ago
+    one_view = sum(f.stat().st_size for f in old_unit.iterdir())
+    plan, net, new = frozen_run(tmp_path, **{"cache.max_gb": 1.5 * one_view / 1e9, "augment.seed": 7})
+    new.cache = FeatureCache(root)
+    new.features(readable_rows(plan.train_rows), 1)  # room for one view, not two
+    assert not old_unit.exists()
+    assert (new.cache.unit(new.view(1)) / "view.json").is_file()

@@ -21,7 +21,7 @@ import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
 
-from covidtl.data.cache import DECODE_RULES
+from covidtl.data.cache import DECODE_RULES, enforce_budget
 from covidtl.data.pipeline import augment_image, cache_dir, copy_seed, decode_image, label_indices, readable_rows
 from covidtl.features import CLEAN, FEATURES_DIR, FeatureCache, View, values_sha256
 from covidtl.models.registry import base_of, has_frozen_base, preprocess_for, unfreeze_cut
@@ -100,6 +100,7 @@ class FrozenTraining:
             normalize=cfg.train.normalize, decode=CLEAN_DECODE,
         )
         self._forward: Callable | None = None
+        self.units: set[Path] = set()  # the views this run reads: never pruned under it
 
     # ---- views and features
 
@@ -116,7 +117,13 @@ class FrozenTraining:
         """`rows`' features for one copy, from the cache or computed into it."""
         if rows.empty:
             return np.zeros((0, *self.parts.feature_shape), np.float32)
-        return self.cache.features(self.view(copy), _with_sha256(rows), self._compute)
+        view = self.view(copy)
+        self.units.add(self.cache.unit(view))
+        computed = self.cache.counts.computed
+        features = self.cache.features(view, _with_sha256(rows), self._compute)
+        if self.cache.counts.computed > computed:  # new entries: the shared budget, this run's views kept
+            enforce_budget(self.plan.cfg, protect=self.units)
+        return features
 
     def _compute(self, rows: pd.DataFrame, view: View) -> np.ndarray:
         """The extractor on each row's image (augmented with the copy's own seed), in row order."""
