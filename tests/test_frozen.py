@@ -167,7 +167,7 @@ def test_a_cut_needs_a_frozen_base(tmp_path):
     donor = str(donor_file(tmp_path, size=32))
     assert cache_cut(plan_run(cfg, "vgg16", "finetune:" + donor, "tiny")) is None
     assert cache_cut(plan_run(cfg, "vgg16", donor, "tiny")) == BASE
-    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, feature_cache="off"))
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, feature_cache="none"))
     assert cache_cut(plan_run(off, "vgg16", donor, "tiny")) is None
 
 

@@ -154,7 +154,7 @@ class TrainConfig:
     warmup_epochs: int  # linear warm-up from 0 over this many epochs (0: none)
     tta: Literal["none", "flip", "flip_zoom"]  # test-time augmentation the saved model applies itself
     # Frozen parts computed once per image (covidtl.features, covidtl.frozen).
-    feature_cache: Literal["auto", "off"]
+    feature_cache: Literal["auto", "none"]
     feature_copies: int  # augmented copies stored per training image (0: the images as decoded)
     unfreeze_after: str  # none | top_block | a layer of the base: the layers after it train
     linear_probe: LinearProbeConfig

@@ -42,7 +42,7 @@ def cache_cut(plan) -> str | None:
     None when nothing is frozen or the cache is off. One replica only: the features are one
     process's, and a distributed run splits its batches across workers."""
     train = plan.cfg.train
-    if train.feature_cache == "off" or not has_frozen_base(plan.spec, plan.build_init):
+    if train.feature_cache == "none" or not has_frozen_base(plan.spec, plan.build_init):
         return None
     if int(plan.run_on.get("replicas", 1) or 1) > 1:
         return None
