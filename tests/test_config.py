@@ -34,6 +34,10 @@ def run(*args: str):
         ("profile=fast", "Error: profile: 'fast' is not defined under profiles in"),
         ("profiles.best={profile: paper}", "Error: profiles.best.profile: a profile cannot choose a profile"),
         ("train.label_smoothing=1.5", "Error: train.label_smoothing: 1.5 must be in [0, 1)"),
+        ("train.model=resnet9", "Error: train.model: 'resnet9' is not a model; choose one of custom_cnn, "
+                                "densenet121, resnet50, inceptionv3, resnet101v2, vgg16"),
+        ("train.init=imagenett", "Error: train.init: 'imagenett' is not an init; give random, imagenet, "
+                                 "finetune, pretrained, a weights file (.weights.h5 or .h5) or finetune:FILE"),
         ("study.profiles={fast: {models: [vgg16], inits: [random]}}", "Error: study.profiles.fast: not a profile"),
     ],
 )
@@ -154,3 +158,10 @@ def test_the_warm_up_leaves_at_least_one_epoch_of_the_schedule(tmp_path):
     schedule = learning_rate_schedule(1e-3, long, steps=10)
     assert float(schedule(0)) < float(schedule(9)) <= 1e-3 + 1e-9  # rising over the first epoch
     assert float(schedule(39)) < float(schedule(10))  # then the cosine falls to the last step
+
+
+@pytest.mark.parametrize("init", ["random", "finetune", "pretrained", "finetune:pretrained",
+                                  "data/pretrain/custom_cnn.weights.h5", "finetune:legacy.h5"])
+def test_train_init_takes_every_init_the_cli_takes(tmp_path, init):
+    cfg = config(tmp_path, **{"train.init": init})
+    assert (cfg.train.model, cfg.train.init) == ("custom_cnn", init)  # params.yaml's model

@@ -19,7 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
+from covidtl.cells import is_init
 from covidtl.errors import UserError
+from covidtl.pretrained import IMAGENET_FILES
 
 PARAMS_FILE = "params.yaml"
 
@@ -113,6 +115,9 @@ class StopConfig:
 
 @dataclass
 class TrainConfig:
+    # The recipe's model and init: what --model / --init auto (the CLI's default) resolve to.
+    model: str
+    init: str
     batch_size: int
     max_epochs: int
     seed: int
@@ -511,10 +516,21 @@ def validate(cfg: Config) -> None:
         if cls not in ("covid", "non_covid"):
             raise ConfigError(f"data.labels.{name}: {cls!r} must be covid or non_covid")
     _validate_external(cfg)
+    _validate_recipe(cfg)
     for name in cfg.study.profiles:
         if name == "paper" or name not in cfg.profiles:
             raise ConfigError(f"study.profiles.{name}: not a profile of `profiles` other than paper "
                               f"(known: {', '.join(sorted(set(cfg.profiles) - {'paper'})) or 'none'})")
+
+
+def _validate_recipe(cfg: Config) -> None:
+    """train.model: a model of the registry; train.init: an init `--init` takes."""
+    if cfg.train.model not in IMAGENET_FILES:  # the registry's names, without importing TensorFlow
+        raise ConfigError(f"train.model: {cfg.train.model!r} is not a model; choose one of "
+                          f"{', '.join(IMAGENET_FILES)}")
+    if not is_init(cfg.train.init):
+        raise ConfigError(f"train.init: {cfg.train.init!r} is not an init; give random, imagenet, finetune, "
+                          "pretrained, a weights file (.weights.h5 or .h5) or finetune:FILE")
 
 
 # An external set's name is a folder name (external/<dataset>/<cell>/<name>/) and an MLflow tag.
