@@ -251,6 +251,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_recipe(self, model: str, init: str | None = None) -> Config:
+        """This config with train.model (and train.init) set to what runs: what config.yaml and
+        MLflow then record, whatever --model / --init said."""
+        recipe = {"model": model} if init is None else {"model": model, "init": init}
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **recipe))
+
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, as logged to MLflow params (the chosen profile's values are in
         the fields it set; the other profiles are not this run's parameters)."""

@@ -392,6 +392,7 @@ def plan_run(
 ) -> Plan:
     """Resolve the run's data, input size and learning rate; refuse what cannot train."""
     spec = get_spec(model)
+    cfg = cfg.with_recipe(model, init)
     if lr is not None:
         cfg = with_learning_rate(cfg, model, lr)
     base_rate = learning_rate_for(spec, cfg.train)
