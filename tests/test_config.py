@@ -39,6 +39,14 @@ def run(*args: str):
         ("train.init=imagenett", "Error: train.init: 'imagenett' is not an init; give random, imagenet, "
                                  "finetune, pretrained, a weights file (.weights.h5 or .h5) or finetune:FILE"),
         ("study.profiles={fast: {models: [vgg16], inits: [random]}}", "Error: study.profiles.fast: not a profile"),
+        # A profile naming its model or init is what the study trains of it.
+        ("study.profiles.best.models=[vgg16]",
+         "Error: study.profiles.best.models: ['vgg16'] disagrees with profiles.best.train.model ('custom_cnn'); "
+         "set study.profiles.best.models to [custom_cnn] (or [] for no cells), or change profiles.best.train.model"),
+        ("study.profiles.best.inits=[random, pretrained]",
+         "Error: study.profiles.best.inits: ['random', 'pretrained'] disagrees with profiles.best.train.init"),
+        ("profiles.best={train.model: vgg16}",
+         "Error: study.profiles.best.models: ['custom_cnn'] disagrees with profiles.best.train.model ('vgg16')"),
     ],
 )
 def test_bad_override_is_one_line_and_exit_2(override, message):
@@ -165,3 +173,11 @@ def test_the_warm_up_leaves_at_least_one_epoch_of_the_schedule(tmp_path):
 def test_train_init_takes_every_init_the_cli_takes(tmp_path, init):
     cfg = config(tmp_path, **{"train.init": init})
     assert (cfg.train.model, cfg.train.init) == ("custom_cnn", init)  # params.yaml's model
+
+
+def test_the_best_profile_names_the_recipe_its_study_cells_train(tmp_path):
+    best = config(tmp_path, profile="best")
+    assert (best.train.model, best.train.init) == ("custom_cnn", "pretrained")
+    assert best.study.cells()[-1] == ("best", "custom_cnn", "pretrained")
+    # No cells of the profile ([]) stays the way to leave them out.
+    assert config(tmp_path, **{"study.profiles.best.models": []}).study.profiles["best"].models == []

@@ -527,6 +527,21 @@ def validate(cfg: Config) -> None:
         if name == "paper" or name not in cfg.profiles:
             raise ConfigError(f"study.profiles.{name}: not a profile of `profiles` other than paper "
                               f"(known: {', '.join(sorted(set(cfg.profiles) - {'paper'})) or 'none'})")
+    _validate_profile_cells(cfg)
+
+
+def _validate_profile_cells(cfg: Config) -> None:
+    """A profile that names its model or init is what the study trains of it: checked, not hand-kept."""
+    for name, cells in cfg.study.profiles.items():
+        recipe = cfg.profiles.get(name) or {}
+        for key, field in (("train.model", "models"), ("train.init", "inits")):
+            listed = getattr(cells, field)
+            # []: the documented way to run no cells of a profile (dvc.yaml, pretrain_best).
+            if key in recipe and listed not in ([], [recipe[key]]):
+                raise ConfigError(
+                    f"study.profiles.{name}.{field}: {listed} disagrees with profiles.{name}.{key} "
+                    f"({recipe[key]!r}); set study.profiles.{name}.{field} to [{recipe[key]}] (or [] "
+                    f"for no cells), or change profiles.{name}.{key}")
 
 
 def _validate_recipe(cfg: Config) -> None:
