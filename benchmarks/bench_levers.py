@@ -70,6 +70,8 @@ def train_once(args, row: str, seed: int) -> dict:
             if not args.pretrained:
                 raise SystemExit(f"--rows {row}: give --pretrained FILE (a `covidtl pretrain` weights file)")
             cmd += ["--init", str(args.pretrained)]
+        else:  # random weights whatever the row's profile names (best: train.init pretrained)
+            cmd += ["--init", "random"]
         log = args.out / f"{row}-seed{seed}.log"
         started = time.perf_counter()
         with open(log, "w") as sink:

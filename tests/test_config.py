@@ -36,7 +36,19 @@ def run(*args: str):
         ("train.label_smoothing=1.5", "Error: train.label_smoothing: 1.5 must be in [0, 1)"),
         ("cache.max_gb=-1", "Error: cache.max_gb: -1.0 must be >= 0"),
         ("cache.max_gb=lots", "Error: cache.max_gb: expected a number, got 'lots'"),
+        ("train.model=resnet9", "Error: train.model: 'resnet9' is not a model; choose one of custom_cnn, "
+                                "densenet121, resnet50, inceptionv3, resnet101v2, vgg16"),
+        ("train.init=imagenett", "Error: train.init: 'imagenett' is not an init; give random, imagenet, "
+                                 "finetune, pretrained, a weights file (.weights.h5 or .h5) or finetune:FILE"),
         ("study.profiles={fast: {models: [vgg16], inits: [random]}}", "Error: study.profiles.fast: not a profile"),
+        # A profile naming its model or init is what the study trains of it.
+        ("study.profiles.best.models=[vgg16]",
+         "Error: study.profiles.best.models: ['vgg16'] disagrees with profiles.best.train.model ('custom_cnn'); "
+         "set study.profiles.best.models to [custom_cnn] (or [] for no cells), or change profiles.best.train.model"),
+        ("study.profiles.best.inits=[random, pretrained]",
+         "Error: study.profiles.best.inits: ['random', 'pretrained'] disagrees with profiles.best.train.init"),
+        ("profiles.best={train.model: vgg16}",
+         "Error: study.profiles.best.models: ['custom_cnn'] disagrees with profiles.best.train.model ('vgg16')"),
     ],
 )
 def test_bad_override_is_one_line_and_exit_2(override, message):
@@ -156,3 +168,18 @@ def test_the_warm_up_leaves_at_least_one_epoch_of_the_schedule(tmp_path):
     schedule = learning_rate_schedule(1e-3, long, steps=10)
     assert float(schedule(0)) < float(schedule(9)) <= 1e-3 + 1e-9  # rising over the first epoch
     assert float(schedule(39)) < float(schedule(10))  # then the cosine falls to the last step
+
+
+@pytest.mark.parametrize("init", ["random", "finetune", "pretrained", "finetune:pretrained",
+                                  "data/pretrain/custom_cnn.weights.h5", "finetune:legacy.h5"])
+def test_train_init_takes_every_init_the_cli_takes(tmp_path, init):
+    cfg = config(tmp_path, **{"train.init": init})
+    assert (cfg.train.model, cfg.train.init) == ("custom_cnn", init)  # params.yaml's model
+
+
+def test_the_best_profile_names_the_recipe_its_study_cells_train(tmp_path):
+    best = config(tmp_path, profile="best")
+    assert (best.train.model, best.train.init) == ("custom_cnn", "pretrained")
+    assert best.study.cells()[-1] == ("best", "custom_cnn", "pretrained")
+    # No cells of the profile ([]) stays the way to leave them out.
+    assert config(tmp_path, **{"study.profiles.best.models": []}).study.profiles["best"].models == []

@@ -225,8 +225,12 @@ def test_each_cell_declares_every_training_setting_it_reads():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
     declared = set(stage["params"])
     per_model = {"learning_rates", "image_size"}  # declared per cell: train.<key>.${item.model}
+    # train.model / train.init are never read: each cell names its own on the command line.
+    assert "--model ${item.model} --init ${item.init} " in stage["cmd"]
     for field in fields(TrainConfig):
-        if field.name in per_model:
+        if field.name in ("model", "init"):
+            assert f"train.{field.name}" not in declared  # a new default must not re-run the paper's cells
+        elif field.name in per_model:
             assert f"train.{field.name}.${{item.model}}" in declared
         else:
             assert f"train.{field.name}" in declared, f"train.{field.name} missing from dvc.yaml"

@@ -44,6 +44,13 @@ def cell_name(model: str, init: str, dataset: str, profile: str = PAPER_PROFILE)
 
 
 FINETUNE_PREFIX = "finetune:"  # finetune:PATH: a weights file's base, fine-tuned like ImageNet's
+WEIGHTS_SUFFIXES = (".weights.h5", ".h5", ".hdf5")  # what a weights file's name ends in (Keras 3, legacy)
+
+
+def is_init(init: str) -> bool:
+    """Whether `--init` takes it: a named init, `finetune:pretrained`, or a weights file ([finetune:]PATH)."""
+    name = init.removeprefix(FINETUNE_PREFIX)
+    return init in INITS or name == PRETRAINED or name.endswith(WEIGHTS_SUFFIXES)
 
 
 def init_file(init: str) -> str | None:
@@ -66,7 +73,7 @@ def init_label(init: str) -> str:
     if init.startswith(FINETUNE_PREFIX):
         return f"finetune-{init_label(init.removeprefix(FINETUNE_PREFIX))}"
     name = init.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in (".weights.h5", ".h5", ".hdf5"):
+    for suffix in WEIGHTS_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break

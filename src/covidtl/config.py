@@ -19,7 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
+from covidtl.cells import is_init
 from covidtl.errors import UserError
+from covidtl.pretrained import IMAGENET_FILES
 
 PARAMS_FILE = "params.yaml"
 
@@ -126,6 +128,9 @@ class LinearProbeConfig:
 
 @dataclass
 class TrainConfig:
+    # The recipe's model and init: what --model / --init auto (the CLI's default) resolve to.
+    model: str
+    init: str
     batch_size: int
     max_epochs: int
     seed: int
@@ -264,6 +269,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_recipe(self, model: str, init: str | None = None) -> Config:
+        """This config with train.model (and train.init) set to what runs: what config.yaml and
+        MLflow then record, whatever --model / --init said."""
+        recipe = {"model": model} if init is None else {"model": model, "init": init}
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **recipe))
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, as logged to MLflow params (the chosen profile's values are in
@@ -539,10 +550,36 @@ def validate(cfg: Config) -> None:
         if cls not in ("covid", "non_covid"):
             raise ConfigError(f"data.labels.{name}: {cls!r} must be covid or non_covid")
     _validate_external(cfg)
+    _validate_recipe(cfg)
     for name in cfg.study.profiles:
         if name == "paper" or name not in cfg.profiles:
             raise ConfigError(f"study.profiles.{name}: not a profile of `profiles` other than paper "
                               f"(known: {', '.join(sorted(set(cfg.profiles) - {'paper'})) or 'none'})")
+    _validate_profile_cells(cfg)
+
+
+def _validate_profile_cells(cfg: Config) -> None:
+    """A profile that names its model or init is what the study trains of it: checked, not hand-kept."""
+    for name, cells in cfg.study.profiles.items():
+        recipe = cfg.profiles.get(name) or {}
+        for key, field in (("train.model", "models"), ("train.init", "inits")):
+            listed = getattr(cells, field)
+            # []: the documented way to run no cells of a profile (dvc.yaml, pretrain_best).
+            if key in recipe and listed not in ([], [recipe[key]]):
+                raise ConfigError(
+                    f"study.profiles.{name}.{field}: {listed} disagrees with profiles.{name}.{key} "
+                    f"({recipe[key]!r}); set study.profiles.{name}.{field} to [{recipe[key]}] (or [] "
+                    f"for no cells), or change profiles.{name}.{key}")
+
+
+def _validate_recipe(cfg: Config) -> None:
+    """train.model: a model of the registry; train.init: an init `--init` takes."""
+    if cfg.train.model not in IMAGENET_FILES:  # the registry's names, without importing TensorFlow
+        raise ConfigError(f"train.model: {cfg.train.model!r} is not a model; choose one of "
+                          f"{', '.join(IMAGENET_FILES)}")
+    if not is_init(cfg.train.init):
+        raise ConfigError(f"train.init: {cfg.train.init!r} is not an init; give random, imagenet, finetune, "
+                          "pretrained, a weights file (.weights.h5 or .h5) or finetune:FILE")
 
 
 # An external set's name is a folder name (external/<dataset>/<cell>/<name>/) and an MLflow tag.

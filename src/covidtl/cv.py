@@ -26,7 +26,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from covidtl import paths, tracking
-from covidtl.cells import FINETUNE_PREFIX, PREDICTION_COLUMNS, Cell, cell_name, init_file
+from covidtl.cells import FINETUNE_PREFIX, PREDICTION_COLUMNS, Cell, cell_name, init_file, is_finetune
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
@@ -82,9 +82,9 @@ class CVResult:
 
 
 def pretrained_init(init: str, weights_file: str | Path) -> str:
-    """`cv --pretrain`: the fold's own pretrained file, fine-tuned (`--init finetune`) or as a
-    plain weights file (any other init: a warm start for the custom CNN, a frozen base otherwise)."""
-    return f"{FINETUNE_PREFIX}{weights_file}" if init == "finetune" else str(weights_file)
+    """`cv --pretrain`: the fold's own pretrained file, fine-tuned (`--init finetune`, `finetune:...`)
+    or as a plain weights file (any other init: a warm start for the custom CNN, a frozen base otherwise)."""
+    return f"{FINETUNE_PREFIX}{weights_file}" if is_finetune(init) else str(weights_file)
 
 
 def cross_validate(
@@ -98,11 +98,13 @@ def cross_validate(
     from covidtl import train
     from covidtl.pretrain import check_not_leaking, pretrain as fit_pretrain, resolve_init
 
-    weights_file = init_file(resolve_init(cfg, model, init))
-    if weights_file is not None:  # pretraining is fitted to data: a file from another split leaks
-        check_not_leaking(weights_file, dataset)
-    if pretrain:
+    cfg = cfg.with_recipe(model, init)
+    if pretrain:  # the fold's file replaces any file the init names (`pretrained`'s is never read)
         init = pretrained_init(init, PRETRAINED_FILE)  # the fold's file, by the name it gets
+    else:
+        weights_file = init_file(resolve_init(cfg, model, init))
+        if weights_file is not None:  # pretraining is fitted to data: a file from another split leaks
+            check_not_leaking(weights_file, dataset)
     k = cfg.cv.folds
     out = Path(out_root if out_root is not None else cfg.cv.out) / dataset / cell_name(model, init, dataset, cfg.profile)
     manifest = tables.read_manifest(cfg, dataset)

@@ -89,8 +89,9 @@ def load_trained(model_uri: str, cfg: Config | None = None) -> LoadedModel:
     if info.run_id:
         run = mlflow.get_run(info.run_id)
         params, metrics = run.data.params, run.data.metrics
-    return LoadedModel(
-        model, params.get("model") or _name_from_model(model), params.get("init", "unknown"),
+    return LoadedModel(  # train.model / train.init: what ran (`model` may be `mlflow run`'s auto)
+        model, params.get("train.model") or params.get("model") or _name_from_model(model),
+        params.get("train.init") or params.get("init", "unknown"),
         params.get("train.preprocessing", _default_preprocessing(cfg)), info.run_id,
         metrics.get("operating_threshold"), params.get("dataset"),
     )

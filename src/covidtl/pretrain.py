@@ -225,6 +225,7 @@ def pretrain(
 
     pc = cfg.pretrain
     spec = get_spec(model)
+    cfg = cfg.with_recipe(model)
     size = trainable_image_size(spec, cfg.train)
     out = Path(out) if out is not None else default_out(cfg, model)
     if not out.name.endswith(".weights.h5"):

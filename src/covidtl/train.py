@@ -393,6 +393,7 @@ def plan_run(
 ) -> Plan:
     """Resolve the run's data, input size and learning rate; refuse what cannot train."""
     spec = get_spec(model)
+    cfg = cfg.with_recipe(model, init)
     if lr is not None:
         cfg = with_learning_rate(cfg, model, lr)
     base_rate = learning_rate_for(spec, cfg.train)
@@ -831,8 +832,12 @@ def log_plan(plan: Plan) -> None:
     mlflow.set_tags(run_tags(cfg, plan.model, plan.init, plan.dataset, kind="train"))
     tracking.log_config(cfg)
     # Names apart from `mlflow run`'s entry-point params (lr=auto...): MLflow forbids changes.
+    # model, init and dataset share theirs: a value `mlflow run` logged (model=auto) stays, and
+    # train.model / train.init say what ran.
+    asked = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    own = {"model": plan.model, "init": plan.init, "dataset": plan.dataset}
     mlflow.log_params({
-        "model": plan.model, "init": plan.init, "dataset": plan.dataset,
+        **{key: value for key, value in own.items() if key not in asked},
         "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
         "image_size": plan.image_size, "train_images": len(plan.train_rows),
         "val_images": len(plan.rows("val")), "test_images": len(plan.rows("test")),

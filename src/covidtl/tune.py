@@ -502,6 +502,7 @@ def run_study(
     """
     init, trials = cfg.tune.init, cfg.tune.trials
     get_spec(model)  # unknown model: one line listing the known ones
+    cfg = cfg.with_recipe(model, init)  # config.yaml of the search says what its trials train
     cfg.dataset(dataset)
     tracking.tracking_uri()  # a tracking server that does not answer: refused before the study is made
     span = lr_bounds(cfg, model, bounds)

@@ -108,9 +108,29 @@ class AutoInt(click.ParamType):
 
 
 AUTO_INT = AutoInt()
+AUTO = "auto"
+MODEL_HELP = "custom_cnn, densenet121, resnet50, inceptionv3, resnet101v2 or vgg16; auto = train.model."
 INIT_HELP = ("random | imagenet | finetune | PATH to a .weights.h5 file for the base (frozen; the custom CNN: "
              "a warm start) | finetune:PATH (fine-tuned at the lower rate) | pretrained (finetune:pretrained): "
-             "the file `covidtl pretrain` wrote with the same params.")
+             "the file `covidtl pretrain` wrote with the same params; auto = train.init.")
+
+
+def is_auto(value: str | None) -> bool:
+    """`auto` or nothing: the params file's value (MLproject passes `auto` by default)."""
+    return value is None or value.strip().lower() in ("", AUTO)
+
+
+def recipe_from(ctx: click.Context, model: str, init: str) -> tuple[str, str]:
+    """--model / --init, each `auto` resolved to train.model / train.init (the profile and -S applied)."""
+    if not (is_auto(model) or is_auto(init)):
+        return model, init  # both given: no params file is read
+    train = config_from(ctx).train
+    return (train.model if is_auto(model) else model), (train.init if is_auto(init) else init)
+
+
+def model_from(ctx: click.Context, model: str) -> str:
+    """--model of a command without --init (or with its own): `auto` = train.model."""
+    return config_from(ctx).train.model if is_auto(model) else model
 
 
 def scored_data_options(command):

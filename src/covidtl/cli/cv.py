@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import AUTO_INT, INIT_HELP, config_from
+from covidtl.cli import AUTO, AUTO_INT, INIT_HELP, MODEL_HELP, config_from, recipe_from
 from covidtl.cli.train import _rate
 
 
 @click.command("cv")
-@click.option("--model", required=True, help="custom_cnn, densenet121, resnet50, inceptionv3, resnet101v2 or vgg16.")
-@click.option("--init", default="random", show_default=True,
-              help=INIT_HELP)
+@click.option("--model", default=AUTO, show_default=True, help=MODEL_HELP)
+@click.option("--init", default=AUTO, show_default=True, help=INIT_HELP)
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
 @click.option("--folds", type=AUTO_INT, default=None, help="Number of folds; auto = cv.folds.")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Cap on epochs per fold; auto = train.max_epochs.")
@@ -19,7 +18,7 @@ from covidtl.cli.train import _rate
 @click.option("--out", default=None, help="Results go to OUT/<dataset>/<cell>/ (default cv.out).")
 @click.option("--pretrain", is_flag=True,
               help="Pretrain (SimCLR, params pretrain) inside each fold on its training rows, then train "
-              "from that file (--init finetune: fine-tuned; otherwise as a weights file).")
+              "from that file (--init finetune or finetune:pretrained: fine-tuned; otherwise as a weights file).")
 @click.option("--prepare/--no-prepare", default=True, show_default=True,
               help="Make a missing manifest first (synth, ingest), as `dvc repro ingest@DATASET`.")
 @click.pass_context
@@ -28,6 +27,7 @@ def cv(ctx, model, init, dataset, folds, epochs, lr, out, pretrain, prepare) -> 
 
     Every group is tested once by a model trained without it; prints the mean, spread and
     interval across folds and the pooled out-of-fold figures."""
+    model, init = recipe_from(ctx, model, init)
     cfg = config_from(ctx, **{"cv.folds": folds, "train.max_epochs": epochs})
     from covidtl.cv import cross_validate  # TensorFlow loads here, after the cheap checks
 

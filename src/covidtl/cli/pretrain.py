@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import AUTO_INT, config_from
+from covidtl.cli import AUTO, AUTO_INT, MODEL_HELP, config_from, model_from
 
 
 @click.command()
-@click.option("--model", required=True, help="custom_cnn, densenet121, resnet50, inceptionv3, resnet101v2 or vgg16.")
+@click.option("--model", default=AUTO, show_default=True, help=MODEL_HELP)
 @click.option("--datasets", default=None,
               help="Comma-separated datasets whose training split it learns from; auto = pretrain.datasets.")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Epochs; auto = pretrain.epochs.")
@@ -20,6 +20,7 @@ def pretrain(ctx, model, datasets, epochs, out, prepare) -> None:
     """Learn MODEL's backbone from the unlabelled training images (SimCLR); writes a weights file
     that `covidtl train --init FILE` (or --init finetune:FILE) loads, and its record beside it."""
     names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets and datasets != "auto" else None
+    model = model_from(ctx, model)
     cfg = config_from(ctx, **{"pretrain.epochs": epochs, "pretrain.datasets": names})
     from covidtl.mlflow_store import tracking_uri
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from covidtl.cli import AUTO_INT, INIT_HELP, config_from, scored_data_options
+from covidtl.cli import AUTO, AUTO_INT, INIT_HELP, MODEL_HELP, config_from, recipe_from, scored_data_options
 
 
 def _rate(value: str | None) -> float | None:
@@ -23,9 +23,8 @@ def _rate(value: str | None) -> float | None:
 
 
 @click.command()
-@click.option("--model", required=True, help="custom_cnn, densenet121, resnet50, inceptionv3, resnet101v2 or vgg16.")
-@click.option("--init", default="random", show_default=True,
-              help=INIT_HELP)
+@click.option("--model", default=AUTO, show_default=True, help=MODEL_HELP)
+@click.option("--init", default=AUTO, show_default=True, help=INIT_HELP)
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Cap on epochs; auto = train.max_epochs.")
 @click.option("--lr", default=None, help="Adam learning rate; auto = train.learning_rates.<model>; "
@@ -56,6 +55,7 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
     from covidtl.cells import write_skipped_cell
     from covidtl.pretrained import unavailable_reason
 
+    model, init = recipe_from(ctx, model, init)
     reason = unavailable_reason(model, init) if skip_unavailable else None
     if reason:
         # With --out the folder is given: no params file is needed to name it (a profile's is).

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import AUTO_INT, config_from
+from covidtl.cli import AUTO, AUTO_INT, MODEL_HELP, config_from, is_auto, model_from
 
 
 @click.command("tune")
-@click.option("--model", required=True, help="Registry name, e.g. custom_cnn or vgg16.")
+@click.option("--model", default=AUTO, show_default=True, help=MODEL_HELP)
 @click.option("--dataset", required=True, help="Dataset name from params.yaml, e.g. ct.")
 @click.option(
     "--trials", type=AUTO_INT, default=None,
@@ -19,7 +19,8 @@ from covidtl.cli import AUTO_INT, config_from
     "--total", is_flag=True,
     help="Count the study's finished trials towards --trials: stop once it holds that many.",
 )
-@click.option("--init", default=None, help="Init whose rate is searched [tune.init: random].")
+@click.option("--init", default=AUTO, show_default=True,
+              help="Init whose rate is searched; auto = tune.init (its own key: tune/dvc.yaml names its outputs by it).")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Epochs per trial [tune.epochs].")
 @click.option(
     "--storage", default=None, metavar="URL",
@@ -37,8 +38,9 @@ from covidtl.cli import AUTO_INT, config_from
 @click.pass_context
 def tune(ctx, model, dataset, trials, total, init, epochs, storage, bounds, enqueue) -> None:
     """Search the learning rate of MODEL on DATASET with Optuna (validation split only)."""
+    model = model_from(ctx, model)  # the searched init is tune.init's, not train.init's
     cfg = config_from(
-        ctx, **{"tune.trials": trials, "tune.epochs": epochs, "tune.init": init,
+        ctx, **{"tune.trials": trials, "tune.epochs": epochs, "tune.init": None if is_auto(init) else init,
                 "tune.storage": storage}
     )
     from covidtl.mlflow_store import tracking_uri
