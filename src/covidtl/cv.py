@@ -12,10 +12,17 @@ recipe learns from data is fitted inside that run, on its training rows only.
     cv/<dataset>/<cell>/folds.csv      one row per fold: its figures with intervals
     cv/<dataset>/<cell>/predictions.csv  every image, scored by the fold that held it out
     cv/<dataset>/<cell>/summary.json   mean, spread and a t interval across folds; pooled figures
+    cv/<dataset>/<cell>/cv_state.json  the parent MLflow run and a digest of the settings it ran
+
+The same command again (after a kill, say) reuses each fold whose cell finished with the same
+settings (its metrics.json digest), continues a fold's interrupted training from its checkpoint,
+and records it all in the same parent run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,11 +99,14 @@ def cross_validate(
     lr: float | None = None, pretrain: bool = False, say: Callable[[str], None] = lambda line: None,
 ) -> CVResult:
     """Train and test `model` from `init` once per fold; write and log the folds and their summary.
-    `pretrain`: first pretrain (SimCLR) on the fold's training rows, and train from that file."""
+    `pretrain`: first pretrain (SimCLR) on the fold's training rows, and train from that file.
+
+    Run again with the same settings, it reuses every finished fold and continues the one a kill
+    cut short (from its epoch checkpoint), inside the same parent MLflow run."""
     import mlflow
 
     from covidtl import train
-    from covidtl.pretrain import check_not_leaking, pretrain as fit_pretrain, resolve_init
+    from covidtl.pretrain import check_not_leaking, resolve_init
 
     weights_file = init_file(resolve_init(cfg, model, init))
     if weights_file is not None:  # pretraining is fitted to data: a file from another split leaks
@@ -104,34 +114,24 @@ def cross_validate(
     if pretrain:
         init = pretrained_init(init, PRETRAINED_FILE)  # the fold's file, by the name it gets
     k = cfg.cv.folds
-    out = Path(out_root if out_root is not None else cfg.cv.out) / dataset / cell_name(model, init, dataset, cfg.profile)
+    name = cell_name(model, init, dataset, cfg.profile)
+    out = Path(out_root if out_root is not None else cfg.cv.out) / dataset / name
     manifest = tables.read_manifest(cfg, dataset)
     folds = fold_tables(manifest, k, cfg.cv.seed, val_share(cfg))
     tracking.use_experiment(dataset)
     rows, predictions = [], []
-    with mlflow.start_run(run_name=f"cv {cell_name(model, init, dataset, cfg.profile)}") as parent:
+    with parent_run(out, cv_digest(cfg, model, init, dataset, lr), f"cv {name}", say) as parent:
         mlflow.set_tags({**train.run_tags(cfg, model, init, dataset, kind="cv"), "cv_folds": str(k)})
         tracking.log_config(cfg)
         for i, table in enumerate(folds, start=1):
-            fold_dir = out / f"fold-{i}"
-            split_file = tables.write_split_at(cfg, dataset, table, fold_dir / "split.csv")
-            say(f"fold {i}/{k}: {_counts(table)}")
-            fold_init = init
-            if pretrain:  # on this fold's training rows (and other datasets' training splits) only
-                done = fit_pretrain(cfg, model, out=fold_dir / PRETRAINED_FILE,
-                                    split_files={dataset: split_file}, nested=True, say=say)
-                fold_init = pretrained_init(init, done.weights_file)
-            result = train.train(
-                cfg, model, fold_init, dataset, lr=lr, run_name=f"fold {i}/{k}", nested=True,
-                out_dir=fold_dir / "cell", split_file=split_file, log_model=False,
-            )
-            fold_predictions = Cell(fold_dir / "cell").read_predictions()
+            fold = Fold(out / f"fold-{i}", i, k)
+            row = run_fold(cfg, model, init, dataset, fold, table, lr=lr, pretrain=pretrain, say=say)
+            fold_predictions = fold.cell.read_predictions()
             fold_predictions.insert(0, "fold", i)
             predictions.append(fold_predictions)
-            rows.append({"fold": i, "run_id": result.run_id, "epochs_used": result.epochs_used,
-                         **{key.removeprefix("test_"): value for key, value in result.metrics.items()}})
-            say(f"fold {i}/{k}: AUC {result.metrics.get('test_roc_auc', math.nan):.3f}, "
-                f"accuracy {result.metrics.get('test_accuracy', math.nan):.3f}")
+            rows.append(row)
+            say(f"fold {i}/{k}: AUC {row.get('roc_auc', math.nan):.3f}, "
+                f"accuracy {row.get('accuracy', math.nan):.3f}")
         per_fold = pd.DataFrame(rows)
         pooled = pd.concat(predictions, ignore_index=True)
         summary = summarise(cfg, per_fold, pooled, model=model, init=init, dataset=dataset,
@@ -142,6 +142,124 @@ def cross_validate(
         mlflow.log_artifact(str(out / "summary.json"))
         mlflow.log_artifact(str(out / "folds.csv"))
     return CVResult(out, per_fold, summary)
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+STATE_FILE = "cv_state.json"  # cv/<dataset>/<cell>/cv_state.json: the parent run and its settings
+
+
+def cv_digest(cfg: Config, model: str, init: str, dataset: str, lr: float | None) -> str:
+    """What must not change for a rerun to continue the same parent run: the settings and data."""
+    parts = [tracking.config_yaml(cfg), model, init, dataset, repr(lr),
+             tracking.file_sha256(paths.manifest_path(cfg, dataset))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def parent_run(out: Path, digest: str, run_name: str, say: Callable[[str], None]):
+    """The parent MLflow run: the one cv_state.json names when it ran these settings, else a new
+    one, recorded there (so one parent holds each fold once, across kills)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    state_file = out / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        state = {}
+    if state.get("digest") == digest and state.get("run_id"):
+        try:
+            run = mlflow.start_run(run_id=state["run_id"])
+        except MlflowException as exc:
+            raise UserError(
+                f"{state_file}: its run {state['run_id']} cannot be continued in {mlflow.get_tracking_uri()} "
+                f"({str(exc).splitlines()[0][:200]}); use the tracking URI it ran in, or delete "
+                f"{state_file} to start a new parent run") from None
+        say(f"cv: continuing run {state['run_id']} ({state_file})")
+        return run
+    run = mlflow.start_run(run_name=run_name)
+    atomic_write_text(state_file, json_text({"run_id": run.info.run_id, "digest": digest}))
+    return run
+
+
+@dataclass(frozen=True)
+class Fold:
+    """fold-<k>/ of a cv run: split.csv, cell/, and with --pretrain pretrain.weights.h5 (+ .json)."""
+
+    dir: Path
+    number: int
+    of: int
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.dir / "cell")
+
+    @property
+    def split_file(self) -> Path:
+        return self.dir / "split.csv"
+
+    @property
+    def label(self) -> str:
+        return f"fold {self.number}/{self.of}"
+
+
+def fold_digest(cfg: Config, model: str, init: str, dataset: str, lr: float | None, fold: Fold) -> str:
+    """The settings digest `train.train` records for this fold (its metrics.json, its checkpoint)."""
+    from covidtl import distribute, train
+
+    plan = train.plan_run(cfg, model, init, dataset, lr=lr, out_dir=fold.cell.dir, split_file=fold.split_file)
+    return train.run_digest(distribute.adapt(plan, distribute.setup(cfg.train)))
+
+
+def run_fold(
+    cfg: Config, model: str, init: str, dataset: str, fold: Fold, table: pd.DataFrame, *,
+    lr: float | None, pretrain: bool, say: Callable[[str], None],
+) -> dict[str, Any]:
+    """One fold's figures: read back from its cell when it finished with these settings before,
+    else after (pretraining and) training it; a checkpoint of these settings is continued."""
+    from covidtl import train
+    from covidtl.pretrain import pretrain as fit_pretrain, reuse_problem
+
+    split_file = tables.write_split_at(cfg, dataset, table, fold.split_file)
+    fold_init = pretrained_init(init, fold.dir / PRETRAINED_FILE) if pretrain else init
+    digest = fold_digest(cfg, model, fold_init, dataset, lr, fold)
+    pretrain_problem = (reuse_problem(cfg, model, fold.dir / PRETRAINED_FILE, {dataset: split_file})
+                        if pretrain else None)
+    done = fold.cell.read_metrics() or {}
+    if done.get("status") == "ok" and done.get("digest") == digest and pretrain_problem is None:
+        say(f"{fold.label}: done before (run {done.get('run_id')}), reused")
+        return fold_figures(fold)
+    say(f"{fold.label}: {_counts(table)}")
+    restart = False
+    if pretrain:  # on this fold's training rows (and other datasets' training splits) only
+        if pretrain_problem is None:
+            say(f"{fold.label}: {PRETRAINED_FILE} made from this split and these params before, reused")
+        else:
+            say(f"{fold.label}: pretraining ({pretrain_problem})")
+            fit_pretrain(cfg, model, out=fold.dir / PRETRAINED_FILE, split_files={dataset: split_file},
+                         nested=True, say=say)
+            restart = True  # a checkpoint trained from the file it replaced is no start
+    if _other_checkpoint(fold.cell, digest):
+        say(f"{fold.label}: {fold.cell.checkpoint_dir} holds a run of other settings; training anew")
+        restart = True
+    train.train(cfg, model, fold_init, dataset, lr=lr, run_name=fold.label, nested=True,
+                out_dir=fold.cell.dir, split_file=split_file, log_model=False, restart=restart, say=say)
+    return fold_figures(fold)
+
+
+def _other_checkpoint(cell: Cell, digest: str) -> bool:
+    found = cell.read_checkpoint()
+    return found is not None and found[0].get("digest") != digest
+
+
+def fold_figures(fold: Fold) -> dict[str, Any]:
+    """folds.csv's row: the fold's run, epochs and test figures, as its cell's metrics.json has them."""
+    record = fold.cell.read_metrics() or {}
+    figures = {key.removeprefix("test_"): math.nan if value is None else value
+               for key, value in record.items() if key.startswith("test_")}
+    return {"fold": fold.number, "run_id": record.get("run_id"), "epochs_used": record.get("epochs_used"),
+            **figures}
 
 
 def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about: Any) -> dict[str, Any]:
