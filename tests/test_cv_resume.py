@@ -79,6 +79,8 @@ def test_a_killed_cv_reuses_finished_folds_and_continues_the_cut_one(workdir):
     run1 = read_json(fold1 / "metrics.json")["run_id"]
     cut = read_json(fold2 / "checkpoint" / "state.json")
     model = (fold1 / "model" / "model.keras").stat()
+    cost1, cost2 = (read_json(out / f"fold-{k}" / "cost.json") for k in (1, 2))
+    assert cost1["complete"] and not cost2["complete"] and cost2["wall_seconds"] > 0
     parent = read_json(out / "cv_state.json")["run_id"]
     assert not (out / "summary.json").exists()
 
@@ -95,6 +97,10 @@ def test_a_killed_cv_reuses_finished_folds_and_continues_the_cut_one(workdir):
     folds = pd.read_csv(out / "folds.csv")
     assert summary["run_id"] == parent
     assert list(folds["run_id"][:2]) == [run1, cut["run_id"]]
+    # The cost across both runs: fold 1's as recorded, fold 2's from before the kill and after.
+    assert folds.loc[0, "wall_seconds"] == cost1["wall_seconds"]
+    assert folds.loc[1, "cpu_seconds"] > cost2["cpu_seconds"]
+    assert summary["compute"]["wall_seconds"] == pytest.approx(folds["wall_seconds"].sum())
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,8 +42,8 @@ from covidtl.files import atomic_write_text, json_text
 from covidtl.scores import Scores
 
 # The figures summarised across folds (each fold's test split, at 0.5 and at its operating point).
-FOLD_METRICS = ("roc_auc", "accuracy", "op_balanced_accuracy", "op_recall_covid", "op_recall_non_covid",
-                "ece")
+FOLD_METRICS = ("roc_auc", "accuracy", "op_accuracy", "op_balanced_accuracy", "op_recall_covid",
+                "op_recall_non_covid", "ece")
 
 PRETRAINED_FILE = "pretrain.weights.h5"  # cv --pretrain: fold-<k>/pretrain.weights.h5 (+ pretrain.json)
 
@@ -96,10 +97,12 @@ def pretrained_init(init: str, weights_file: str | Path) -> str:
 
 def cross_validate(
     cfg: Config, model: str, init: str, dataset: str, *, out_root: str | Path | None = None,
-    lr: float | None = None, pretrain: bool = False, say: Callable[[str], None] = lambda line: None,
+    lr: float | None = None, pretrain: bool = False, command: str | None = None,
+    say: Callable[[str], None] = lambda line: None,
 ) -> CVResult:
     """Train and test `model` from `init` once per fold; write and log the folds and their summary.
     `pretrain`: first pretrain (SimCLR) on the fold's training rows, and train from that file.
+    `command`: the command line that ran it, recorded in the summary (a results table prints it).
 
     Run again with the same settings, it reuses every finished fold and continues the one a kill
     cut short (from its epoch checkpoint), inside the same parent MLflow run."""
@@ -134,8 +137,8 @@ def cross_validate(
                 f"accuracy {row.get('accuracy', math.nan):.3f}")
         per_fold = pd.DataFrame(rows)
         pooled = pd.concat(predictions, ignore_index=True)
-        summary = summarise(cfg, per_fold, pooled, model=model, init=init, dataset=dataset,
-                            run_id=parent.info.run_id)
+        summary = summarise(cfg, per_fold, pooled, model=model, init=init, dataset=dataset, cell=name,
+                            profile=cfg.profile, run_id=parent.info.run_id, command=command)
         mlflow.log_metrics({key: value for key, value in _flat(summary).items()
                             if isinstance(value, float) and math.isfinite(value)})
         write(out, per_fold, pooled, summary)
@@ -148,6 +151,7 @@ def cross_validate(
 
 
 STATE_FILE = "cv_state.json"  # cv/<dataset>/<cell>/cv_state.json: the parent run and its settings
+COST_FILE = "cost.json"  # fold-<k>/cost.json: what the fold cost (FoldClock)
 
 
 def cv_digest(cfg: Config, model: str, init: str, dataset: str, lr: float | None) -> str:
@@ -229,8 +233,9 @@ def run_fold(
     done = fold.cell.read_metrics() or {}
     if done.get("status") == "ok" and done.get("digest") == digest and pretrain_problem is None:
         say(f"{fold.label}: done before (run {done.get('run_id')}), reused")
-        return fold_figures(fold)
+        return {**fold_figures(fold), **FoldClock(fold, digest).recorded()}
     say(f"{fold.label}: {_counts(table)}")
+    clock = FoldClock(fold, digest)
     restart = False
     if pretrain:  # on this fold's training rows (and other datasets' training splits) only
         if pretrain_problem is None:
@@ -239,13 +244,50 @@ def run_fold(
             say(f"{fold.label}: pretraining ({pretrain_problem})")
             fit_pretrain(cfg, model, out=fold.dir / PRETRAINED_FILE, split_files={dataset: split_file},
                          nested=True, say=say)
+            clock.save()
             restart = True  # a checkpoint trained from the file it replaced is no start
     if _other_checkpoint(fold.cell, digest):
         say(f"{fold.label}: {fold.cell.checkpoint_dir} holds a run of other settings; training anew")
         restart = True
     train.train(cfg, model, fold_init, dataset, lr=lr, run_name=fold.label, nested=True,
-                out_dir=fold.cell.dir, split_file=split_file, log_model=False, restart=restart, say=say)
-    return fold_figures(fold)
+                out_dir=fold.cell.dir, split_file=split_file, log_model=False, restart=restart, say=say,
+                extra_callbacks=[clock.callback()])
+    return {**fold_figures(fold), **clock.save(complete=True)}
+
+
+class FoldClock:
+    """Wall and CPU seconds (time.perf_counter, time.process_time) of a fold's pretraining and
+    training, in fold-<k>/cost.json as they accrue (after each epoch): a rerun that continues the
+    fold adds to what a kill left (losing at most the epoch it cut), a reused fold keeps them."""
+
+    def __init__(self, fold: Fold, digest: str):
+        self.file = fold.dir / COST_FILE
+        self.digest = digest
+        try:
+            record = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            record = {}
+        self.record = record if record.get("digest") == digest else {}
+        carried = self.record if not self.record.get("complete") else {}  # a finished fold starts over
+        self.wall_before = float(carried.get("wall_seconds") or 0.0)
+        self.cpu_before = float(carried.get("cpu_seconds") or 0.0)
+        self.wall_start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def recorded(self) -> dict[str, float]:
+        """A finished fold's figures as recorded (NaN for one finished before they were kept)."""
+        done = self.record if self.record.get("complete") else {}
+        return {key: float(done.get(key, math.nan)) for key in ("wall_seconds", "cpu_seconds")}
+
+    def save(self, complete: bool = False) -> dict[str, float]:
+        figures = {"wall_seconds": self.wall_before + time.perf_counter() - self.wall_start,
+                   "cpu_seconds": self.cpu_before + time.process_time() - self.cpu_start}
+        atomic_write_text(self.file, json_text({"digest": self.digest, **figures, "complete": complete}))
+        return figures
+
+    def callback(self):
+        import keras
+
+        return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: self.save())
 
 
 def _other_checkpoint(cell: Cell, digest: str) -> bool:
@@ -264,7 +306,8 @@ def fold_figures(fold: Fold) -> dict[str, Any]:
 
 def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about: Any) -> dict[str, Any]:
     """Across folds: mean, standard deviation and a t interval of the mean (the folds as the
-    sample); pooled: every out-of-fold prediction at once, with group bootstrap intervals."""
+    sample); pooled: every out-of-fold prediction at once, with group bootstrap intervals; patient:
+    one score per group (`patient_scores`); compute: the folds' seconds, summed."""
     from scipy import stats as scipy_stats
 
     across: dict[str, dict[str, float]] = {}
@@ -280,11 +323,17 @@ def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about
                         "min": float(values.min()) if n else math.nan,
                         "max": float(values.max()) if n else math.nan, "folds": n}
     scores = pooled_scores(pooled)
+    patients, mixed = patient_scores(pooled)
     return {
         **about, "folds": int(len(per_fold)), "confidence": cfg.eval.confidence,
         "images": int(len(pooled)), "groups": int(pooled["group"].nunique()),
         "across_folds": across,
         "pooled": scores.summary("pooled", cfg.eval),
+        "patient": {**patients.summary("patient", cfg.eval), "patient_groups": len(patients),
+                    "patient_mixed_groups": mixed},
+        # Summed over folds; NaN (null) if a fold's figures were never recorded.
+        "compute": {key: float(per_fold[key].to_numpy(float).sum()) if key in per_fold else math.nan
+                    for key in ("wall_seconds", "cpu_seconds")},
     }
 
 
@@ -293,6 +342,20 @@ def pooled_scores(pooled: pd.DataFrame) -> Scores:
     # Class indices in CLASSES order, as Scores expects them.
     y_index = pooled["actual"].map(paths.CLASSES.index).to_numpy(int)
     return Scores.of(y_index, pooled["p_covid"].to_numpy(float), pooled["group"].astype(str).to_numpy())
+
+
+def patient_scores(pooled: pd.DataFrame) -> tuple[Scores, int]:
+    """One score per patient group: the mean p_covid over its slices, and its label, the majority
+    of its slices' labels (a group of mixed labels, rare, takes its majority; a tie counts as
+    COVID). Also how many groups were mixed."""
+    covid = pooled["actual"] == paths.POSITIVE
+    by_group = pd.DataFrame({"group": pooled["group"].astype(str), "covid": covid,
+                             "p_covid": pooled["p_covid"].astype(float)}).groupby("group", sort=True)
+    share = by_group["covid"].mean()
+    positive = paths.CLASSES.index(paths.POSITIVE)
+    y_index = np.where(share.to_numpy() >= 0.5, positive, 1 - positive)
+    mixed = int(((share > 0) & (share < 1)).sum())
+    return Scores.of(y_index, by_group["p_covid"].mean().to_numpy(), share.index.to_numpy()), mixed
 
 
 def _clip01(value: float) -> float:
@@ -321,5 +384,7 @@ def _flat(summary: dict[str, Any]) -> dict[str, Any]:
         for stat in ("mean", "sd", "ci_low", "ci_high"):
             flat[f"cv_{name}_{stat}"] = values[stat]
     flat.update({f"cv_{key}": value for key, value in summary["pooled"].items()})
+    flat.update({f"cv_{key}": float(value) for key, value in summary["patient"].items()})
+    flat.update({f"cv_{key}": value for key, value in summary["compute"].items()})
     return flat
 

@@ -19,9 +19,16 @@ from covidtl.errors import UserError
 DEBUG_ENV = "COVIDTL_DEBUG"
 
 
+ARGV_KEY = "covidtl.argv"  # ctx.meta: the arguments the command line gave (command_line)
+
+
 class CovidtlGroup(click.Group):
     """Turns user errors into one line on stderr and exit status 2, never a traceback; a bug is
     one line too (exit 1), its traceback kept in a log file."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[ARGV_KEY] = list(args)  # shared with every sub-command's context
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -124,6 +131,13 @@ def scored_data_options(command):
     ]):
         command = option(command)
     return command
+
+
+def command_line(ctx: click.Context) -> str:
+    """The covidtl command line that is running, as a shell would take it back."""
+    import shlex
+
+    return shlex.join(["covidtl", *ctx.meta.get(ARGV_KEY, [])])
 
 
 def config_from(ctx: click.Context, **extra: Any) -> Config:
