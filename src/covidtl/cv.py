@@ -370,6 +370,30 @@ def write(out: Path, per_fold: pd.DataFrame, pooled: pd.DataFrame, summary: dict
     atomic_write_text(out / "summary.json", json_text(summary))
 
 
+def read_summary(out: str | Path) -> dict[str, Any]:
+    """A finished cv run's summary.json, or one line saying it is not one."""
+    path = Path(out) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{out}: no summary.json, not a finished `covidtl cv` run; give "
+                        "cv/<dataset>/<cell> (or run the same cv command again to finish it)") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({exc}); run the same cv command again to rewrite it") from None
+    if not isinstance(summary, dict) or "dataset" not in summary:
+        raise UserError(f"{path}: not a cv summary (no dataset); run the same cv command again to rewrite it")
+    return summary
+
+
+def read_predictions(out: str | Path) -> pd.DataFrame:
+    """A cv run's predictions.csv: every image (path as stored), its fold and out-of-fold p_covid."""
+    path = Path(out) / "predictions.csv"
+    try:
+        return pd.read_csv(path, dtype={"path": str, "group": str})
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({exc}); run the same cv command again to rewrite it") from None
+
+
 def _counts(table: pd.DataFrame) -> str:
     parts = []
     for split in ("train", "val", "test"):

@@ -150,10 +150,11 @@ def config_from(ctx: click.Context, **extra: Any) -> Config:
 def _register() -> None:
     # Each file holds one stage's commands; TensorFlow is imported only inside commands, so
     # `covidtl --help` stays fast.
-    from covidtl.cli import (cv, data, ensemble, explain, external, predict, pretrain, report, team, train,
-                             tune, weights)
+    from covidtl.cli import (cv, data, ensemble, explain, external, predict, pretrain, report, results, team,
+                             train, tune, weights)
 
-    for module in (data, weights, pretrain, train, cv, ensemble, tune, external, report, explain, predict, team):
+    for module in (data, weights, pretrain, train, cv, ensemble, tune, external, report, results, explain, predict,
+                   team):
         for command in module.COMMANDS:
             main.add_command(command)
 
