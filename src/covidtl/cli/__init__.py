@@ -120,17 +120,21 @@ INIT_HELP = ("random | imagenet | finetune | PATH to a .weights.h5 file for the 
              "the file `covidtl pretrain` wrote with the same params.")
 
 
-def scored_data_options(command):
-    """--model-uri, --data and --split: what every command that scores a trained model reads."""
-    for option in reversed([
-        click.option("--model-uri", required=True,
-                     help="runs:/<run_id>/model, models:/<name>/<version>, or a model.keras (or its folder)."),
-        click.option("--data", required=True, help="A dataset of params.yaml, or any folder of class folders."),
-        click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
-                     show_default=True, help="Which split of a dataset (a folder is scored whole)."),
-    ]):
-        command = option(command)
-    return command
+def scored_data_options(command=None, *, required: bool = True):
+    """--model-uri, --data and --split: what every command that scores a trained model reads
+    (`required=False`: a command that can take its models and data from elsewhere checks them)."""
+    def add(command):
+        for option in reversed([
+            click.option("--model-uri", required=required,
+                         help="runs:/<run_id>/model, models:/<name>/<version>, or a model.keras (or its folder)."),
+            click.option("--data", required=required, help="A dataset of params.yaml, or any folder of class folders."),
+            click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
+                         show_default=True, help="Which split of a dataset (a folder is scored whole)."),
+        ]):
+            command = option(command)
+        return command
+
+    return add(command) if command is not None else add
 
 
 def command_line(ctx: click.Context) -> str:
