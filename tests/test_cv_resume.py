@@ -124,13 +124,21 @@ def test_other_settings_retrain_every_fold_and_the_same_ones_reuse_them(workdir)
         assert result.exit_code == 0, result.output
         return result.output, pd.read_csv(out / "folds.csv"), json.loads((out / "summary.json").read_text())
 
+    def probed() -> None:  # what `covidtl probe --cv` leaves
+        (out / "probe").mkdir(exist_ok=True)
+        (out / "probe" / "probe.json").write_text('{"shortcut_risk": false}')
+
     _, first, first_summary = cv()
+    probed()
     output, seeded, seeded_summary = cv("-S", "train.seed=1")
+    assert not (out / "probe").exists()  # it judged the models retrained
     assert "reused" not in output and "continuing run" not in output
     assert not set(seeded["run_id"]) & set(first["run_id"])  # each fold a new run
     assert seeded_summary["run_id"] != first_summary["run_id"]  # and a new parent
 
+    probed()
     output, again, again_summary = cv("-S", "train.seed=1")
+    assert (out / "probe" / "probe.json").is_file()  # the same models: their verdict stands
     assert "fold 1/2: done before" in output and "fold 2/2: done before" in output
     assert list(again["run_id"]) == list(seeded["run_id"])
     assert again_summary["run_id"] == seeded_summary["run_id"]

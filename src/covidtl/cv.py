@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,7 @@ def run_fold(
         say(f"{fold.label}: done before (run {done.get('run_id')}), reused")
         return {**fold_figures(fold), **FoldClock(fold, digest).recorded()}
     say(f"{fold.label}: {_counts(table)}")
+    shutil.rmtree(fold.dir.parent / "probe", ignore_errors=True)  # `probe --cv` judged the models replaced
     clock = FoldClock(fold, digest)
     restart = False
     if pretrain:  # on this fold's training rows (and other datasets' training splits) only
