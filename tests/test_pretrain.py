@@ -192,13 +192,14 @@ def test_cv_pretrain_fits_each_folds_file_on_that_folds_training_rows(synth_data
     from covidtl.cli import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    result = CliRunner().invoke(main, [
+    settings = [
         "--params", str(ROOT / "params.yaml"), "-S", f"data.workdir={tmp_path / 'data'}",
         "-S", f"data.datasets.ct.path={synth_data / 'ct'}", "-S", "train.batch_size=8",
         "-S", "eval.bootstrap=0", "-S", "pretrain.datasets=[ct]", "-S", "pretrain.batch_size=16",
-        "cv", "--model", "custom_cnn", "--dataset", "ct", "--folds", "2", "--epochs", "1", "--pretrain",
-        "--out", str(tmp_path / "cv"),
-    ])
+    ]
+    command = ["cv", "--model", "custom_cnn", "--dataset", "ct", "--folds", "2", "--epochs", "1", "--pretrain",
+               "--out", str(tmp_path / "cv")]
+    result = CliRunner().invoke(main, settings + command)
     assert result.exit_code == 0, result.output
     out = tmp_path / "cv" / "ct" / "custom_cnn-file-pretrain-ct"
     assert len(pd.read_csv(out / "folds.csv")) == 2
@@ -211,3 +212,30 @@ def test_cv_pretrain_fits_each_folds_file_on_that_folds_training_rows(synth_data
         assert record["datasets"]["ct"]["split_file"].endswith(f"fold-{k}/split.csv")
         card = json.loads((fold / "cell" / "model" / "card.json").read_text())
         assert card["init"].endswith(f"fold-{k}/pretrain.weights.h5")
+
+    # Another training seed: each fold trains again, from the file its split and params made.
+    files = {k: (out / f"fold-{k}" / "pretrain.weights.h5").stat() for k in (1, 2)}
+    runs = list(pd.read_csv(out / "folds.csv")["run_id"])
+    again = CliRunner().invoke(main, settings + ["-S", "train.seed=1"] + command)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("pretrain.weights.h5 made from this split and these params before, reused") == 2
+    assert "pretrain epoch" not in again.output
+    for k in (1, 2):
+        now = (out / f"fold-{k}" / "pretrain.weights.h5").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (files[k].st_ino, files[k].st_mtime_ns)
+    assert not set(pd.read_csv(out / "folds.csv")["run_id"]) & set(runs)
+
+
+def test_a_pretrained_file_is_reused_only_for_its_own_split_and_params(pretrained):
+    import dataclasses
+
+    from covidtl.pretrain import reuse_problem
+
+    cfg, table, result, _, tmp = pretrained
+    assert reuse_problem(cfg, "custom_cnn", result.weights_file) is None
+    reseeded = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, seed=cfg.pretrain.seed + 1))
+    assert reuse_problem(reseeded, "custom_cnn", result.weights_file) == "custom_cnn.json: seed was 0, now 1"
+    other_split = tmp / "other-split.csv"
+    table.assign(split="train").to_csv(other_split, index=False)
+    assert "not the one it was made from" in reuse_problem(cfg, "custom_cnn", result.weights_file, {"tiny": other_split})
+    assert "missing" in reuse_problem(cfg, "custom_cnn", tmp / "none.weights.h5")

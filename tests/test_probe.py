@@ -243,3 +243,69 @@ def test_a_model_outside_a_cell_needs_out_and_a_missing_one_is_named(tmp_path):
     (tmp_path / "model.keras").write_bytes(b"")  # the check happens before any model is read
     out = CliRunner().invoke(main, ["probe", "--model-uri", str(tmp_path / "model.keras"), "--data", "xray"])
     assert out.exit_code == 2 and "give --out" in out.output
+
+
+# --------------------------------------------------------------------------- a cross-validated recipe
+
+
+def test_pooled_grad_cam_weighs_each_fold_by_its_images():
+    def part(value: float, labels: list[int], shares: list[float]):
+        cams = pr.CamSummary(grid=(4, 4), shares=np.array(shares))
+        for index in set(labels):
+            cams.mean_map[CLASSES[index]] = np.full((2, 2), value)
+            cams.samples[CLASSES[index]] = [(None, None, value)]
+        return cams, np.array(labels)
+
+    pooled = pr.pool_cams([part(1.0, [0, 1, 1], [0.2, 0.4, 0.6]), part(4.0, [1], [np.nan])], samples=3)
+    assert pooled.mean_map[CLASSES[1]] == pytest.approx(np.full((2, 2), 2.0))  # (2 x 1 + 1 x 4) / 3
+    assert pooled.mean_map[CLASSES[0]] == pytest.approx(np.full((2, 2), 1.0))
+    assert pooled.outside_all == pytest.approx(0.4) and pooled.outside[CLASSES[1]] == pytest.approx(0.5)
+    assert [p for _, _, p in pooled.samples[CLASSES[1]]] == [1.0, 4.0]
+    coarse = pr.pool_cams([(pr.CamSummary(note="too coarse"), np.array([0]))], samples=3)
+    assert coarse.outside_all is None and coarse.note == "too coarse"
+
+
+def test_a_cross_validated_recipe_is_probed_fold_by_fold_and_judged_once(tmp_path, monkeypatch, store):
+    from sklearn.metrics import roc_auc_score
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    files = write_xray_like(tmp_path / "images", 18, marker=True, seed=1)
+    _, table = make_workdir(tmp_path, files=files)
+    manifest = table.drop(columns="split").assign(dhash=table["sha256"].str[:16])
+    manifest.to_csv(tmp_path / "data" / "tiny" / "manifest.csv", index=False)
+    settings = ["--params", str(Path(__file__).parents[1] / "params.yaml"),
+                "-S", f"data.workdir={tmp_path / 'data'}", "-S", f"data.datasets.tiny.path={tmp_path / 'images'}",
+                "-S", f"cv.out={tmp_path / 'cv'}", "-S", "train.batch_size=8", "-S", "train.stop.val_loss=-1",
+                "-S", "train.head_units=32", "-S", "train.bn_recalibration_batches=2", "-S", "eval.bootstrap=200",
+                "-S", "augment.horizontal_flip=false", "-S", "augment.zoom=0", "-S", "augment.rotation=0"]
+    ran = CliRunner().invoke(main, settings + ["cv", "--model", "custom_cnn", "--dataset", "tiny", "--folds", "3",
+                                               "--epochs", "4", "--no-prepare"])
+    assert ran.exit_code == 0, ran.output
+    cv_dir = tmp_path / "cv" / "tiny" / "custom_cnn-random-tiny"
+
+    out = CliRunner().invoke(main, settings + ["probe", "--cv", str(cv_dir)])
+    assert out.exit_code == 0, out.output
+    saved = json.loads((cv_dir / "probe" / "probe.json").read_text())
+    tested = [int((pd.read_csv(cv_dir / f"fold-{k}" / "split.csv")["split"] == "test").sum()) for k in (1, 2, 3)]
+    assert [f["images"] for f in saved["folds"]] == tested and saved["images"] == sum(tested) == len(files)
+    variants = pd.read_csv(cv_dir / "probe" / "probe.csv")
+    assert (variants["images"] == len(files)).all()  # every image once, by the fold that held it out
+    # The original images score as the cv scored them out of fold.
+    pooled = pd.read_csv(cv_dir / "predictions.csv")
+    original = variants.set_index("variant").loc["original"]
+    assert original["roc_auc"] == pytest.approx(roc_auc_score(pooled["actual"] == "covid", pooled["p_covid"]), abs=1e-3)
+    judged = pr.verdict(variants, saved["gradcam_outside_lungs"])
+    assert saved["shortcut_risk"] == judged["shortcut_risk"] and saved["sentence"] == judged["sentence"]
+    assert f"shortcut_risk: {str(judged['shortcut_risk']).lower()}" in out.output
+    parent = json.loads((cv_dir / "summary.json").read_text())["run_id"]
+    assert mlflow.get_run(parent).data.metrics["probe_shortcut_risk"] == float(judged["shortcut_risk"])
+
+    table = CliRunner().invoke(main, settings + ["results"])
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.output.splitlines() if line.startswith("| custom_cnn-random-tiny "))
+    assert row.rstrip(" |").endswith("shortcut risk" if judged["shortcut_risk"] else "no sign found")
+
+    both = CliRunner().invoke(main, settings + ["probe", "--cv", str(cv_dir), "--data", "tiny"])
+    assert both.exit_code == 2 and "drop --model-uri, --data and --split" in both.output
+    neither = CliRunner().invoke(main, settings + ["probe"])
+    assert neither.exit_code == 2 and "give --model-uri and --data" in neither.output

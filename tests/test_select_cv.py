@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import keras
@@ -197,10 +198,9 @@ def test_cli_cv_trains_each_fold_and_summarises(synth_data, tmp_path):
     base = ["--params", str(ROOT / "params.yaml"), "-S", f"data.workdir={tmp_path / 'data'}",
             "-S", f"data.datasets.ct.path={synth_data / 'ct'}",
             "-S", "train.batch_size=8", "-S", "eval.bootstrap=200"]
-    result = CliRunner().invoke(main, base + [
-        "cv", "--model", "custom_cnn", "--dataset", "ct", "--folds", "3", "--epochs", "1",
-        "--out", str(tmp_path / "cv"),
-    ])
+    args = base + ["cv", "--model", "custom_cnn", "--dataset", "ct", "--folds", "3", "--epochs", "1",
+                   "--out", str(tmp_path / "cv")]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     out = tmp_path / "cv" / "ct" / "custom_cnn-random-ct"
     summary = json.loads((out / "summary.json").read_text())
@@ -215,12 +215,37 @@ def test_cli_cv_trains_each_fold_and_summarises(synth_data, tmp_path):
     assert summary["pooled"]["pooled_roc_auc"] == pytest.approx(
         roc_auc_score(pooled["actual"] == "covid", pooled["p_covid"]))
     assert "roc_auc: mean" in result.output and "pooled out-of-fold" in result.output
+    # At the operating point, per patient, what it cost and what ran it.
+    assert summary["across_folds"]["op_accuracy"]["mean"] == pytest.approx(folds["op_accuracy"].mean())
+    by_group = pooled.groupby("group").agg(p=("p_covid", "mean"), covid=("actual", lambda a: (a == "covid").mean()))
+    patient = summary["patient"]
+    assert patient["patient_groups"] == manifest["group"].nunique() == len(by_group)
+    assert patient["patient_roc_auc"] == pytest.approx(roc_auc_score(by_group["covid"] >= 0.5, by_group["p"]))
+    assert patient["patient_roc_auc_ci_low"] <= patient["patient_roc_auc"] <= patient["patient_roc_auc_ci_high"]
+    assert (folds["wall_seconds"] > 0).all() and (folds["cpu_seconds"] > 0).all()
+    assert summary["compute"]["wall_seconds"] == pytest.approx(folds["wall_seconds"].sum())
+    assert summary["compute"]["cpu_seconds"] == pytest.approx(folds["cpu_seconds"].sum())
+    assert summary["command"] == shlex.join(["covidtl", *args])
+    assert (summary["cell"], summary["profile"]) == ("custom_cnn-random-ct", "paper")
     client = MlflowClient()
     parent = client.get_run(summary["run_id"])
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 3 and parent.data.tags["kind"] == "cv"
     assert parent.data.metrics["cv_roc_auc_mean"] == pytest.approx(auc["mean"])
+
+
+def test_a_patient_scores_the_mean_of_its_slices_and_takes_their_majority_label():
+    pooled = pd.DataFrame({
+        "group": ["a", "a", "a", "b", "b", "c", "c"],
+        "actual": ["covid", "covid", "non_covid", "covid", "non_covid", "non_covid", "non_covid"],
+        "p_covid": [0.9, 0.6, 0.3, 0.2, 0.4, 0.1, 0.5],
+    })
+    scores, mixed = cv.patient_scores(pooled)
+    assert mixed == 2  # a (2 of 3 COVID) and b (a tie)
+    assert list(scores.y_true) == [1, 1, 0]  # CLASSES order: a and b count as COVID, c not
+    assert scores.p_covid == pytest.approx([0.6, 0.3, 0.3])
+    assert list(scores.groups) == ["a", "b", "c"]
 
 
 def test_the_interval_of_a_fold_mean_stays_inside_0_1(tmp_path):

@@ -55,20 +55,40 @@ def pairs(cells: list[Scored]) -> list[tuple[Scored, Scored, str]]:
     return out
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Two models' predictions on the images both scored, joined on the image path."""
+
+    joined: pd.DataFrame  # every column of each, suffixed _a and _b
+    y: np.ndarray  # class indices in CLASSES order
+    pa: np.ndarray
+    pb: np.ndarray
+    groups: np.ndarray | None  # patient groups: what the paired bootstrap resamples
+
+
+def paired(a: pd.DataFrame, b: pd.DataFrame) -> Paired:
+    """Predictions (path, group, actual, p_covid) of two models, on the paths both hold."""
+    joined = a.merge(b, on="path", suffixes=("_a", "_b"))
+    y = joined["actual_a"].map({name: i for i, name in enumerate(CLASSES)}).to_numpy()
+    groups = joined["group_a"].astype(str).to_numpy() if "group_a" in joined else None
+    return Paired(joined, y, joined["p_covid_a"].to_numpy(float), joined["p_covid_b"].to_numpy(float), groups)
+
+
+def resamples(cfg: EvalConfig) -> int:
+    return cfg.bootstrap or 2000  # a comparison without an interval says nothing
+
+
 def compare(a: Scored, b: Scored, question: str, cfg: EvalConfig) -> list[dict]:
     """Accuracy (paired bootstrap) and ROC AUC (DeLong, bootstrap interval) of a minus b."""
-    joined = a.predictions.merge(b.predictions, on="path", suffixes=("_a", "_b"))
-    if joined.empty:
+    both = paired(a.predictions, b.predictions)
+    if both.joined.empty:
         return []
-    y = joined["actual_a"].map({name: i for i, name in enumerate(CLASSES)}).to_numpy()
-    pa, pb = joined["p_covid_a"].to_numpy(float), joined["p_covid_b"].to_numpy(float)
-    groups = joined["group_a"].astype(str).to_numpy() if "group_a" in joined else None
-    resamples = cfg.bootstrap or 2000  # a comparison without an interval says nothing
+    joined, y, pa, pb, groups = both.joined, both.y, both.pa, both.pb, both.groups
     rows = []
     for metric in ("accuracy", "roc_auc"):
         if metric == "roc_auc" and len(np.unique(y)) < 2:
             continue
-        diff = stats.paired_difference(y, pa, pb, groups, metric=metric, resamples=resamples,
+        diff = stats.paired_difference(y, pa, pb, groups, metric=metric, resamples=resamples(cfg),
                                        confidence=cfg.confidence, seed=cfg.seed)
         p_value, test = diff.p_value, "paired group bootstrap"
         if metric == "roc_auc":

@@ -12,11 +12,20 @@ recipe learns from data is fitted inside that run, on its training rows only.
     cv/<dataset>/<cell>/folds.csv      one row per fold: its figures with intervals
     cv/<dataset>/<cell>/predictions.csv  every image, scored by the fold that held it out
     cv/<dataset>/<cell>/summary.json   mean, spread and a t interval across folds; pooled figures
+    cv/<dataset>/<cell>/cv_state.json  the parent MLflow run and a digest of the settings it ran
+
+The same command again (after a kill, say) reuses each fold whose cell finished with the same
+settings (its metrics.json digest), continues a fold's interrupted training from its checkpoint,
+and records it all in the same parent run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,8 +43,8 @@ from covidtl.files import atomic_write_text, json_text
 from covidtl.scores import Scores
 
 # The figures summarised across folds (each fold's test split, at 0.5 and at its operating point).
-FOLD_METRICS = ("roc_auc", "accuracy", "op_balanced_accuracy", "op_recall_covid", "op_recall_non_covid",
-                "ece")
+FOLD_METRICS = ("roc_auc", "accuracy", "op_accuracy", "op_balanced_accuracy", "op_recall_covid",
+                "op_recall_non_covid", "ece")
 
 PRETRAINED_FILE = "pretrain.weights.h5"  # cv --pretrain: fold-<k>/pretrain.weights.h5 (+ pretrain.json)
 
@@ -89,14 +98,19 @@ def pretrained_init(init: str, weights_file: str | Path) -> str:
 
 def cross_validate(
     cfg: Config, model: str, init: str, dataset: str, *, out_root: str | Path | None = None,
-    lr: float | None = None, pretrain: bool = False, say: Callable[[str], None] = lambda line: None,
+    lr: float | None = None, pretrain: bool = False, command: str | None = None,
+    say: Callable[[str], None] = lambda line: None,
 ) -> CVResult:
     """Train and test `model` from `init` once per fold; write and log the folds and their summary.
-    `pretrain`: first pretrain (SimCLR) on the fold's training rows, and train from that file."""
+    `pretrain`: first pretrain (SimCLR) on the fold's training rows, and train from that file.
+    `command`: the command line that ran it, recorded in the summary (a results table prints it).
+
+    Run again with the same settings, it reuses every finished fold and continues the one a kill
+    cut short (from its epoch checkpoint), inside the same parent MLflow run."""
     import mlflow
 
     from covidtl import train
-    from covidtl.pretrain import check_not_leaking, pretrain as fit_pretrain, resolve_init
+    from covidtl.pretrain import check_not_leaking, resolve_init
 
     cfg = cfg.with_recipe(model, init)
     if pretrain:  # the fold's file replaces any file the init names (`pretrained`'s is never read)
@@ -106,38 +120,28 @@ def cross_validate(
         if weights_file is not None:  # pretraining is fitted to data: a file from another split leaks
             check_not_leaking(weights_file, dataset)
     k = cfg.cv.folds
-    out = Path(out_root if out_root is not None else cfg.cv.out) / dataset / cell_name(model, init, dataset, cfg.profile)
+    name = cell_name(model, init, dataset, cfg.profile)
+    out = Path(out_root if out_root is not None else cfg.cv.out) / dataset / name
     manifest = tables.read_manifest(cfg, dataset)
     folds = fold_tables(manifest, k, cfg.cv.seed, val_share(cfg))
     tracking.use_experiment(dataset)
     rows, predictions = [], []
-    with mlflow.start_run(run_name=f"cv {cell_name(model, init, dataset, cfg.profile)}") as parent:
+    with parent_run(out, cv_digest(cfg, model, init, dataset, lr), f"cv {name}", say) as parent:
         mlflow.set_tags({**train.run_tags(cfg, model, init, dataset, kind="cv"), "cv_folds": str(k)})
         tracking.log_config(cfg)
         for i, table in enumerate(folds, start=1):
-            fold_dir = out / f"fold-{i}"
-            split_file = tables.write_split_at(cfg, dataset, table, fold_dir / "split.csv")
-            say(f"fold {i}/{k}: {_counts(table)}")
-            fold_init = init
-            if pretrain:  # on this fold's training rows (and other datasets' training splits) only
-                done = fit_pretrain(cfg, model, out=fold_dir / PRETRAINED_FILE,
-                                    split_files={dataset: split_file}, nested=True, say=say)
-                fold_init = pretrained_init(init, done.weights_file)
-            result = train.train(
-                cfg, model, fold_init, dataset, lr=lr, run_name=f"fold {i}/{k}", nested=True,
-                out_dir=fold_dir / "cell", split_file=split_file, log_model=False,
-            )
-            fold_predictions = Cell(fold_dir / "cell").read_predictions()
+            fold = Fold(out / f"fold-{i}", i, k)
+            row = run_fold(cfg, model, init, dataset, fold, table, lr=lr, pretrain=pretrain, say=say)
+            fold_predictions = fold.cell.read_predictions()
             fold_predictions.insert(0, "fold", i)
             predictions.append(fold_predictions)
-            rows.append({"fold": i, "run_id": result.run_id, "epochs_used": result.epochs_used,
-                         **{key.removeprefix("test_"): value for key, value in result.metrics.items()}})
-            say(f"fold {i}/{k}: AUC {result.metrics.get('test_roc_auc', math.nan):.3f}, "
-                f"accuracy {result.metrics.get('test_accuracy', math.nan):.3f}")
+            rows.append(row)
+            say(f"fold {i}/{k}: AUC {row.get('roc_auc', math.nan):.3f}, "
+                f"accuracy {row.get('accuracy', math.nan):.3f}")
         per_fold = pd.DataFrame(rows)
         pooled = pd.concat(predictions, ignore_index=True)
-        summary = summarise(cfg, per_fold, pooled, model=model, init=init, dataset=dataset,
-                            run_id=parent.info.run_id)
+        summary = summarise(cfg, per_fold, pooled, model=model, init=init, dataset=dataset, cell=name,
+                            profile=cfg.profile, run_id=parent.info.run_id, command=command)
         mlflow.log_metrics({key: value for key, value in _flat(summary).items()
                             if isinstance(value, float) and math.isfinite(value)})
         write(out, per_fold, pooled, summary)
@@ -146,9 +150,168 @@ def cross_validate(
     return CVResult(out, per_fold, summary)
 
 
+# --------------------------------------------------------------------------- resuming
+
+
+STATE_FILE = "cv_state.json"  # cv/<dataset>/<cell>/cv_state.json: the parent run and its settings
+COST_FILE = "cost.json"  # fold-<k>/cost.json: what the fold cost (FoldClock)
+
+
+def cv_digest(cfg: Config, model: str, init: str, dataset: str, lr: float | None) -> str:
+    """What must not change for a rerun to continue the same parent run: the settings and data."""
+    parts = [tracking.config_yaml(cfg), model, init, dataset, repr(lr),
+             tracking.file_sha256(paths.manifest_path(cfg, dataset))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def parent_run(out: Path, digest: str, run_name: str, say: Callable[[str], None]):
+    """The parent MLflow run: the one cv_state.json names when it ran these settings, else a new
+    one, recorded there (so one parent holds each fold once, across kills)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    state_file = out / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        state = {}
+    if state.get("digest") == digest and state.get("run_id"):
+        try:
+            run = mlflow.start_run(run_id=state["run_id"])
+        except MlflowException as exc:
+            raise UserError(
+                f"{state_file}: its run {state['run_id']} cannot be continued in {mlflow.get_tracking_uri()} "
+                f"({str(exc).splitlines()[0][:200]}); use the tracking URI it ran in, or delete "
+                f"{state_file} to start a new parent run") from None
+        say(f"cv: continuing run {state['run_id']} ({state_file})")
+        return run
+    run = mlflow.start_run(run_name=run_name)
+    atomic_write_text(state_file, json_text({"run_id": run.info.run_id, "digest": digest}))
+    return run
+
+
+@dataclass(frozen=True)
+class Fold:
+    """fold-<k>/ of a cv run: split.csv, cell/, and with --pretrain pretrain.weights.h5 (+ .json)."""
+
+    dir: Path
+    number: int
+    of: int
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.dir / "cell")
+
+    @property
+    def split_file(self) -> Path:
+        return self.dir / "split.csv"
+
+    @property
+    def label(self) -> str:
+        return f"fold {self.number}/{self.of}"
+
+
+def fold_digest(cfg: Config, model: str, init: str, dataset: str, lr: float | None, fold: Fold) -> str:
+    """The settings digest `train.train` records for this fold (its metrics.json, its checkpoint)."""
+    from covidtl import distribute, train
+
+    plan = train.plan_run(cfg, model, init, dataset, lr=lr, out_dir=fold.cell.dir, split_file=fold.split_file)
+    return train.run_digest(distribute.adapt(plan, distribute.setup(cfg.train)))
+
+
+def run_fold(
+    cfg: Config, model: str, init: str, dataset: str, fold: Fold, table: pd.DataFrame, *,
+    lr: float | None, pretrain: bool, say: Callable[[str], None],
+) -> dict[str, Any]:
+    """One fold's figures: read back from its cell when it finished with these settings before,
+    else after (pretraining and) training it; a checkpoint of these settings is continued."""
+    from covidtl import train
+    from covidtl.pretrain import pretrain as fit_pretrain, reuse_problem
+
+    split_file = tables.write_split_at(cfg, dataset, table, fold.split_file)
+    fold_init = pretrained_init(init, fold.dir / PRETRAINED_FILE) if pretrain else init
+    digest = fold_digest(cfg, model, fold_init, dataset, lr, fold)
+    pretrain_problem = (reuse_problem(cfg, model, fold.dir / PRETRAINED_FILE, {dataset: split_file})
+                        if pretrain else None)
+    done = fold.cell.read_metrics() or {}
+    if done.get("status") == "ok" and done.get("digest") == digest and pretrain_problem is None:
+        say(f"{fold.label}: done before (run {done.get('run_id')}), reused")
+        return {**fold_figures(fold), **FoldClock(fold, digest).recorded()}
+    say(f"{fold.label}: {_counts(table)}")
+    shutil.rmtree(fold.dir.parent / "probe", ignore_errors=True)  # `probe --cv` judged the models replaced
+    clock = FoldClock(fold, digest)
+    restart = False
+    if pretrain:  # on this fold's training rows (and other datasets' training splits) only
+        if pretrain_problem is None:
+            say(f"{fold.label}: {PRETRAINED_FILE} made from this split and these params before, reused")
+        else:
+            say(f"{fold.label}: pretraining ({pretrain_problem})")
+            fit_pretrain(cfg, model, out=fold.dir / PRETRAINED_FILE, split_files={dataset: split_file},
+                         nested=True, say=say)
+            clock.save()
+            restart = True  # a checkpoint trained from the file it replaced is no start
+    if _other_checkpoint(fold.cell, digest):
+        say(f"{fold.label}: {fold.cell.checkpoint_dir} holds a run of other settings; training anew")
+        restart = True
+    train.train(cfg, model, fold_init, dataset, lr=lr, run_name=fold.label, nested=True,
+                out_dir=fold.cell.dir, split_file=split_file, log_model=False, restart=restart, say=say,
+                extra_callbacks=[clock.callback()])
+    return {**fold_figures(fold), **clock.save(complete=True)}
+
+
+class FoldClock:
+    """Wall and CPU seconds (time.perf_counter, time.process_time) of a fold's pretraining and
+    training, in fold-<k>/cost.json as they accrue (after each epoch): a rerun that continues the
+    fold adds to what a kill left (losing at most the epoch it cut), a reused fold keeps them."""
+
+    def __init__(self, fold: Fold, digest: str):
+        self.file = fold.dir / COST_FILE
+        self.digest = digest
+        try:
+            record = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            record = {}
+        self.record = record if record.get("digest") == digest else {}
+        carried = self.record if not self.record.get("complete") else {}  # a finished fold starts over
+        self.wall_before = float(carried.get("wall_seconds") or 0.0)
+        self.cpu_before = float(carried.get("cpu_seconds") or 0.0)
+        self.wall_start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def recorded(self) -> dict[str, float]:
+        """A finished fold's figures as recorded (NaN for one finished before they were kept)."""
+        done = self.record if self.record.get("complete") else {}
+        return {key: float(done.get(key, math.nan)) for key in ("wall_seconds", "cpu_seconds")}
+
+    def save(self, complete: bool = False) -> dict[str, float]:
+        figures = {"wall_seconds": self.wall_before + time.perf_counter() - self.wall_start,
+                   "cpu_seconds": self.cpu_before + time.process_time() - self.cpu_start}
+        atomic_write_text(self.file, json_text({"digest": self.digest, **figures, "complete": complete}))
+        return figures
+
+    def callback(self):
+        import keras
+
+        return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: self.save())
+
+
+def _other_checkpoint(cell: Cell, digest: str) -> bool:
+    found = cell.read_checkpoint()
+    return found is not None and found[0].get("digest") != digest
+
+
+def fold_figures(fold: Fold) -> dict[str, Any]:
+    """folds.csv's row: the fold's run, epochs and test figures, as its cell's metrics.json has them."""
+    record = fold.cell.read_metrics() or {}
+    figures = {key.removeprefix("test_"): math.nan if value is None else value
+               for key, value in record.items() if key.startswith("test_")}
+    return {"fold": fold.number, "run_id": record.get("run_id"), "epochs_used": record.get("epochs_used"),
+            **figures}
+
+
 def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about: Any) -> dict[str, Any]:
     """Across folds: mean, standard deviation and a t interval of the mean (the folds as the
-    sample); pooled: every out-of-fold prediction at once, with group bootstrap intervals."""
+    sample); pooled: every out-of-fold prediction at once, with group bootstrap intervals; patient:
+    one score per group (`patient_scores`); compute: the folds' seconds, summed."""
     from scipy import stats as scipy_stats
 
     across: dict[str, dict[str, float]] = {}
@@ -164,11 +327,17 @@ def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about
                         "min": float(values.min()) if n else math.nan,
                         "max": float(values.max()) if n else math.nan, "folds": n}
     scores = pooled_scores(pooled)
+    patients, mixed = patient_scores(pooled)
     return {
         **about, "folds": int(len(per_fold)), "confidence": cfg.eval.confidence,
         "images": int(len(pooled)), "groups": int(pooled["group"].nunique()),
         "across_folds": across,
         "pooled": scores.summary("pooled", cfg.eval),
+        "patient": {**patients.summary("patient", cfg.eval), "patient_groups": len(patients),
+                    "patient_mixed_groups": mixed},
+        # Summed over folds; NaN (null) if a fold's figures were never recorded.
+        "compute": {key: float(per_fold[key].to_numpy(float).sum()) if key in per_fold else math.nan
+                    for key in ("wall_seconds", "cpu_seconds")},
     }
 
 
@@ -177,6 +346,20 @@ def pooled_scores(pooled: pd.DataFrame) -> Scores:
     # Class indices in CLASSES order, as Scores expects them.
     y_index = pooled["actual"].map(paths.CLASSES.index).to_numpy(int)
     return Scores.of(y_index, pooled["p_covid"].to_numpy(float), pooled["group"].astype(str).to_numpy())
+
+
+def patient_scores(pooled: pd.DataFrame) -> tuple[Scores, int]:
+    """One score per patient group: the mean p_covid over its slices, and its label, the majority
+    of its slices' labels (a group of mixed labels, rare, takes its majority; a tie counts as
+    COVID). Also how many groups were mixed."""
+    covid = pooled["actual"] == paths.POSITIVE
+    by_group = pd.DataFrame({"group": pooled["group"].astype(str), "covid": covid,
+                             "p_covid": pooled["p_covid"].astype(float)}).groupby("group", sort=True)
+    share = by_group["covid"].mean()
+    positive = paths.CLASSES.index(paths.POSITIVE)
+    y_index = np.where(share.to_numpy() >= 0.5, positive, 1 - positive)
+    mixed = int(((share > 0) & (share < 1)).sum())
+    return Scores.of(y_index, by_group["p_covid"].mean().to_numpy(), share.index.to_numpy()), mixed
 
 
 def _clip01(value: float) -> float:
@@ -189,6 +372,30 @@ def write(out: Path, per_fold: pd.DataFrame, pooled: pd.DataFrame, summary: dict
     atomic_write_text(out / "folds.csv", per_fold.to_csv(index=False))
     atomic_write_text(out / "predictions.csv", pooled[["fold", *PREDICTION_COLUMNS]].to_csv(index=False))
     atomic_write_text(out / "summary.json", json_text(summary))
+
+
+def read_summary(out: str | Path) -> dict[str, Any]:
+    """A finished cv run's summary.json, or one line saying it is not one."""
+    path = Path(out) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{out}: no summary.json, not a finished `covidtl cv` run; give "
+                        "cv/<dataset>/<cell> (or run the same cv command again to finish it)") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({exc}); run the same cv command again to rewrite it") from None
+    if not isinstance(summary, dict) or "dataset" not in summary:
+        raise UserError(f"{path}: not a cv summary (no dataset); run the same cv command again to rewrite it")
+    return summary
+
+
+def read_predictions(out: str | Path) -> pd.DataFrame:
+    """A cv run's predictions.csv: every image (path as stored), its fold and out-of-fold p_covid."""
+    path = Path(out) / "predictions.csv"
+    try:
+        return pd.read_csv(path, dtype={"path": str, "group": str})
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({exc}); run the same cv command again to rewrite it") from None
 
 
 def _counts(table: pd.DataFrame) -> str:
@@ -205,5 +412,7 @@ def _flat(summary: dict[str, Any]) -> dict[str, Any]:
         for stat in ("mean", "sd", "ci_low", "ci_high"):
             flat[f"cv_{name}_{stat}"] = values[stat]
     flat.update({f"cv_{key}": value for key, value in summary["pooled"].items()})
+    flat.update({f"cv_{key}": float(value) for key, value in summary["patient"].items()})
+    flat.update({f"cv_{key}": value for key, value in summary["compute"].items()})
     return flat
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -299,6 +299,48 @@ def _save_weights(model, out: Path) -> Path:
     return out
 
 
+def settings(cfg: Config, model: str, size: int) -> dict[str, Any]:
+    """What a weights file is made with besides its images: recorded, and compared before reuse.
+    The views' augmentation and the custom CNN's input layers and dropout shape what it learns."""
+    return {
+        "model": model, "method": "simclr", "image_size": size, "head": cfg.train.head,
+        "epochs": cfg.pretrain.epochs, "batch_size": cfg.pretrain.batch_size,
+        "temperature": cfg.pretrain.temperature, "learning_rate": cfg.pretrain.learning_rate,
+        "seed": cfg.pretrain.seed, "preprocessing": cfg.train.preprocessing,
+        "crop": cfg.train.crop, "normalize": cfg.train.normalize, "dropout": cfg.train.dropout,
+        "augment": asdict(cfg.augment),
+    }
+
+
+def reuse_problem(cfg: Config, model: str, weights_file: str | Path,
+                  split_files: dict[str, Path] | None = None) -> str | None:
+    """Why `weights_file` is not the file `pretrain` would make now from these params and split
+    tables (its record says otherwise, or it is missing); None when it is, and can be reused."""
+    from covidtl.models.registry import get_spec, trainable_image_size
+
+    weights_file = Path(weights_file)
+    try:
+        record = read_record(weights_file) if weights_file.is_file() else None
+    except UserError:
+        record = None
+    if record is None:
+        return f"{weights_file}: missing, or without its record {record_path(weights_file).name}"
+    if record.get("weights_sha256") != tracking.file_sha256(weights_file):
+        return f"{weights_file}: not the file its record describes"
+    now = settings(cfg, model, trainable_image_size(get_spec(model), cfg.train))
+    for key, value in now.items():
+        if record.get(key) != value:
+            return f"{record_path(weights_file).name}: {key} was {record.get(key)}, now {value}"
+    made_from = record.get("datasets", {})
+    if sorted(made_from) != sorted(cfg.pretrain.datasets):
+        return f"{record_path(weights_file).name}: made from {sorted(made_from)}, now {sorted(cfg.pretrain.datasets)}"
+    for name in cfg.pretrain.datasets:
+        split_file = Path((split_files or {}).get(name) or paths.split_path(cfg, name))
+        if made_from[name].get("split_sha256") != tracking.file_sha256(split_file):
+            return f"{name}'s split table {split_file} is not the one it was made from"
+    return None
+
+
 def _record(cfg: Config, model: str, size: int, used: pd.DataFrame, losses: list[float],
             weights_file: Path, run_id: str, seconds: float) -> dict[str, Any]:
     """Which images (split table, sha256, files) and settings made the weights file."""
@@ -312,12 +354,9 @@ def _record(cfg: Config, model: str, size: int, used: pd.DataFrame, losses: list
             "files": sorted(tables.relative_to_root(p, root) for p in group["path"]),
         }
     return {
-        "model": model, "method": "simclr", "image_size": size, "head": cfg.train.head,
+        **settings(cfg, model, size),
         "weights_file": weights_file.name, "weights_sha256": tracking.file_sha256(weights_file),
         "holds": "classifier (head untrained)" if model == "custom_cnn" else "base",
-        "epochs": cfg.pretrain.epochs, "batch_size": cfg.pretrain.batch_size,
-        "temperature": cfg.pretrain.temperature, "learning_rate": cfg.pretrain.learning_rate,
-        "seed": cfg.pretrain.seed, "preprocessing": cfg.train.preprocessing,
         "loss": losses, "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1),
         "images": int(len(used)), "datasets": datasets, "run_id": run_id,
         "git_commit": tracking.git_commit(),

@@ -5,7 +5,9 @@ kept, with only the centre kept, and shrunk or shifted a little. A model that st
 COVID from non-COVID with the lungs hidden, or whose Grad-CAM weight lies mostly outside the lung
 region, has learnt where its images came from: it will likely fail on X-rays from elsewhere.
 `covidtl probe` writes probe.csv / probe_classes.csv / probe.json / probe.png; a study cell's
-probe lives in `models/<cell>/probe/`, and its verdict goes into the cell's model card.
+probe lives in `models/<cell>/probe/`, and its verdict goes into the cell's model card. A
+cross-validated recipe (`covidtl probe --cv cv/<dataset>/<cell>`) is probed fold by fold, each
+model on its own test fold, and judged once on the pooled images, in `cv/<dataset>/<cell>/probe/`.
 
 The masks are numpy only; TensorFlow is imported where a model runs (cards read verdicts cheaply).
 """
@@ -224,6 +226,7 @@ class CamSummary:
     samples: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = field(default_factory=dict)
     note: str = ""
     grid: tuple[int, int] | None = None  # the feature map's size: the map's real resolution
+    shares: np.ndarray | None = None  # per image: its share outside the lungs (NaN: not measurable)
 
 
 def outside_share(heatmaps: np.ndarray, margin: float = LUNG_MARGIN) -> np.ndarray:
@@ -281,6 +284,7 @@ def gradcam_summary(model, preprocess, images: np.ndarray, y_true: np.ndarray, p
         summary.note = (f"Grad-CAM map {grid[0]}x{grid[1]}: too coarse to tell inside from outside "
                         "the lung region")
         share = np.full(len(maps), np.nan)
+    summary.shares = share
     summary.outside_all = float(np.nanmean(share)) if np.isfinite(share).any() else None
     for index, label in enumerate(CLASSES):
         rows = np.flatnonzero(y_true == index)
@@ -370,13 +374,10 @@ def probe(
     *, samples: int = 3, log: bool = True, say: Callable[[str], None] = print,
 ) -> ProbeResult:
     """Score `model_uri` on `data` under every variant, explain it, judge it and write the files."""
-    from covidtl import tracking
     from covidtl.cells import Cell
-    from covidtl.data.pipeline import label_indices, readable_rows
+    from covidtl.data.pipeline import readable_rows
     from covidtl.errors import UserError
     from covidtl.evaluate import SPLITS, load_rows, load_trained, model_files
-    from covidtl.explain import load_image
-    from covidtl.models.registry import get_spec, preprocess_for
 
     if split not in SPLITS:
         raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
@@ -391,37 +392,133 @@ def probe(
                             "a place of its own for the probe)")
         out = Cell(local if (local / "model").is_dir() else local.parent).probe_dir
     loaded = load_trained(model_uri, cfg)
-    preprocess = preprocess_for(get_spec(loaded.name), loaded.preprocessing)
-    size = int(loaded.model.input_shape[1])
     with tempfile.TemporaryDirectory(prefix="covidtl-probe-") as tmp:
         rows, _, _, is_dataset = load_rows(cfg, data, split, Path(tmp), say)
         rows = readable_rows(rows).reset_index(drop=True)
         if rows.empty:
             raise UserError(f"--data {data}: no readable image in the {split if is_dataset else 'folder'}")
-        images = np.stack([load_image(p, size) for p in rows["path"].astype(str)])
+        probed = probe_rows(loaded, rows, samples)
+    scored = f"{split} split of {data}" if is_dataset else f"folder {data}"
+    about = {"model_uri": model_uri, "model": loaded.name, "run_id": loaded.source_run_id,
+             "data": str(data), "scored": scored}
+    return judge_and_write(cfg, probed, Path(out), about, f"Shortcut probe: {loaded.name} on the {scored}",
+                           log=log, say=say)
+
+
+def probe_cv(
+    cfg, cv_dir: str | Path, out: str | Path | None = None,
+    *, samples: int = 3, log: bool = True, say: Callable[[str], None] = print,
+) -> ProbeResult:
+    """A cross-validated recipe's probe: each fold's model on its own test fold (fold-<k>/split.csv's
+    test rows), the variants' p(COVID) pooled over folds and judged once; files in <cv_dir>/probe/
+    (logged to the cv run's parent run)."""
+    from covidtl.cv import read_summary
+    from covidtl.data import tables
+    from covidtl.data.pipeline import readable_rows
+    from covidtl.ensemble import cv_members
+    from covidtl.errors import UserError
+    from covidtl.evaluate import load_trained
+
+    members = cv_members(cv_dir)  # a folder that is no finished cv run: one line, before any model loads
+    summary = read_summary(cv_dir)
+    probes, folds = [], []
+    for member in map(Path, members):
+        split_file = member.parent / "split.csv"
+        table = tables.read_split(cfg, summary["dataset"], split_file)
+        rows = readable_rows(table[table["split"] == "test"]).reset_index(drop=True)
+        if rows.empty:
+            raise UserError(f"{split_file}: no readable test image to probe; run the same cv command again")
+        loaded = load_trained(str(member), cfg)
+        say(f"probe {member.parent.name}: its model on its {len(rows)} test images")
+        probes.append(probe_rows(loaded, rows, samples))
+        folds.append({"fold": member.parent.name, "model_uri": str(member), "run_id": loaded.source_run_id,
+                      "images": int(len(rows))})
+    scored = f"each fold's own test split of {summary['dataset']} ({len(folds)} folds, pooled)"
+    about = {"cv": str(cv_dir), "model": summary.get("model"), "run_id": summary.get("run_id"),
+             "data": summary["dataset"], "scored": scored, "folds": folds}
+    title = f"Shortcut probe: {summary.get('cell') or Path(cv_dir).name} cross-validated, {scored}"
+    return judge_and_write(cfg, pool_probes(probes, samples), Path(out or Path(cv_dir) / "probe"), about, title,
+                           log=log, say=say)
+
+
+@dataclass
+class Probed:
+    """p(COVID) of every variant for a set of images, and their Grad-CAM summary."""
+
+    y_true: np.ndarray
+    groups: np.ndarray | None
+    p_covid: dict[str, np.ndarray]
+    cams: CamSummary
+    size: int  # the models' input side
+
+
+def probe_rows(loaded, rows: pd.DataFrame, samples: int) -> Probed:
+    """A loaded model (`evaluate.load_trained`) scored and explained on readable `rows`."""
+    from covidtl.data.pipeline import label_indices
+    from covidtl.explain import load_image
+    from covidtl.models.registry import get_spec, preprocess_for
+
+    preprocess = preprocess_for(get_spec(loaded.name), loaded.preprocessing)
+    size = int(loaded.model.input_shape[1])
+    images = np.stack([load_image(p, size) for p in rows["path"].astype(str)])
     y_true = label_indices(rows)
     groups = rows["group"].astype(str).to_numpy() if "group" in rows else None
     p_covid = score_variants(loaded.model, preprocess, images)
-    table = variant_table(y_true, p_covid, groups, resamples=cfg.eval.bootstrap,
-                          confidence=cfg.eval.confidence, seed=cfg.eval.seed)
-    classes = class_table(y_true, p_covid)
     cams = gradcam_summary(loaded.model, preprocess, images, y_true, p_covid["original"], samples)
+    return Probed(y_true, groups, p_covid, cams, size)
+
+
+def pool_probes(probes: list[Probed], samples: int) -> Probed:
+    """Several models' probes on disjoint images (a cv run's folds) as one set of images."""
+    groups = None if any(p.groups is None for p in probes) else np.concatenate([p.groups for p in probes])
+    return Probed(np.concatenate([p.y_true for p in probes]), groups,
+                  {name: np.concatenate([p.p_covid[name] for p in probes]) for name in probes[0].p_covid},
+                  pool_cams([(p.cams, p.y_true) for p in probes], samples), probes[0].size)
+
+
+def pool_cams(parts: list[tuple[CamSummary, np.ndarray]], samples: int) -> CamSummary:
+    """Grad-CAM summaries of disjoint images (with their classes) as one: each class's mean map
+    weighted by its images, the share outside the lungs over every image, the first samples."""
+    notes = "; ".join(dict.fromkeys(cams.note for cams, _ in parts if cams.note))
+    explained = [(cams, y) for cams, y in parts if cams.shares is not None]
+    if not explained:
+        return CamSummary(note=notes)
+    share = np.concatenate([cams.shares for cams, _ in explained])
+    y_true = np.concatenate([y for _, y in explained])
+    pooled = CamSummary(note=notes, grid=explained[0][0].grid, shares=share,
+                        outside_all=float(np.nanmean(share)) if np.isfinite(share).any() else None)
+    for index, label in enumerate(CLASSES):
+        counts = [int((y == index).sum()) for _, y in explained]
+        if not sum(counts):
+            continue
+        pooled.mean_map[label] = sum(n * cams.mean_map[label] for (cams, _), n in zip(explained, counts) if n) / sum(counts)
+        finite = share[y_true == index][np.isfinite(share[y_true == index])]
+        pooled.outside[label] = float(finite.mean()) if finite.size else float("nan")
+        pooled.samples[label] = [s for cams, _ in explained for s in cams.samples.get(label, [])][:samples]
+    return pooled
+
+
+def judge_and_write(cfg, probed: Probed, out: Path, about: dict[str, Any], title: str, *, log: bool,
+                    say: Callable[[str], None]) -> ProbeResult:
+    """The variant tables and verdict of `probed`, its files in `out`, logged to `about`'s run_id."""
+    from covidtl import tracking
+
+    table = variant_table(probed.y_true, probed.p_covid, probed.groups, resamples=cfg.eval.bootstrap,
+                          confidence=cfg.eval.confidence, seed=cfg.eval.seed)
+    classes = class_table(probed.y_true, probed.p_covid)
+    cams = probed.cams
     judged = verdict(table, cams.outside_all)
-    scored = f"{split} split of {data}" if is_dataset else f"folder {data}"
     summary = {
-        **judged, "model_uri": model_uri, "model": loaded.name, "run_id": loaded.source_run_id,
-        "data": str(data), "scored": scored, "images": int(len(y_true)),
-        "lung_region": {"margin": LUNG_MARGIN, "area_share": float(lung_mask(size).mean())},
+        **judged, **about, "images": int(len(probed.y_true)),
+        "lung_region": {"margin": LUNG_MARGIN, "area_share": float(lung_mask(probed.size).mean())},
         "gradcam_outside_lungs": cams.outside_all, "gradcam_outside_lungs_by_class": cams.outside,
         "gradcam_note": cams.note, "gradcam_grid": cams.grid, "variants": table.to_dict("records"),
         "by_class": classes.to_dict("records"),
     }
-    figure = probe_figure(cams, classes, f"Shortcut probe: {loaded.name} on the {scored}")
-    out = Path(out)
-    files = write_outputs(out, table, classes, summary, figure)
+    files = write_outputs(out, table, classes, summary, probe_figure(cams, classes, title))
     result = ProbeResult(table, classes, judged, cams, out, files)
     if log:
-        result.run_id = log_probe(loaded.source_run_id, table, cams, judged, out, tracking, say)
+        result.run_id = log_probe(about.get("run_id"), table, cams, judged, out, tracking, say)
     return result
 
 

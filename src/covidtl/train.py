@@ -808,7 +808,8 @@ def _run(
     plan.cell.write_results(
         metrics={"status": "ok", **metrics, "epochs_used": fitted.epochs_used,
                  "best_epoch": fitted.best_epoch, "selected_by": fitted.selected_by,
-                 "operating_threshold": operating["threshold"], "run_id": run_id},
+                 "operating_threshold": operating["threshold"], "run_id": run_id,
+                 "digest": run_digest(plan)},  # what a rerun (cv's fold reuse) compares
         history=fitted.history,
         predictions=scored.prediction_rows(root) if scored else None,
         config_yaml=tracking.config_yaml(plan.cfg),

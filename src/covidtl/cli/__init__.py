@@ -19,9 +19,16 @@ from covidtl.errors import UserError
 DEBUG_ENV = "COVIDTL_DEBUG"
 
 
+ARGV_KEY = "covidtl.argv"  # ctx.meta: the arguments the command line gave (command_line)
+
+
 class CovidtlGroup(click.Group):
     """Turns user errors into one line on stderr and exit status 2, never a traceback; a bug is
     one line too (exit 1), its traceback kept in a log file."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[ARGV_KEY] = list(args)  # shared with every sub-command's context
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -133,17 +140,28 @@ def model_from(ctx: click.Context, model: str) -> str:
     return config_from(ctx).train.model if is_auto(model) else model
 
 
-def scored_data_options(command):
-    """--model-uri, --data and --split: what every command that scores a trained model reads."""
-    for option in reversed([
-        click.option("--model-uri", required=True,
-                     help="runs:/<run_id>/model, models:/<name>/<version>, or a model.keras (or its folder)."),
-        click.option("--data", required=True, help="A dataset of params.yaml, or any folder of class folders."),
-        click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
-                     show_default=True, help="Which split of a dataset (a folder is scored whole)."),
-    ]):
-        command = option(command)
-    return command
+def scored_data_options(command=None, *, required: bool = True):
+    """--model-uri, --data and --split: what every command that scores a trained model reads
+    (`required=False`: a command that can take its models and data from elsewhere checks them)."""
+    def add(command):
+        for option in reversed([
+            click.option("--model-uri", required=required,
+                         help="runs:/<run_id>/model, models:/<name>/<version>, or a model.keras (or its folder)."),
+            click.option("--data", required=required, help="A dataset of params.yaml, or any folder of class folders."),
+            click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
+                         show_default=True, help="Which split of a dataset (a folder is scored whole)."),
+        ]):
+            command = option(command)
+        return command
+
+    return add(command) if command is not None else add
+
+
+def command_line(ctx: click.Context) -> str:
+    """The covidtl command line that is running, as a shell would take it back."""
+    import shlex
+
+    return shlex.join(["covidtl", *ctx.meta.get(ARGV_KEY, [])])
 
 
 def config_from(ctx: click.Context, **extra: Any) -> Config:
@@ -156,10 +174,11 @@ def config_from(ctx: click.Context, **extra: Any) -> Config:
 def _register() -> None:
     # Each file holds one stage's commands; TensorFlow is imported only inside commands, so
     # `covidtl --help` stays fast.
-    from covidtl.cli import (cv, data, ensemble, explain, external, predict, pretrain, report, team, train,
-                             tune, weights)
+    from covidtl.cli import (cv, data, ensemble, explain, external, predict, pretrain, report, results, team,
+                             train, tune, weights)
 
-    for module in (data, weights, pretrain, train, cv, ensemble, tune, external, report, explain, predict, team):
+    for module in (data, weights, pretrain, train, cv, ensemble, tune, external, report, results, explain, predict,
+                   team):
         for command in module.COMMANDS:
             main.add_command(command)
 

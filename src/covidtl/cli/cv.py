@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import AUTO, AUTO_INT, INIT_HELP, MODEL_HELP, config_from, recipe_from
+from covidtl.cli import AUTO, AUTO_INT, INIT_HELP, MODEL_HELP, command_line, config_from, recipe_from
 from covidtl.cli.train import _rate
 
 
@@ -30,6 +30,7 @@ def cv(ctx, model, init, dataset, folds, epochs, lr, out, pretrain, prepare) -> 
     model, init = recipe_from(ctx, model, init)
     cfg = config_from(ctx, **{"cv.folds": folds, "train.max_epochs": epochs})
     from covidtl.cv import cross_validate  # TensorFlow loads here, after the cheap checks
+    from covidtl.scores import with_interval
 
     if prepare:
         from covidtl.data.prepare import ensure_split
@@ -37,16 +38,23 @@ def cv(ctx, model, init, dataset, folds, epochs, lr, out, pretrain, prepare) -> 
         for name in {dataset, *(cfg.pretrain.datasets if pretrain else [])}:
             ensure_split(cfg, name, say=lambda line: click.echo(line, err=True))
     result = cross_validate(cfg, model, init, dataset, out_root=out, lr=_rate(lr), pretrain=pretrain,
-                            say=lambda line: click.echo(line, err=True))
+                            command=command_line(ctx), say=lambda line: click.echo(line, err=True))
     s = result.summary
-    for name in ("roc_auc", "accuracy", "op_balanced_accuracy"):
+    for name in ("roc_auc", "accuracy", "op_accuracy", "op_balanced_accuracy"):
         a = s["across_folds"][name]
         click.echo(f"{name}: mean {a['mean']:.3f} (sd {a['sd']:.3f}, {s['confidence']:.0%} CI "
                    f"{a['ci_low']:.3f}-{a['ci_high']:.3f}, folds {a['min']:.3f}-{a['max']:.3f})")
     p = s["pooled"]
     click.echo(f"pooled out-of-fold ({s['images']} images, {s['groups']} groups): AUC {p['pooled_roc_auc']:.3f} "
                f"[{p.get('pooled_roc_auc_ci_low', float('nan')):.3f}, {p.get('pooled_roc_auc_ci_high', float('nan')):.3f}], "
-               f"accuracy {p['pooled_accuracy']:.3f} -> {result.out / 'summary.json'}")
+               f"accuracy {p['pooled_accuracy']:.3f}")
+    g = s["patient"]
+    click.echo(f"patient level ({g['patient_groups']} groups, mean p_covid per group): AUC "
+               f"{with_interval(g['patient_roc_auc'], g.get('patient_roc_auc_ci_low'), g.get('patient_roc_auc_ci_high'))}")
+    c = s["compute"]
+    cost = (f"{c['wall_seconds'] / 60:.1f} min wall, {c['cpu_seconds'] / 60:.1f} min CPU"
+            if c["wall_seconds"] is not None else "not recorded for every fold")
+    click.echo(f"compute: {cost} -> {result.out / 'summary.json'}")
 
 
 COMMANDS: list[click.Command] = [cv]

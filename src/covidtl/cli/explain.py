@@ -44,20 +44,34 @@ def explain(ctx, inputs, model_uri, out, class_name) -> None:
 
 
 @click.command()
-@scored_data_options
+@scored_data_options(required=False)
+@click.option("--cv", "cv_dir", default=None, metavar="CV_DIR",
+              help="Instead of --model-uri/--data: a `covidtl cv` run (cv/<dataset>/<cell>), each fold's "
+                   "model on its own test fold, pooled and judged once (files in CV_DIR/probe/).")
 @click.option("--out", default=None,
               help="Folder for probe.csv/.json, probe_classes.csv, probe.png (default for a "
                    "models/<cell>/ folder: its probe/, read by the model card).")
 @click.option("--samples", default=3, show_default=True, help="Grad-CAM overlays per class in the figure.")
 @click.option("--no-log", is_flag=True, help="Do not log the probe to the model's MLflow run.")
 @click.pass_context
-def probe(ctx, model_uri, data, split, out, samples, no_log) -> None:
+def probe(ctx, model_uri, data, split, cv_dir, out, samples, no_log) -> None:
     """Shortcut test: score a model with the lungs hidden, only the border or centre kept, shrunk
     and shifted; Grad-CAM weight inside vs outside the lungs; verdict shortcut_risk."""
-    from covidtl.probe import probe as run
+    from covidtl.errors import UserError
+    from covidtl.probe import probe as run, probe_cv
 
-    result = run(config_from(ctx), model_uri, data, split, out, samples=samples, log=not no_log,
-                 say=lambda line: click.echo(line, err=True))
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    if cv_dir is not None:
+        if model_uri or data or split != "test":
+            raise UserError(f"--cv {cv_dir}: its folds' own models and test folds are probed; drop "
+                            "--model-uri, --data and --split")
+        result = probe_cv(config_from(ctx), cv_dir, out, samples=samples, log=not no_log, say=say)
+    elif not (model_uri and data):
+        raise UserError("probe: give --model-uri and --data (one model), or --cv CV_DIR (a cv run's folds)")
+    else:
+        result = run(config_from(ctx), model_uri, data, split, out, samples=samples, log=not no_log, say=say)
     click.echo(f"{'variant':<14} {'images':>6}  {'ROC AUC [95% CI]':<24} accuracy [95% CI]")
     for row in result.table.to_dict("records"):
         auc = f"{row['roc_auc']:.3f} [{row['roc_auc_ci_low']:.3f}, {row['roc_auc_ci_high']:.3f}]"
@@ -69,7 +83,7 @@ def probe(ctx, model_uri, data, split, out, samples, no_log) -> None:
         click.echo(result.cams.note)
     click.echo(f"shortcut_risk: {str(result.verdict['shortcut_risk']).lower()}. {result.verdict['sentence']}")
     logged = f"; logged to run {result.run_id}" if result.run_id else ""
-    click.echo(f"probe {model_uri}: files in {result.out}{logged}")
+    click.echo(f"probe {cv_dir or model_uri}: files in {result.out}{logged}")
 
 
 COMMANDS: list[click.Command] = [explain, probe]
