@@ -131,6 +131,7 @@ def test_cell_outputs_are_written(trained):
     assert metrics.pop("epochs_used") == 1
     threshold = metrics.pop("operating_threshold")
     assert (metrics.pop("selected_by"), metrics.pop("best_epoch")) == ("last", 1)  # the paper keeps the last
+    assert len(metrics.pop("digest")) == 64  # the settings it ran with: what cv's resume compares
     # JSON has no NaN: an undefined value (an interval on 4 test images) is null.
     assert metrics == pytest.approx({k: None if np.isnan(v) else v for k, v in result.metrics.items()})
     for key in TEST_METRICS + ["test_balanced_accuracy", "test_brier"]:  # every metric has its interval
