@@ -236,3 +236,19 @@ def test_finetune_keeps_the_pretrained_batchnorm_statistics(tmp_path, monkeypatc
         for got, want in zip(layer.weights, loaded):
             np.testing.assert_array_equal(np.array(got), want, err_msg=layer.name)
     assert any(not np.allclose(np.array(c.kernel), k) for c, k in zip(convs, loaded_kernels))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not hdf5"])
+def test_a_damaged_imagenet_file_is_one_line_naming_it(tmp_path, monkeypatch, train_cfg, damage):
+    spec = get_spec("vgg16")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    dropped = save_keras_cache_file(base_of(build_model(spec, "random", train_cfg, image_size=32)),
+                                    tmp_path / "weights" / spec.imagenet_file)
+    whole = dropped.read_bytes()
+    dropped.write_bytes(whole[: len(whole) // 2] if damage == "truncated" else b"not an HDF5 file")
+    with pytest.raises(UserError) as err:
+        build_model(spec, "imagenet", train_cfg, image_size=32)
+    message = str(err.value)
+    assert "\n" not in message and spec.imagenet_file in message
+    assert "truncated or damaged: replace it with a complete copy" in message

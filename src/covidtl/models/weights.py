@@ -78,6 +78,10 @@ def load_weights_file(model: keras.Model, path: str, what: str = "weights file")
         raise UserError(
             f"--init {path}: a {what} must end in .weights.h5 (Keras 3) or .h5 (legacy Keras)"
         )
+    problem = unreadable(file)
+    if problem:
+        raise UserError(f"{path}: this {what} cannot be read ({problem}); it is truncated or damaged: replace it "
+                        "with a complete copy (check its sha256 against its source)")
     try:
         # Keras warns per layer it skips before it raises; the one line below says it all.
         with warnings.catch_warnings():
@@ -89,3 +93,15 @@ def load_weights_file(model: keras.Model, path: str, what: str = "weights file")
             f"{path}: this {what} does not fit {model.name} at input {model.input_shape[1:]} "
             f"({reason}); use a file saved from the same architecture"
         ) from None
+
+
+def unreadable(file: Path) -> str | None:
+    """Why an HDF5 weights file cannot be read whole (a truncated or damaged copy), or None."""
+    import h5py
+
+    try:
+        with h5py.File(file, "r") as f:
+            f.visititems(lambda name, node: node[()] if isinstance(node, h5py.Dataset) else None)
+    except Exception as exc:  # noqa: BLE001 - h5py raises OSError, KeyError, RuntimeError ... for damage
+        return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return None
