@@ -155,3 +155,19 @@ def test_the_readme_block_is_replaced_and_the_rest_kept(cv_runs, tmp_path):
 def test_a_folder_that_is_not_a_cv_run_is_one_line(tmp_path):
     run = cli(tmp_path, str(tmp_path))
     assert run.exit_code == 2 and "no summary.json, not a finished `covidtl cv` run" in run.output
+
+
+def test_settings_every_command_gives_are_said_once_above_the_table(tmp_path):
+    cfg = config(tmp_path, **{"cv.out": str(tmp_path / "cv"), "eval.bootstrap": 200})
+    for name, (model, extra) in {"a": ("custom_cnn", ""), "b": ("vgg16", " -S profile=probe")}.items():
+        out = write_cv(tmp_path / "cv", model, "random", 0.3, seed=1, cfg=cfg)
+        summary = json.loads((out / "summary.json").read_text())
+        summary["command"] = (f"covidtl -S 'data.datasets.ct.path=../shared/data/sars ct' -S data.workdir=/w{extra} "
+                              f"cv --model {model}")
+        (out / "summary.json").write_text(json.dumps(summary))
+    run = cli(tmp_path)
+    assert run.exit_code == 0, run.output
+    assert "Every command also gives `-S 'data.datasets.ct.path=../shared/data/sars ct'` `-S data.workdir=/w`." \
+        in run.output
+    assert "`covidtl cv --model custom_cnn`" in run.output
+    assert "`covidtl -S profile=probe cv --model vgg16`" in run.output

@@ -11,6 +11,7 @@ test, which ignores the patient clusters.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,39 @@ def _number(value: Any) -> float:
     return np.nan if value is None else float(value)
 
 
+def shared_settings(commands: list[str | None]) -> list[str]:
+    """The `-S key=value` options every command gives (the data's paths, say): said once above the
+    table instead of in every row."""
+    given = [_settings(c) for c in commands if c]
+    if len(given) < 2:
+        return []
+    common = set.intersection(*(set(g) for g in given))
+    return [s for s in given[0] if s in common]
+
+
+def _settings(command: str) -> list[str]:
+    words = shlex.split(command)
+    return [words[i + 1] for i, word in enumerate(words[:-1]) if word in ("-S", "--set")]
+
+
+def without_settings(command: str, settings: list[str]) -> str:
+    words, out, skip = shlex.split(command), [], False
+    for i, word in enumerate(words):
+        if skip:
+            skip = False
+        elif word in ("-S", "--set") and i + 1 < len(words) and words[i + 1] in settings:
+            skip = True
+        else:
+            out.append(word)
+    return shlex.join(out)
+
+
 def recipe_markdown(rows: pd.DataFrame) -> str:
-    """The table of one dataset's rows, as the README shows it."""
+    """The table of one dataset's rows, as the README shows it; settings shared by every row's
+    command are given once above it."""
+    shared = shared_settings(list(rows["command"]))
+    if shared:
+        rows = rows.assign(command=[c and without_settings(c, shared) for c in rows["command"]])
     ci = _ci_label(rows["confidence"])
     table = pd.DataFrame({
         "recipe": rows["recipe"], "profile": rows["profile"],
@@ -114,7 +146,10 @@ def recipe_markdown(rows: pd.DataFrame) -> str:
     })
     if rows["shortcut_probe"].notna().any():
         table["shortcut probe"] = rows["shortcut_probe"].fillna(NONE).to_numpy()
-    return table.to_markdown(index=False, disable_numparse=True)  # "10.0" stays as written
+    text = table.to_markdown(index=False, disable_numparse=True)  # "10.0" stays as written
+    if shared:
+        text = "Every command also gives " + " ".join(f"`-S {shlex.quote(s)}`" for s in shared) + ".\n\n" + text
+    return text
 
 
 def _ci_label(confidence: pd.Series) -> str:
