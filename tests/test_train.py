@@ -353,3 +353,15 @@ def test_a_rate_that_cannot_train_is_refused(rate, tmp_path):
     ])
     assert result.exit_code == 2 and "must be > 0" in result.output
     assert not (tmp_path / "cell" / "metrics.json").exists()
+
+
+def test_a_run_is_identified_by_its_settings_not_by_the_other_profiles(tmp_path):
+    from covidtl.train import plan_run, run_digest
+
+    cfg, _ = make_workdir(tmp_path)
+    with_another, _ = make_workdir(tmp_path, **{"profiles.unused": {"train.head": "gap"}})
+    assert run_digest(plan_run(with_another, "custom_cnn", "random", "tiny")) == \
+        run_digest(plan_run(cfg, "custom_cnn", "random", "tiny"))
+    changed, _ = make_workdir(tmp_path, **{"train.head": "gap"})
+    assert run_digest(plan_run(changed, "custom_cnn", "random", "tiny")) != \
+        run_digest(plan_run(cfg, "custom_cnn", "random", "tiny"))

@@ -159,7 +159,7 @@ COST_FILE = "cost.json"  # fold-<k>/cost.json: what the fold cost (FoldClock)
 
 def cv_digest(cfg: Config, model: str, init: str, dataset: str, lr: float | None) -> str:
     """What must not change for a rerun to continue the same parent run: the settings and data."""
-    parts = [tracking.config_yaml(cfg), model, init, dataset, repr(lr),
+    parts = [tracking.settings_yaml(cfg), model, init, dataset, repr(lr),
              tracking.file_sha256(paths.manifest_path(cfg, dataset))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

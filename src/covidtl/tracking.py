@@ -163,6 +163,15 @@ def config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+def settings_yaml(cfg: Config) -> str:
+    """The resolved settings a run trains with: the config without the other profiles' definitions
+    (the chosen one's values are in its fields), so adding a profile to params.yaml changes no
+    run's identity."""
+    settings = cfg.to_dict()
+    settings.pop("profiles")
+    return yaml.safe_dump(settings, sort_keys=False)
+
+
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text if len(text) <= _PARAM_VALUE_MAX else text[: _PARAM_VALUE_MAX - 3] + "..."

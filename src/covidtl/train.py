@@ -440,7 +440,7 @@ def run_digest(plan: Plan) -> str:
     """What must not change for a checkpoint to continue: the resolved config, the cell and its data."""
     cfg = plan.cfg
     parts = [
-        tracking.config_yaml(cfg), plan.model, plan.init, plan.dataset, repr(plan.learning_rate),
+        tracking.settings_yaml(cfg), plan.model, plan.init, plan.dataset, repr(plan.learning_rate),
         tracking.file_sha256(plan.split_file),
         tracking.file_sha256(paths.manifest_path(cfg, plan.dataset)),
         *sorted(map(str, plan.train_rows["path"])),
