@@ -79,6 +79,7 @@ def test_the_table_shows_each_summarys_figures(cv_runs, tmp_path):
         assert f"| {s['compute']['wall_seconds'] / 60:.1f} " in row and f"| {s['compute']['cpu_seconds'] / 60:.1f} " in row
         assert f"`{s['command']}`" in row
     assert "shortcut probe" not in run.output  # no run was probed
+    assert "frozen-base features" not in run.output  # no run read stored features
 
 
 def test_comparisons_are_holm_corrected_and_refuse_other_folds(cv_runs, tmp_path):
@@ -171,3 +172,17 @@ def test_settings_every_command_gives_are_said_once_above_the_table(tmp_path):
         in run.output
     assert "`covidtl cv --model custom_cnn`" in run.output
     assert "`covidtl -S profile=probe cv --model vgg16`" in run.output
+
+
+def test_a_frozen_base_row_says_how_many_features_it_computed_and_read(tmp_path):
+    cfg = config(tmp_path, **{"cv.out": str(tmp_path / "cv"), "eval.bootstrap": 200})
+    out = write_cv(tmp_path / "cv", "vgg16", "imagenet", 0.3, seed=1, cfg=cfg)
+    write_cv(tmp_path / "cv", "custom_cnn", "random", 0.3, seed=2, cfg=cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["compute"].update(feature_entries_computed=1761.0, feature_entries_read=7050.0)
+    (out / "summary.json").write_text(json.dumps(summary))
+    run = cli(tmp_path)
+    assert run.exit_code == 0, run.output
+    row = next(line for line in run.output.splitlines() if line.startswith("| vgg16-imagenet-ct "))
+    assert "| 1,761 / 7,050 " in row
+    assert "frozen-base features computed / read" in run.output

@@ -46,6 +46,8 @@ from covidtl.scores import Scores
 FOLD_METRICS = ("roc_auc", "accuracy", "op_accuracy", "op_balanced_accuracy", "op_recall_covid",
                 "op_recall_non_covid", "ece")
 
+# A frozen base's feature entries per fold (metrics.json): computed here, or read from earlier folds/runs.
+FEATURE_COUNTS = ("feature_entries_computed", "feature_entries_read")
 PRETRAINED_FILE = "pretrain.weights.h5"  # cv --pretrain: fold-<k>/pretrain.weights.h5 (+ pretrain.json)
 
 
@@ -304,8 +306,10 @@ def fold_figures(fold: Fold) -> dict[str, Any]:
     record = fold.cell.read_metrics() or {}
     figures = {key.removeprefix("test_"): math.nan if value is None else value
                for key, value in record.items() if key.startswith("test_")}
+    # A frozen base's features: how many this fold computed, how many earlier folds or runs had stored.
+    stored = {key: record[key] for key in FEATURE_COUNTS if key in record}
     return {"fold": fold.number, "run_id": record.get("run_id"), "epochs_used": record.get("epochs_used"),
-            **figures}
+            **stored, **figures}
 
 
 def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about: Any) -> dict[str, Any]:
@@ -337,7 +341,7 @@ def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about
                     "patient_mixed_groups": mixed},
         # Summed over folds; NaN (null) if a fold's figures were never recorded.
         "compute": {key: float(per_fold[key].to_numpy(float).sum()) if key in per_fold else math.nan
-                    for key in ("wall_seconds", "cpu_seconds")},
+                    for key in ("wall_seconds", "cpu_seconds", *FEATURE_COUNTS)},
     }
 
 

@@ -87,6 +87,8 @@ def recipe_rows(runs: list[CVRun]) -> pd.DataFrame:
             "op_accuracy_mean": _number(op.get("mean")), "op_accuracy_sd": _number(op.get("sd")),
             "wall_minutes": _number(compute.get("wall_seconds")) / 60,
             "cpu_minutes": _number(compute.get("cpu_seconds")) / 60,
+            "features_computed": _number(compute.get("feature_entries_computed")),
+            "features_read": _number(compute.get("feature_entries_read")),
             "command": s.get("command"),
             "shortcut_probe": None if verdict is None else
             ("shortcut risk" if verdict.get("shortcut_risk") else "no sign found"),
@@ -144,6 +146,9 @@ def recipe_markdown(rows: pd.DataFrame) -> str:
         "CPU (min)": [_minutes(v) for v in rows["cpu_minutes"]],
         "command": [NONE if not c else f"`{c}`".replace("|", "\\|") for c in rows["command"]],
     })
+    if rows["features_computed"].notna().any():  # a frozen base's pass is paid by the row that computes it
+        table.insert(table.columns.get_loc("command"), "frozen-base features computed / read", [
+            NONE if np.isnan(c) else f"{c:,.0f} / {r:,.0f}" for c, r in rows[["features_computed", "features_read"]].to_numpy()])
     if rows["shortcut_probe"].notna().any():
         table["shortcut probe"] = rows["shortcut_probe"].fillna(NONE).to_numpy()
     text = table.to_markdown(index=False, disable_numparse=True)  # "10.0" stays as written

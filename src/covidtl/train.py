@@ -809,6 +809,8 @@ def _run(
         metrics={"status": "ok", **metrics, "epochs_used": fitted.epochs_used,
                  "best_epoch": fitted.best_epoch, "selected_by": fitted.selected_by,
                  "operating_threshold": operating["threshold"], "run_id": run_id,
+                 **({"feature_entries_computed": frozen.cache.counts.computed,
+                     "feature_entries_read": frozen.cache.counts.read} if frozen else {}),
                  "digest": run_digest(plan)},  # what a rerun (cv's fold reuse) compares
         history=fitted.history,
         predictions=scored.prediction_rows(root) if scored else None,
