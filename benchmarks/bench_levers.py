@@ -45,8 +45,8 @@ LEVERS: dict[str, list[str]] = {
     "label_smoothing": BASE + ["train.label_smoothing=0.1"],
     "weight_decay": BASE + ["train.weight_decay=0.01"],
     "cosine_warmup": BASE + ["train.schedule=cosine", "train.warmup_epochs=1"],
-    "best": ["profile=best"],  # the stronger recipe from random weights
-    "best_pretrained": ["profile=best"],  # ... from --pretrained FILE (`covidtl pretrain`)
+    "best": ["profile=cnn_simclr"],  # the custom CNN's stronger recipe from random weights
+    "best_pretrained": ["profile=cnn_simclr"],  # ... from --pretrained FILE (`covidtl pretrain`)
     "pretrained": BASE,  # base from --pretrained FILE: the pretraining lever alone
 }
 FROM_FILE = ("best_pretrained", "pretrained")  # rows whose runs start from --pretrained

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from conftest import PARAMS, config
 from covidtl.cli import main
+from covidtl.config import ConfigError
 
 
 def run(*args: str):
@@ -143,11 +144,11 @@ def test_numpy_2_is_declared():
 
 def test_a_profile_sets_its_keys_and_a_command_line_key_still_wins(tmp_path):
     paper = config(tmp_path)
-    best = config(tmp_path, profile="best")
+    simclr = config(tmp_path, profile="cnn_simclr")
     assert paper.profile == "paper" and paper.train.head == "paper" and paper.train.select == "last"
-    assert best.profile == "best" and best.train.head == "gap" and best.train.stop.rule == "none"
-    assert config(tmp_path, profile="best", **{"train.head": "paper"}).train.head == "paper"
-    assert "profiles.best.train.head" not in best.flat() and best.flat()["train.head"] == "gap"
+    assert simclr.profile == "cnn_simclr" and simclr.train.head == "gap" and simclr.train.stop.rule == "none"
+    assert config(tmp_path, profile="cnn_simclr", **{"train.head": "paper"}).train.head == "paper"
+    assert "profiles.cnn_simclr.train.head" not in simclr.flat() and simclr.flat()["train.head"] == "gap"
 
 
 def test_a_profile_cell_is_named_apart_from_the_paper_cell(tmp_path):
@@ -156,15 +157,15 @@ def test_a_profile_cell_is_named_apart_from_the_paper_cell(tmp_path):
     assert Cell.of("custom_cnn", "random", "ct").name == "custom_cnn-random-ct"
     assert Cell.of("custom_cnn", "random", "ct", profile="best").name == "custom_cnn-random-ct-best"
     cells = config(tmp_path).study.cells()
-    assert ("best", "custom_cnn", "pretrained") in cells and cells[0][0] == "paper"
+    assert ("cnn_simclr", "custom_cnn", "pretrained") in cells and cells[0][0] == "paper"
 
 
 def test_the_warm_up_leaves_at_least_one_epoch_of_the_schedule(tmp_path):
     from covidtl.optim import learning_rate_schedule
 
-    short = config(tmp_path, profile="best", **{"train.max_epochs": 1}).train
+    short = config(tmp_path, profile="cnn_simclr", **{"train.max_epochs": 1}).train
     assert short.warmup_epochs == 1 and learning_rate_schedule(1e-3, short, steps=10)(0) > 0  # no warm-up left
-    long = config(tmp_path, profile="best", **{"train.max_epochs": 4}).train
+    long = config(tmp_path, profile="cnn_simclr", **{"train.max_epochs": 4}).train
     schedule = learning_rate_schedule(1e-3, long, steps=10)
     assert float(schedule(0)) < float(schedule(9)) <= 1e-3 + 1e-9  # rising over the first epoch
     assert float(schedule(39)) < float(schedule(10))  # then the cosine falls to the last step
@@ -179,7 +180,16 @@ def test_train_init_takes_every_init_the_cli_takes(tmp_path, init):
 
 def test_the_best_profile_names_the_recipe_its_study_cells_train(tmp_path):
     best = config(tmp_path, profile="best")
-    assert (best.train.model, best.train.init) == ("custom_cnn", "pretrained")
-    assert best.study.cells()[-1] == ("best", "custom_cnn", "pretrained")
+    assert (best.train.model, best.train.init, best.train.image_size["vgg16"]) == ("vgg16", "imagenet", 224)
+    assert ("best", "vgg16", "imagenet") in best.study.cells()
+    simclr = config(tmp_path, profile="cnn_simclr")
+    assert (simclr.train.model, simclr.train.init) == ("custom_cnn", "pretrained")
+    assert simclr.study.cells()[-1] == ("cnn_simclr", "custom_cnn", "pretrained")
     # No cells of the profile ([]) stays the way to leave them out.
     assert config(tmp_path, **{"study.profiles.best.models": []}).study.profiles["best"].models == []
+
+
+def test_a_profile_cell_from_imagenet_needs_its_weights_record(tmp_path):
+    with pytest.raises(ConfigError, match=r"study.profiles.best: the cell vgg16-imagenet needs the weights "
+                                          r"record of vgg16-imagenet, made only for study.models x study.inits"):
+        config(tmp_path, **{"study.models": ["custom_cnn"]})

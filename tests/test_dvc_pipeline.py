@@ -52,30 +52,45 @@ def test_default_study_neither_writes_nor_reads_the_augmented_set(stages):
             assert declares(cell, key), f"{name} reads {key} but does not declare it"
 
 
+def profile_cells(root, params, profile: str) -> set[str]:
+    cells = params["study"]["profiles"][profile]
+    expected = {f"train_{profile}@{m}-{i}-{d}" for m in cells["models"] for i in cells["inits"]
+                for d in params["study"]["datasets"]}
+    assert {name for name in root if name.startswith(f"train_{profile}@")} == expected
+    for name in expected:
+        cell = root[name]
+        assert f"-S profile={profile} -S augment.mode=online train " in cell.cmd, name
+        model, init, dataset = name.split("@")[1].split("-")
+        assert f"models/{model}-{init}-{dataset}-{profile}/model" in [o.def_path for o in cell.outs]
+        for key in (f"profiles.{profile}", "train.head", "train.crop", "augment.intensity.noise"):
+            assert declares(cell, key), f"{name} reads {key} but does not declare it"
+    return expected
+
+
 def test_the_best_profile_cells_run_beside_the_paper_cells(stages):
     root = in_file(stages, "dvc.yaml")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    best = params["study"]["profiles"]["best"]
-    expected = {f"train_best@{m}-{i}-{d}" for m in best["models"] for i in best["inits"]
-                for d in params["study"]["datasets"]}
-    assert {name for name in root if name.startswith("train_best@")} == expected
-    for name in expected:
+    # The chosen recipe starts from the ImageNet file its weights stage records, like a paper cell.
+    for name in profile_cells(root, params, "best"):
+        model, init, _ = name.split("@")[1].split("-")
+        assert f"data/weights/{model}-{init}.json" in paths_of(root[name])
+        assert root[f"weights@{model}-{init}"]  # recorded by the study's weights stage
+        assert not [p for p in paths_of(root[name]) if p.startswith("data/pretrain")]
+    # The custom CNN's SimCLR recipe starts from the profile's own pretraining.
+    for name in profile_cells(root, params, "cnn_simclr"):
+        model = name.split("@")[1].split("-")[0]
         cell = root[name]
-        assert "-S profile=best -S augment.mode=online train " in cell.cmd, name
-        model, init, dataset = name.split("@")[1].split("-")
-        assert f"models/{model}-{init}-{dataset}-best/model" in [o.def_path for o in cell.outs]
-        for key in ("profiles.best", "train.head", "train.crop", "augment.intensity.noise"):
-            assert declares(cell, key), f"{name} reads {key} but does not declare it"
-        # It starts from the profile's own pretraining: the file `--init pretrained` resolves to.
-        pretrained = root[f"pretrain_best@{model}"]
-        assert f"data/pretrain/best/{model}.weights.h5" in paths_of(cell)
-        assert f"data/pretrain/best/{model}.weights.h5" in [o.def_path for o in pretrained.outs]
-        assert params["profiles"]["best"]["pretrain.out"] == "data/pretrain/best"
-        assert "-S profile=best pretrain " in pretrained.cmd
-        for key in ("profiles.best", "pretrain.epochs", "train.crop", "train.image_size.custom_cnn"):
-            assert declares(pretrained, key), f"pretrain_best@{model} reads {key} but does not declare it"
+        pretrained = root[f"pretrain_cnn_simclr@{model}"]
+        assert f"data/pretrain/cnn_simclr/{model}.weights.h5" in paths_of(cell)
+        assert f"data/pretrain/cnn_simclr/{model}.weights.h5" in [o.def_path for o in pretrained.outs]
+        assert params["profiles"]["cnn_simclr"]["pretrain.out"] == "data/pretrain/cnn_simclr"
+        assert "-S profile=cnn_simclr pretrain " in pretrained.cmd
+        for key in ("profiles.cnn_simclr", "pretrain.epochs", "train.crop", "train.image_size.custom_cnn"):
+            assert declares(pretrained, key), f"pretrain_cnn_simclr@{model} reads {key} but does not declare it"
         # Pretraining reads training splits only, never a cell's val/test predictions or models.
         assert not [p for p in paths_of(pretrained) if p.startswith("models")]
+    root_names = set(root)
+    assert not {n for n in root_names if n.startswith("pretrain_best")}  # the chosen recipe pretrains nothing
     for name, cell in root.items():  # the paper's cells train the paper's profile whatever params.yaml says
         if name.startswith("train@"):
             assert "-S profile=paper " in cell.cmd, name

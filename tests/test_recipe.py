@@ -86,11 +86,11 @@ def test_a_study_cell_list_that_disagrees_with_the_profile_is_one_line(tiny_ct, 
     assert not (tmp_path / "cell").exists()
 
 
-def test_the_best_profile_trains_its_cell_from_its_own_pretraining(tiny_ct, tmp_path):
-    """`-S profile=best train --dataset ct` is train_best@custom_cnn-pretrained-ct: the custom CNN
+def test_the_simclr_profile_trains_its_cell_from_its_own_pretraining(tiny_ct, tmp_path):
+    """`-S profile=cnn_simclr train --dataset ct` is train_cnn_simclr@custom_cnn-pretrained-ct: the custom CNN
     from the profile's SimCLR file, asked for by name when it has not been made yet."""
     tmp, _, _ = tiny_ct
-    result = covidtl(tmp, "-S", "profile=best", "-S", f"pretrain.out={tmp_path / 'pretrain'}",
+    result = covidtl(tmp, "-S", "profile=cnn_simclr", "-S", f"pretrain.out={tmp_path / 'pretrain'}",
                      "train", "--dataset", "ct", "--out", str(tmp_path / "cell"))
     assert result.exit_code == 2
     assert result.stderr.startswith(f"Error: --init pretrained: {tmp_path / 'pretrain' / 'custom_cnn.weights.h5'} "

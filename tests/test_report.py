@@ -63,9 +63,9 @@ def study(tmp_path, monkeypatch):
     # must not replace the cell's own run.
     _log_run("custom_cnn", "random", 0.10)
     _log_run("custom_cnn", "imagenet", 0.99)
-    # The stronger recipe's cell (profile best) beside the paper's custom CNN cell.
+    # The custom CNN's SimCLR recipe's cell (profile cnn_simclr) beside the paper's custom CNN cell.
     best_run = _log_run("custom_cnn", "pretrained", 0.875)
-    _write_cell(models, "custom_cnn-pretrained-ct-best", {"status": "ok", "test_accuracy": 0.875, "run_id": best_run},
+    _write_cell(models, "custom_cnn-pretrained-ct-cnn_simclr", {"status": "ok", "test_accuracy": 0.875, "run_id": best_run},
                 rows=[("covid", "covid"), ("non_covid", "non_covid")])
     return tmp_path
 
@@ -88,11 +88,11 @@ def test_report_tables_figures_and_missing_cells(study):
 
     both = pd.read_csv(study / "reports" / "results.csv")
     assert len(both) == 5 and set(both["group"]) == {"workspace"}
-    best = both[both["profile"] == "best"].iloc[0]
+    best = both[both["profile"] == "cnn_simclr"].iloc[0]
     assert (best["model"], best["init"], best["status"]) == ("custom_cnn", "pretrained", "ok")
     assert best["test_accuracy"] == pytest.approx(0.875)  # its own run, not the paper cell's
-    assert json.loads((study / "reports" / "cards" / "custom_cnn-pretrained-ct-best.json").read_text())["cell"] == (
-        "custom_cnn-pretrained-ct-best")
+    assert json.loads((study / "reports" / "cards" / "custom_cnn-pretrained-ct-cnn_simclr.json").read_text())["cell"] == (
+        "custom_cnn-pretrained-ct-cnn_simclr")
     table = both[both["profile"] == "paper"].set_index(["model", "init"])
     assert len(table) == 4
     cell_run = json.loads((study / "models/custom_cnn-random-ct/metrics.json").read_text())["run_id"]
@@ -107,7 +107,7 @@ def test_report_tables_figures_and_missing_cells(study):
 
     md = (study / "reports" / "results.md").read_text()
     assert "| custom_cnn | random | paper | ok | 0.750 [n/a] |" in md  # the fixture logs no interval
-    assert "| custom_cnn | pretrained | best | ok | 0.875 [n/a] |" in md
+    assert "| custom_cnn | pretrained | cnn_simclr | ok | 0.875 [n/a] |" in md
     assert "| vgg16 | random | paper | failed | — |" in md
     assert "Scores taken so far on each external set" in md and "ct-site2 2" in md and "ValueError: boom" in md
     assert "ImageNet weights not available offline" in md

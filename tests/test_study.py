@@ -34,6 +34,8 @@ TINY = {
 }
 CELLS = ["custom_cnn-random-ct", "vgg16-random-ct", "vgg16-imagenet-ct", "custom_cnn-imagenet-ct"]
 WEIGHTS = {f"weights@{m}-{i}" for m in TINY["study.models"] for i in TINY["study.inits"]}
+# The cells that start from VGG16's ImageNet file: the paper's frozen cell and the chosen recipe's.
+IMAGENET_CELLS = {"train@vgg16-imagenet-ct", "train_best@vgg16-imagenet-ct"}
 VGG16_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 TINY_VGG16_SIZE = 32  # params.yaml's quick profile
 
@@ -108,7 +110,7 @@ def test_one_failing_cell_leaves_the_others_and_repro_reruns_only_it(repo):
     # (every weights@ stage watches weights/; only VGG16-imagenet's record changed).
     corrupt.unlink()
     second = _run(repo, "dvc", "repro")
-    assert ran_stages(second) == WEIGHTS | {"train@vgg16-imagenet-ct", "external@ct", "report"}, second.stdout
+    assert ran_stages(second) == WEIGHTS | IMAGENET_CELLS | {"external@ct", "report"}, second.stdout
 
 
 def test_study_outputs_metrics_plots_and_report(repo):
@@ -145,16 +147,20 @@ def test_study_outputs_metrics_plots_and_report(repo):
     assert "models/vgg16-random-ct/history.csv" in plots.stdout
 
     both = pd.read_csv(repo / "reports" / "results.csv")
-    # The stronger recipe's cell (profile best, stage train_best@...) ran beside the paper's.
-    best = both[both["profile"] == "best"]
+    # The chosen recipe's cell (profile best, stage train_best@...) waits for its ImageNet file, as the
+    # paper's ImageNet cells do.
+    chosen = both[both["profile"] == "best"]
+    assert list(chosen["model"]) == ["vgg16"] and list(chosen["status"]) == ["skipped"]
+    # The custom CNN's SimCLR recipe (profile cnn_simclr, stage train_cnn_simclr@...) ran beside the paper's.
+    best = both[both["profile"] == "cnn_simclr"]
     assert list(best["model"]) == ["custom_cnn"] and list(best["status"]) == ["ok"]
-    best_record = json.loads((repo / "models/custom_cnn-pretrained-ct-best/metrics.json").read_text())
+    best_record = json.loads((repo / "models/custom_cnn-pretrained-ct-cnn_simclr/metrics.json").read_text())
     assert best["run_id"].iloc[0] == best_record["run_id"]
     # The profile's fixed budget (train.max_epochs 10, over TINY's 2), its last epoch kept.
     assert (best_record["epochs_used"], best_record["selected_by"], best_record["best_epoch"]) == (10, "last", 10)
-    # ... from the profile's SimCLR file (stage pretrain_best@custom_cnn), learnt from training rows only.
-    card = json.loads((repo / "models/custom_cnn-pretrained-ct-best/model/card.json").read_text())
-    pretrained = json.loads((repo / "data/pretrain/best/custom_cnn.json").read_text())
+    # ... from the profile's SimCLR file (stage pretrain_cnn_simclr@custom_cnn), learnt from training rows only.
+    card = json.loads((repo / "models/custom_cnn-pretrained-ct-cnn_simclr/model/card.json").read_text())
+    pretrained = json.loads((repo / "data/pretrain/cnn_simclr/custom_cnn.json").read_text())
     assert card["init"] == "pretrained" and pretrained["epochs"] == 5
     assert {d["split"] for d in pretrained["datasets"].values()} == {"train"}
     split = pd.read_csv(repo / "data/ct/split.csv")
@@ -176,7 +182,7 @@ def test_study_outputs_metrics_plots_and_report(repo):
     # The external stage: every trained cell scored on the default second site, the others listed.
     external = json.loads((repo / "external" / "ct" / "results.json").read_text())
     assert external["sets"]["ct-site2"]["images"] == 20 and external["sets"]["ct-site2"]["quarantined"] == 0
-    for cell in ("custom_cnn-random-ct", "vgg16-random-ct", "custom_cnn-pretrained-ct-best"):
+    for cell in ("custom_cnn-random-ct", "vgg16-random-ct", "custom_cnn-pretrained-ct-cnn_simclr"):
         record = external["cells"][cell]
         assert record["status"] == "ok" and record["run_id"] == json.loads(
             (repo / "models" / cell / "metrics.json").read_text())["run_id"]
@@ -200,13 +206,18 @@ def test_weights_dropped_where_the_skip_message_says_train_exactly_their_cell(re
     )
     _run(repo, sys.executable, "-c", code, str(repo / "weights" / VGG16_FILE))
     again = _run(repo, "dvc", "repro")
-    assert ran_stages(again) == WEIGHTS | {"train@vgg16-imagenet-ct", "external@ct", "report"}, again.stdout
+    assert ran_stages(again) == WEIGHTS | IMAGENET_CELLS | {"external@ct", "report"}, again.stdout
     assert json.loads((repo / "models/vgg16-imagenet-ct/metrics.json").read_text())["status"] == "ok"
     record = json.loads((repo / "data/weights/vgg16-imagenet.json").read_text())
     assert (record["status"], record["path"]) == ("available", f"weights/{VGG16_FILE}")
     assert "up to date" in _run(repo, "dvc", "status", "dvc.yaml").stdout
-    table = pd.read_csv(repo / "reports" / "results.csv").set_index(["model", "init"])
+    both = pd.read_csv(repo / "reports" / "results.csv")
+    table = both[both["profile"] == "paper"].set_index(["model", "init"])
     assert table.loc[("vgg16", "imagenet"), "status"] == "ok"
+    # The chosen recipe's cell trained too, at the profile's own size (the paper's 224 px).
+    chosen = json.loads((repo / "models/vgg16-imagenet-ct-best/model/card.json").read_text())
+    assert both.loc[both["profile"] == "best", "status"].tolist() == ["ok"]
+    assert chosen["image_size"] == 224 and chosen["init_weights"]["sha256"] == record["sha256"]
     # Trained through the feature cache, at the size the params name, from the file it recorded.
     card = json.loads((repo / "models/vgg16-imagenet-ct/model/card.json").read_text())
     assert card["frozen_part"]["cut"] == "base" and card["image_size"] == TINY_VGG16_SIZE

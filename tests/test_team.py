@@ -78,8 +78,8 @@ def make_project(dest: Path) -> Path:
     for key, value in TINY.items():
         _set(params, key, value)
     del params["data"]["datasets"]["xray"], params["external"]["xray"]  # one dataset: the one under DVC
-    # ... so no profile cells: the best profile's pretraining reads the X-ray training split too.
-    params["study"]["profiles"]["best"]["models"] = []
+    # ... so no profile cells: the SimCLR profile's pretraining reads the X-ray training split too.
+    params["study"]["profiles"]["cnn_simclr"]["models"] = []
     rt.dump(params, dest / "params.yaml")
     (dest / "dvc.lock").unlink(missing_ok=True)
     run(dest, "git", "init", "-q")

@@ -55,7 +55,7 @@ def resolve_init(cfg: Config, model: str, init: str) -> str:
     path = default_out(cfg, model)
     if not path.is_file():
         raise UserError(f"--init {init}: {path} does not exist; run `covidtl pretrain --model {model}` "
-                        f"with the same -S options first (the study: `dvc repro pretrain_best@{model}`)")
+                        f"with the same -S options first (the study: `dvc repro pretrain_{cfg.profile}@{model}`)")
     return init.removesuffix(PRETRAINED) + str(path)
 
 
