@@ -30,7 +30,7 @@ import tensorflow as tf
 from mlflow.exceptions import MlflowException
 
 from covidtl import distribute, linear_probe, optim, paths, pretrained, tracking
-from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_file, init_label, is_finetune
+from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label, is_finetune
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import label_indices, make_dataset, make_offline_dataset, readable_rows
