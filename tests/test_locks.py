@@ -19,7 +19,6 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from covidtl import locks
 from covidtl.cells import EPOCH_METRICS
 from covidtl.cli import main
 from covidtl.paths import CLASSES
@@ -49,9 +48,14 @@ def train_command(tmp: Path, cell: Path) -> list[str]:
             "--batch-size", "8", "--out", str(cell), "--no-log-model"]
 
 
+def lock_file(target: Path) -> Path:
+    """Beside the folder, hidden: removing the folder keeps it, and .dvcignore names it."""
+    return target.parent / f".{target.name}.covidtl.lock"
+
+
 def holder_of(target: Path) -> dict:
     try:
-        return json.loads(locks.lock_path(target).read_text())
+        return json.loads(lock_file(target).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -91,7 +95,7 @@ def test_a_second_training_of_a_cell_is_refused_and_the_cell_is_the_first_ones_r
     assert errors == [refusal(cell, holder)]
     assert holder["what"] == "covidtl train" and holder["command"].startswith("covidtl --params ")
     assert "Traceback" not in second.stderr
-    assert not locks.lock_path(cell).exists()  # removed by the first as it ended
+    assert not lock_file(cell).exists()  # removed by the first as it ended
     check_cell_is_its_run(uri, cell, tmp / "images")
 
 
@@ -153,7 +157,7 @@ def test_a_lock_whose_holder_was_killed_is_taken_over_with_a_line_saying_so(work
     assert notes == [f"Note: {cell}: took over the lock of covidtl train (pid {killed.pid} on {HOST}, started "
                      f"{holder['started']}: {holder['command']}), a process that is gone (killed?)"]
     assert json.loads((cell / "metrics.json").read_text())["status"] == "ok"
-    assert not locks.lock_path(cell).exists()
+    assert not lock_file(cell).exists()
 
 
 @pytest.mark.parametrize("command, target", [
@@ -166,6 +170,8 @@ def test_a_lock_whose_holder_was_killed_is_taken_over_with_a_line_saying_so(work
       "--no-prepare"], "{out}/custom_cnn.weights.h5"),
 ], ids=["train", "evaluate", "cv", "external", "pretrain"])
 def test_every_command_that_writes_a_folder_of_results_refuses_one_in_use(workdir, command, target):
+    from covidtl import locks
+
     tmp, _ = workdir
     out = tmp / "results"
     target = Path(target.format(out=out, tmp=tmp))
@@ -173,6 +179,7 @@ def test_every_command_that_writes_a_folder_of_results_refuses_one_in_use(workdi
     with locks.hold(target, "a test") as lock:
         result = CliRunner().invoke(main, [*settings(tmp), *(c.format(out=out, tmp=tmp) for c in command)])
         holder = json.loads(lock.read_text())
+        assert lock == lock_file(target)
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines()[-1] == refusal(target, holder)
     assert holder["pid"] == os.getpid()
@@ -181,6 +188,8 @@ def test_every_command_that_writes_a_folder_of_results_refuses_one_in_use(workdi
 
 def test_a_cache_build_waits_for_the_process_building_it(tmp_path):
     """Caches are locked only while an entry is built: a second builder waits, saying for whom."""
+    from covidtl import locks
+
     target, built = tmp_path / "cache" / "entry.npy", tmp_path / "built"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import pathlib, sys, time\nfrom covidtl import locks\n"
@@ -193,7 +202,7 @@ def test_a_cache_build_waits_for_the_process_building_it(tmp_path):
         assert built.exists()  # the lock came only once the first had finished
     assert holder.wait(timeout=60) == 0
     assert len(said) == 1 and said[0].startswith(f"{target}: waiting for a decode-cache build (pid {holder.pid} ")
-    assert not locks.lock_path(target).exists()
+    assert not lock_file(target).exists()
 
 
 def test_dvc_ignores_the_lock_files():
@@ -202,5 +211,5 @@ def test_dvc_ignores_the_lock_files():
     ignore = Repo(str(ROOT)).dvcignore
     for target in ("models/custom_cnn-random-ct", "external/ct", "cv/ct/custom_cnn-random-ct",
                    "data/pretrain/custom_cnn.weights.h5", "data/cache/0123abcd.npy"):
-        assert ignore.is_ignored_file(str(locks.lock_path(ROOT / target)))
+        assert ignore.is_ignored_file(str(lock_file(ROOT / target)))
     assert not ignore.is_ignored_file(str(ROOT / "models" / "custom_cnn-random-ct" / "metrics.json"))
