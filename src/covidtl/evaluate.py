@@ -300,6 +300,7 @@ def evaluate(
 
 def _evaluate(cfg: Config, model_uri: str, data: str, split: str, out_dir: str | Path | None,
               run_name: str | None, say: Callable[[str], None], tta: str) -> EvaluateResult:
+    """`evaluate`, the --out folder's lock held."""
     loaded = load_trained(model_uri, cfg)
     loaded = dataclasses.replace(loaded, model=with_tta(loaded.model, tta))
     with tempfile.TemporaryDirectory(prefix="covidtl-eval-") as tmp:

@@ -148,6 +148,7 @@ def score_dataset(
 
 def _score_dataset(cfg: Config, dataset: str, models_root: str | Path, out: ExternalDir, log: bool,
                    progress: bool, say: Callable[[str], None]) -> ExternalResult:
+    """`score_dataset`, external/<dataset>/'s lock held."""
     entries = cfg.external.get(dataset, [])
     shutil.rmtree(out.root, ignore_errors=True)  # no stale cell or set from an earlier study
     sets = [ingest_set(cfg, dataset, i, e, out.sets_dir, progress) for i, e in enumerate(entries)]
