@@ -105,7 +105,8 @@ BAD_FILES = {
     "truncated.png": (_truncated_png, "truncated or corrupt image data: image file is truncated"),
     "truncated.jpg": (_truncated_jpeg, "truncated or corrupt image data"),
     "text.png": (_text, "not an image: Pillow cannot identify the file format"),
-    "bomb.png": (_bomb, "too large to decode safely: Image size (2500000000 pixels) exceeds limit"),
+    # Its limit after: the CLI's is params.yaml's, the server's Pillow's own (89.48).
+    "bomb.png": (_bomb, "too large to decode safely: 2500 megapixels is over twice ingest.max_megapixels"),
     "one-pixel.png": (_one_pixel, "image is 1x1 px, too small to use"),
     "loop.png": (_symlink_loop, "cannot read file: Too many levels of symbolic links"),
     "dangling.png": (_dangling, "cannot read file: No such file or directory"),
@@ -155,6 +156,111 @@ def test_pillows_decompression_bomb_guard_stays_on():
     assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS <= 2 ** 28
     with pytest.raises(BadImage, match="too large to decode safely"):
         measure_bytes(png_claiming(50_000, 50_000))
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _socket(path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:  # the file stays once the socket is closed
+        sock.bind(str(path))
+
+
+def _dev_zero(path: Path) -> None:
+    path.symlink_to("/dev/zero")
+
+
+def _link_to_fifo(path: Path) -> None:
+    os.mkfifo(path.with_name("pipe"))  # no image suffix: skipped itself, read only through the link
+    path.symlink_to("pipe")
+
+
+NOT_REGULAR = {
+    "pipe.png": (_fifo, "a named pipe (FIFO)"),
+    "socket.png": (_socket, "a socket"),
+    "zero.png": (_dev_zero, "a link to /dev/zero, a character device"),
+    "pipe-link.png": (_link_to_fifo, "a link to {folder}/pipe, a named pipe (FIFO)"),
+}
+
+
+def _at_most_4_gib() -> None:
+    # Today's main reads a link to /dev/zero until memory runs out: let it fail, not the machine.
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def test_fifos_sockets_and_devices_are_quarantined_without_being_opened(tmp_path):
+    """A named pipe used to hang ingest for ever; a link to /dev/zero never ends."""
+    good_images(tmp_path)
+    folder = tmp_path / "images" / "COVID"
+    for name, (make, _) in NOT_REGULAR.items():
+        make(folder / name)
+    result = subprocess.run(cli_args(tmp_path, "ingest", "ct", "--quiet"), capture_output=True, text=True,
+                            timeout=120, preexec_fn=_at_most_4_gib)
+    assert result.returncode == 0, result.stderr
+    for name, (_, kind) in NOT_REGULAR.items():
+        reason = f"not a regular file: {kind.format(folder=folder)}; only regular files are read, so it was not opened"
+        assert f"Quarantined: {folder / name}: {reason}\n" in result.stderr
+    assert result.stdout.startswith("ingest ct: 10 images (covid 5, non_covid 5)")
+    assert ", 4 quarantined, 1 non-image files skipped," in result.stdout  # the pipe without a suffix
+    quarantine = pd.read_csv(tmp_path / "data" / "ct" / "quarantine.csv")
+    assert sorted(quarantine["path"]) == sorted(f"COVID/{name}" for name in NOT_REGULAR)
+
+
+def test_an_undeclared_dataset_is_refused_before_anything_is_written_as_split_refuses_it(tmp_path):
+    good_images(tmp_path)
+    ingest = covidtl(tmp_path, "ingest", "foo", "--path", str(tmp_path / "images"), "--quiet")
+    split = covidtl(tmp_path, "split", "foo")
+    assert ingest.exit_code == split.exit_code == 2
+    assert ingest.stderr == split.stderr == (
+        "Error: data.datasets.foo: unknown dataset 'foo' (known: ct, xray); add it under data.datasets in "
+        "params.yaml\n")
+    assert not (tmp_path / "data").exists()
+    # --path still points a declared dataset at another folder.
+    moved = covidtl(tmp_path, "ingest", "xray", "--path", str(tmp_path / "images"), "--quiet")
+    assert moved.exit_code == 0, moved.output
+    assert (tmp_path / "data" / "xray" / "manifest.csv").is_file()
+
+
+def big_warning(path: Path, size: str, limit: str) -> str:
+    return (f"Warning: {path}: {size} is above ingest.max_megapixels {limit}, Pillow's guard against "
+            "decompression bombs; read all the same (twice that is refused); raise or lower the guard with "
+            "-S ingest.max_megapixels=N")
+
+
+def test_a_90_megapixel_png_is_one_warning_in_the_projects_words_and_is_ingested(tmp_path):
+    good_images(tmp_path)
+    big = tmp_path / "images" / "COVID" / "ninety megapixels.png"
+    Image.new("1", (9500, 9500), 1).save(big)  # 90.25 MP in 11 kB: Pillow's limit is 89.48 MP
+    result = subprocess.run(cli_args(tmp_path, "ingest", "ct", "--quiet"), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == big_warning(big, "9500x9500 px (90.25 megapixels)", "89.5") + "\n"
+    manifest = pd.read_csv(tmp_path / "data" / "ct" / "manifest.csv").set_index("path")
+    assert manifest.loc[f"COVID/{big.name}", "width"] == 9500
+
+
+def test_the_guard_is_a_setting_applied_in_ingests_worker_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the CLI run here sets it
+    good_images(tmp_path, per_class=35)  # 70 files of 48x40 px: decoded by worker processes
+    folder = tmp_path / "images" / "COVID"
+    above = write_image(folder / "above.png", 501, size=(60, 50))  # 3000 px: above 2000, under twice
+    over_twice = write_image(folder / "over twice.png", 502, size=(100, 50))  # 5000 px
+    command = cli_args(tmp_path, "-S", "ingest.max_megapixels=0.002", "ingest", "ct", "--jobs", "2", "--quiet")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        big_warning(above, "60x50 px (0.003 megapixels)", "0.002"),
+        f"Quarantined: {over_twice}: too large to decode safely: 0.005 megapixels is over twice "
+        "ingest.max_megapixels 0.002, Pillow's guard against decompression bombs; if the file is trusted, "
+        "raise it with -S ingest.max_megapixels=N",
+    ]
+    assert result.stdout.startswith("ingest ct: 71 images (covid 36, non_covid 35)")
+    raised = covidtl(tmp_path, "-S", "ingest.max_megapixels=0.01", "ingest", "ct", "--jobs", "1", "--quiet")
+    assert raised.exit_code == 0 and raised.stderr == "", raised.output
+    assert raised.stdout.startswith("ingest ct: 72 images")
 
 
 @pytest.mark.parametrize("layout, message", [

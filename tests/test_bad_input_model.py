@@ -7,9 +7,11 @@ made by a refused run, the old model file intact, unreadable files listed while 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +19,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 from mlflow.tracking import MlflowClient
 
 from covidtl.cli import main
 from covidtl.train import train
 from helpers_train import make_workdir
-from test_bad_input import BAD_FILES, as_user, shared_tmp, _needs_a_user_without_rights  # noqa: F401
+from test_bad_input import (BAD_FILES, NOT_REGULAR, as_user, shared_tmp,  # noqa: F401
+                             _needs_a_user_without_rights)
 
 ROOT = Path(__file__).parents[1]
 COVIDTL = str(Path(sys.executable).parent / "covidtl")
@@ -264,6 +268,87 @@ def test_predict_lists_each_bad_file_with_its_reason_and_scores_the_rest(trained
     for file, reason in bad.items():
         assert table.loc[file, "error"].startswith(reason), file
         assert pd.isna(table.loc[file, "p_covid"])
+
+
+class StillRunning(BaseException):
+    """Not an Exception: the CLI's last-resort handler lets it through."""
+
+
+@contextlib.contextmanager
+def at_most(seconds: int):
+    """Fail, rather than hang, a command that blocks (a FIFO opened for reading never returns)."""
+    def stop(signum, frame):
+        raise StillRunning(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def not_regular_files(folder: Path) -> dict[Path, str]:
+    """A FIFO, a socket, a link to /dev/zero and a link to a FIFO in `folder`: {path: reason}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for name, (make, kind) in NOT_REGULAR.items():
+        make(folder / f"a-{name}")  # before the images by name: today's main hangs on the pipe first
+        made[folder / f"a-{name}"] = (f"not a regular file: {kind.format(folder=folder)}; only regular "
+                                      "files are read, so it was not opened")
+    return made
+
+
+def test_predict_lists_fifos_sockets_and_devices_unopened_and_scores_the_rest(trained, tmp_path):
+    tmp, _, cell = trained
+    folder = tmp_path / "scans"
+    special = not_regular_files(folder)
+    good = shutil.copy(next((tmp / "images" / "COVID").glob("*.png")), folder / "scan.png")
+    lone = tmp_path / "lone pipe.png"  # named on the command line, not found in a folder
+    os.mkfifo(lone)
+    special[lone] = ("not a regular file: a named pipe (FIFO); only regular files are read, so it was "
+                     "not opened")
+    out = tmp_path / "predictions.csv"
+    with at_most(120):
+        result = cli(tmp, "predict", str(folder), str(lone), "--model-uri", str(cell), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert ": 1 images scored" in result.stdout and "5 unreadable files" in result.stdout
+    table = pd.read_csv(out).set_index("file")
+    assert 0 <= table.loc[str(good), "p_covid"] <= 1
+    for path, reason in special.items():
+        assert table.loc[str(path), "error"] == reason
+        assert f"{path}" in result.stdout and f"not scored: {reason}" in result.stdout
+
+
+def test_explain_and_evaluate_of_a_folder_never_open_fifos_sockets_or_devices(trained, tmp_path):
+    tmp, _, cell = trained
+    folder = tmp_path / "ward"
+    shutil.copytree(tmp / "images", folder)
+    special = not_regular_files(folder / "COVID")
+    with at_most(120):
+        explained = cli(tmp, "explain", str(folder / "COVID"), "--model-uri", str(cell),
+                        "--out", str(tmp_path / "cams"))
+        evaluated = cli(tmp, "evaluate", "--model-uri", str(cell), "--data", str(folder))
+    assert explained.exit_code == 0, explained.output
+    assert evaluated.exit_code == 0, evaluated.output
+    for path, reason in special.items():
+        assert f"not explained: {reason}" in explained.stdout
+        assert f"Quarantined: {path}: {reason}\n" in evaluated.stderr
+    assert f"on {folder}: 24 images (a folder, every image);" in evaluated.stdout
+
+
+def test_the_decompression_bomb_guard_setting_applies_to_predict(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the CLI run here sets it
+    tmp, _, cell = trained
+    scan = next((tmp / "images" / "COVID").glob("*.png"))  # 48x48 px
+    out = tmp_path / "predictions.csv"
+    result = cli(tmp, "-S", "ingest.max_megapixels=0.001", "predict", str(scan), "--model-uri", str(cell),
+                 "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(out)["error"].tolist() == [
+        "too large to decode safely: 0.002304 megapixels is over twice ingest.max_megapixels 0.001, Pillow's "
+        "guard against decompression bombs; if the file is trusted, raise it with -S ingest.max_megapixels=N"]
 
 
 # --------------------------------------------------------------------------- outputs that cannot be written

@@ -74,8 +74,10 @@ def test_a_killed_cv_reuses_finished_folds_and_continues_the_cut_one(workdir):
     args = [COVIDTL, *cv_args(tmp, folds=3, epochs=2)]
     fold1, fold2 = out / "fold-1" / "cell", out / "fold-2" / "cell"
     # Fold 1 finished, fold 2 one epoch into its two.
+    # (The epoch's cost is written by a callback after its checkpoint's: wait for both.)
     kill_when(args, lambda: read_json(fold1 / "metrics.json").get("status") == "ok"
-              and read_json(fold2 / "checkpoint" / "state.json").get("epochs_done", 0) >= 1, tmp / "killed.log")
+              and read_json(fold2 / "checkpoint" / "state.json").get("epochs_done", 0) >= 1
+              and (read_json(out / "fold-2" / "cost.json").get("wall_seconds") or 0) > 0, tmp / "killed.log")
     run1 = read_json(fold1 / "metrics.json")["run_id"]
     cut = read_json(fold2 / "checkpoint" / "state.json")
     model = (fold1 / "model" / "model.keras").stat()

@@ -154,7 +154,7 @@ def test_a_damaged_entry_is_reported_recomputed_and_never_read(tmp_path, caplog,
     with caplog.at_level(logging.WARNING, logger="covidtl.features"):
         np.testing.assert_array_equal(again.features(rows), good)
     assert again.cache.counts.damaged == 1 and again.cache.counts.computed == 1
-    lines = [r.getMessage() for r in caplog.records]
+    lines = [r.getMessage() for r in caplog.records if r.name == "covidtl.features"]
     assert len(lines) == 1 and str(entry) in lines[0]
     assert ("truncated" if damage == "truncate" else "checksum") in lines[0]
     np.testing.assert_array_equal(decode_entry(entry.read_bytes()), good[0])  # rewritten whole

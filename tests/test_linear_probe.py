@@ -11,7 +11,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest

@@ -158,6 +158,28 @@ def test_data_add_refuses_a_missing_folder_in_one_line(tmp_path):
     assert not (one / "datasets/ct.dvc").exists()
 
 
+def test_data_add_refuses_a_fifo_or_a_link_to_dev_zero_unopened_in_one_line(tmp_path):
+    one = make_project(tmp_path / "clone1")
+    params = (one / "params.yaml").read_text()
+    for special in ("pipe.png", "zero.png"):
+        download = tmp_path / f"download-{special}"
+        (download / "COVID").mkdir(parents=True)
+        (download / "COVID" / "a.png").write_bytes(b"an image")
+        if special == "pipe.png":
+            os.mkfifo(download / "COVID" / special)
+            kind = "a named pipe (FIFO)"
+        else:
+            (download / "COVID" / special).symlink_to("/dev/zero")
+            kind = "a link to /dev/zero, a character device"
+        result = run(one, "covidtl", "data", "add", "ct", str(download), check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == (f"Error: {download / 'COVID' / special}: not a regular file ({kind}); `data "
+                                 "add` copies only regular files: remove it from the folder and run the command "
+                                 "again\n")
+    assert not (one / "datasets").exists() or not any((one / "datasets").iterdir())  # no copy left
+    assert (one / "params.yaml").read_text() == params
+
+
 # --------------------------------------------------------------------------- tracking server
 
 

@@ -80,6 +80,8 @@ class IngestConfig:
     near_duplicate_bits: int
     series_break: float
     thumbnail: int
+    # Pillow's decompression-bomb guard in every reader (covidtl.data.images.set_pixel_limit).
+    max_megapixels: float
 
 
 @dataclass
@@ -461,6 +463,7 @@ def validate(cfg: Config) -> None:
         "synth.site2_images_per_class": cfg.synth.site2_images_per_class,
         "ingest.hash_size": cfg.ingest.hash_size,
         "ingest.thumbnail": cfg.ingest.thumbnail,
+        "ingest.max_megapixels": cfg.ingest.max_megapixels,
         "augment.copies_per_image": cfg.augment.copies_per_image,
         "tune.trials": cfg.tune.trials,
         "tune.epochs": cfg.tune.epochs,

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from covidtl import paths, tracking
+from covidtl import locks, paths, tracking
 from covidtl.cells import FINETUNE_PREFIX, PREDICTION_COLUMNS, Cell, cell_name, init_file, is_finetune
 from covidtl.config import Config
 from covidtl.data import tables
@@ -128,7 +128,8 @@ def cross_validate(
     folds = fold_tables(manifest, k, cfg.cv.seed, val_share(cfg))
     tracking.use_experiment(dataset)
     rows, predictions = [], []
-    with parent_run(out, cv_digest(cfg, model, init, dataset, lr), f"cv {name}", say) as parent:
+    with (locks.hold(out, "covidtl cv", say),  # before cv_state.json is read: one cv per folder
+          parent_run(out, cv_digest(cfg, model, init, dataset, lr), f"cv {name}", say) as parent):
         mlflow.set_tags({**train.run_tags(cfg, model, init, dataset, kind="cv"), "cv_folds": str(k)})
         tracking.log_config(cfg)
         for i, table in enumerate(folds, start=1):

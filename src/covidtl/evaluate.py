@@ -6,6 +6,7 @@ runs:/<id>/model --data /path/to/folder`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from covidtl import paths, tracking
+from covidtl import locks, paths, tracking
 from covidtl.cells import Cell
 from covidtl.config import Config, DatasetConfig, EvalConfig
 from covidtl.data import tables
@@ -197,6 +198,8 @@ def load_rows(
     result = ingest.run(on_the_fly, name, progress=False, strict=True)
     for row in result.quarantine.itertuples():
         say(f"Quarantined: {row.path}: {row.reason}")
+    for note in result.notes:
+        say(f"Warning: {note}")
     return result.manifest, name, paths.manifest_path(on_the_fly, name), False
 
 
@@ -290,6 +293,14 @@ def evaluate(
     if split not in SPLITS:
         raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
     tracking.tracking_uri()  # a tracking server that does not answer: refused before any scoring
+    # Without --out nothing is written here but the MLflow run: no folder to lock.
+    with locks.hold(out_dir, "covidtl evaluate", say) if out_dir is not None else contextlib.nullcontext():
+        return _evaluate(cfg, model_uri, data, split, out_dir, run_name, say, tta)
+
+
+def _evaluate(cfg: Config, model_uri: str, data: str, split: str, out_dir: str | Path | None,
+              run_name: str | None, say: Callable[[str], None], tta: str) -> EvaluateResult:
+    """`evaluate`, the --out folder's lock held."""
     loaded = load_trained(model_uri, cfg)
     loaded = dataclasses.replace(loaded, model=with_tta(loaded.model, tta))
     with tempfile.TemporaryDirectory(prefix="covidtl-eval-") as tmp:

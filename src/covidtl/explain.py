@@ -8,6 +8,7 @@ last conv block), the head is what follows it. `covidtl explain` writes one over
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from covidtl.files import atomic_path
 from covidtl.models.wrappers import networks_of
 from covidtl.paths import CLASSES, POSITIVE
 
+log = logging.getLogger(__name__)
 CONV_LAYERS = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
 POSITIVE_INDEX = CLASSES.index(POSITIVE)
 # The sample figure's rows: (short name, title, true class is covid, predicted covid).
@@ -216,11 +218,11 @@ def image_files(inputs: Iterable[str | Path], purpose: str = "to explain") -> li
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
-        # Not is_file(): a broken link or a link loop is listed, so its reason is shown, not skipped.
+        # Not is_file(): a broken link, a link loop or a FIFO is listed, so its reason is shown, not skipped.
         if path.is_dir():
             found.extend(sorted(p for p in path.rglob("*")
                                 if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES))
-        elif path.is_file() or path.is_symlink():
+        elif os.path.lexists(path):
             found.append(path)
         else:
             raise UserError(f"{path}: no such file or folder; give image files or folders of images")
@@ -261,6 +263,8 @@ def explain_files(
         if isinstance(measured, str):
             result.reason = measured
             continue
+        if measured.note:
+            log.warning("Warning: %s: %s", result.path, measured.note)
         try:
             good.append((result, name, load_image(result.path, size)))
         except Exception as exc:  # noqa: BLE001 - a file ingest accepts but TF cannot decode

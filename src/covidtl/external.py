@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from covidtl import paths, tracking
+from covidtl import locks, paths, tracking
 from covidtl.cells import MODELS_ROOT, Cell
 from covidtl.config import Config, DatasetConfig, ExternalSet
 from covidtl.data import ingest, tables
@@ -71,6 +71,7 @@ class IngestedSet:
     cfg: Config  # the config under which the folder is a dataset named entry.name
     manifest: pd.DataFrame
     quarantine: pd.DataFrame
+    notes: list[str]  # ingest's warnings (images above the decompression-bomb limit)
 
     @property
     def root(self) -> Path:
@@ -110,7 +111,7 @@ def ingest_set(cfg: Config, dataset: str, index: int, entry: ExternalSet, workdi
                         f"or point the set at a folder of class folders in params.yaml")
     own = set_config(cfg, entry, workdir)
     result = ingest.run(own, entry.name, progress=progress, strict=True)
-    return IngestedSet(entry, own, result.manifest, result.quarantine)
+    return IngestedSet(entry, own, result.manifest, result.quarantine, result.notes)
 
 
 def cell_status(cell: Cell) -> tuple[str, str]:
@@ -140,13 +141,22 @@ def score_dataset(
     """Ingest each external set of `dataset` once, score every trained study cell on each, write
     external/<dataset>/ afresh (and a kind=evaluate MLflow run per cell and set)."""
     cfg.dataset(dataset)  # an unknown dataset: one clear line
-    entries = cfg.external.get(dataset, [])
     out = ExternalDir.of(dataset, out_root)
+    with locks.hold(out.root, "covidtl external", say):
+        return _score_dataset(cfg, dataset, models_root, out, log, progress, say)
+
+
+def _score_dataset(cfg: Config, dataset: str, models_root: str | Path, out: ExternalDir, log: bool,
+                   progress: bool, say: Callable[[str], None]) -> ExternalResult:
+    """`score_dataset`, external/<dataset>/'s lock held."""
+    entries = cfg.external.get(dataset, [])
     shutil.rmtree(out.root, ignore_errors=True)  # no stale cell or set from an earlier study
     sets = [ingest_set(cfg, dataset, i, e, out.sets_dir, progress) for i, e in enumerate(entries)]
     for s in sets:
         for row in s.quarantine.itertuples():
             say(f"Quarantined ({s.entry.name}): {row.path}: {row.reason}")
+        for note in s.notes:
+            say(f"Warning ({s.entry.name}): {note}")
 
     cells: dict[str, Any] = {}
     for profile, model, init in cfg.study.cells():

@@ -7,6 +7,7 @@ file bytes -> `pipeline.image_from_bytes` (training's decode) -> the model's own
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -14,7 +15,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from covidtl.data.images import measure_or_reason
+from covidtl.data.images import checked_bytes
 from covidtl.data.pipeline import image_from_bytes
 from covidtl.errors import UserError
 from covidtl.evaluate import LoadedModel
@@ -23,6 +24,7 @@ from covidtl.models.registry import get_spec, preprocess_for
 from covidtl.paths import CLASSES, POSITIVE
 from covidtl.scores import DEFAULT_THRESHOLD
 
+log = logging.getLogger(__name__)
 NEGATIVE = next(c for c in CLASSES if c != POSITIVE)
 OUT_SUFFIXES = (".csv", ".json")
 COLUMNS = ("file", "p_covid", "label", "error")
@@ -78,11 +80,18 @@ class Predictor:
 
 
 def read_files(files: Iterable[Path]) -> dict[str, bytes | str]:
-    """{file: its bytes} for usable images, {file: reason} for the rest (ingest's checks)."""
+    """{file: its bytes} for usable images, {file: reason} for the rest (ingest's checks: a FIFO,
+    socket or device is never opened)."""
     out: dict[str, bytes | str] = {}
     for path in files:
-        measured = measure_or_reason(path)
-        out[str(path)] = measured if isinstance(measured, str) else path.read_bytes()
+        checked = checked_bytes(path)
+        if isinstance(checked, str):
+            out[str(path)] = checked
+            continue
+        data, measured = checked
+        if measured.note:
+            log.warning("Warning: %s: %s", path, measured.note)
+        out[str(path)] = data
     return out
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from covidtl import paths, tracking
+from covidtl import locks, paths, tracking
 from covidtl.cells import FINETUNE_PREFIX, PRETRAINED
 from covidtl.config import Config
 from covidtl.data import tables
@@ -230,66 +230,67 @@ def pretrain(
     out = Path(out) if out is not None else default_out(cfg, model)
     if not out.name.endswith(".weights.h5"):
         raise UserError(f"--out {out}: Keras writes weights only to a name ending in .weights.h5")
-    if not pc.datasets:
-        raise UserError("pretrain.datasets: empty; name at least one dataset, e.g. [ct, xray]")
-    for name in pc.datasets:  # checked here, not at load: a project without one of them still runs
-        cfg.dataset(name)     # everything else; an unknown name is the one line listing the known ones
-    rows = readable_rows(training_images(cfg, pc.datasets, split_files)).reset_index(drop=True)
-    # The same decoded uint8 images training reads (one cache per dataset's training rows).
-    parts, kept_rows = [], []
-    for name, group in rows.groupby("dataset", sort=False):
-        cached = cached_images(group.reset_index(drop=True), size, cfg)
-        parts.append(np.asarray(cached.images))
-        kept_rows.append(group.reset_index(drop=True)[cached.kept])
-    images = np.concatenate(parts)
-    used = pd.concat(kept_rows, ignore_index=True)
-    say(f"pretrain {model}: {len(images)} training images of {', '.join(pc.datasets)} at {size} px, "
-        f"{pc.epochs} epochs")
+    with locks.hold(out, "covidtl pretrain", say):  # one writer of the weights file and its record
+        if not pc.datasets:
+            raise UserError("pretrain.datasets: empty; name at least one dataset, e.g. [ct, xray]")
+        for name in pc.datasets:  # checked here, not at load: a project without one of them still runs
+            cfg.dataset(name)     # everything else; an unknown name is the one line listing the known ones
+        rows = readable_rows(training_images(cfg, pc.datasets, split_files)).reset_index(drop=True)
+        # The same decoded uint8 images training reads (one cache per dataset's training rows).
+        parts, kept_rows = [], []
+        for name, group in rows.groupby("dataset", sort=False):
+            cached = cached_images(group.reset_index(drop=True), size, cfg)
+            parts.append(np.asarray(cached.images))
+            kept_rows.append(group.reset_index(drop=True)[cached.kept])
+        images = np.concatenate(parts)
+        used = pd.concat(kept_rows, ignore_index=True)
+        say(f"pretrain {model}: {len(images)} training images of {', '.join(pc.datasets)} at {size} px, "
+            f"{pc.epochs} epochs")
 
-    keras.utils.set_random_seed(pc.seed)
-    saved, body = encoder_parts(spec, cfg, size)
-    net = simclr_network(body)
-    optimizer = keras.optimizers.Adam(pc.learning_rate)
-    variables = net.trainable_variables
-    optimizer.build(variables)
+        keras.utils.set_random_seed(pc.seed)
+        saved, body = encoder_parts(spec, cfg, size)
+        net = simclr_network(body)
+        optimizer = keras.optimizers.Adam(pc.learning_rate)
+        variables = net.trainable_variables
+        optimizer.build(variables)
 
-    def step(v1, v2):
-        with tf.GradientTape() as tape:
-            loss = nt_xent(net(tf.concat([v1, v2], axis=0), training=True), pc.temperature)
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
+        def step(v1, v2):
+            with tf.GradientTape() as tape:
+                loss = nt_xent(net(tf.concat([v1, v2], axis=0), training=True), pc.temperature)
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            return loss
 
-    step = step if cfg.train.run_eagerly else tf.function(step)
-    ds = view_pairs(images, spec, cfg)
+        step = step if cfg.train.run_eagerly else tf.function(step)
+        ds = view_pairs(images, spec, cfg)
 
-    if not nested:  # a cv fold's pretraining stays in its parent run's experiment
-        tracking.use_experiment("pretrain")
-    with mlflow.start_run(run_name=f"pretrain {model}", nested=nested) as run:
-        mlflow.set_tags({"kind": "pretrain", "model": model, "datasets": ",".join(pc.datasets),
-                         "git_commit": tracking.git_commit(), **tracking.experiment_tags()})
-        tracking.log_config(cfg)
-        mlflow.log_params({"pretrain_model": model, "pretrain_images": len(images), "image_size": size})
-        losses: list[float] = []
-        start = time.monotonic()
-        for epoch in range(1, pc.epochs + 1):
-            total, steps = 0.0, 0
-            for v1, v2 in ds:
-                total += float(step(v1, v2))
-                steps += 1
-            losses.append(total / max(steps, 1))
-            if not math.isfinite(losses[-1]):
-                raise UserError(f"pretrain: the loss became {losses[-1]} at epoch {epoch}; lower "
-                                "pretrain.learning_rate or raise pretrain.temperature")
-            mlflow.log_metric("pretrain_loss", losses[-1], step=epoch)
-            say(f"pretrain epoch {epoch}/{pc.epochs}: loss {losses[-1]:.4f} ({time.monotonic() - start:.0f} s)")
-        weights_file = _save_weights(saved, out)
-        record = _record(cfg, model, size, used, losses, weights_file, run.info.run_id,
-                         time.monotonic() - start)
-        record_file = atomic_write_text(record_path(out), json.dumps(record, indent=2) + "\n")
-        mlflow.log_metric("pretrain_seconds", record["seconds"])
-        mlflow.log_artifact(str(weights_file))
-        mlflow.log_artifact(str(record_file))
-    return PretrainResult(weights_file, record_file, losses, run.info.run_id, len(images))
+        if not nested:  # a cv fold's pretraining stays in its parent run's experiment
+            tracking.use_experiment("pretrain")
+        with mlflow.start_run(run_name=f"pretrain {model}", nested=nested) as run:
+            mlflow.set_tags({"kind": "pretrain", "model": model, "datasets": ",".join(pc.datasets),
+                             "git_commit": tracking.git_commit(), **tracking.experiment_tags()})
+            tracking.log_config(cfg)
+            mlflow.log_params({"pretrain_model": model, "pretrain_images": len(images), "image_size": size})
+            losses: list[float] = []
+            start = time.monotonic()
+            for epoch in range(1, pc.epochs + 1):
+                total, steps = 0.0, 0
+                for v1, v2 in ds:
+                    total += float(step(v1, v2))
+                    steps += 1
+                losses.append(total / max(steps, 1))
+                if not math.isfinite(losses[-1]):
+                    raise UserError(f"pretrain: the loss became {losses[-1]} at epoch {epoch}; lower "
+                                    "pretrain.learning_rate or raise pretrain.temperature")
+                mlflow.log_metric("pretrain_loss", losses[-1], step=epoch)
+                say(f"pretrain epoch {epoch}/{pc.epochs}: loss {losses[-1]:.4f} ({time.monotonic() - start:.0f} s)")
+            weights_file = _save_weights(saved, out)
+            record = _record(cfg, model, size, used, losses, weights_file, run.info.run_id,
+                             time.monotonic() - start)
+            record_file = atomic_write_text(record_path(out), json.dumps(record, indent=2) + "\n")
+            mlflow.log_metric("pretrain_seconds", record["seconds"])
+            mlflow.log_artifact(str(weights_file))
+            mlflow.log_artifact(str(record_file))
+        return PretrainResult(weights_file, record_file, losses, run.info.run_id, len(images))
 
 
 def _save_weights(model, out: Path) -> Path:

@@ -29,8 +29,8 @@ import pandas as pd
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 
-from covidtl import distribute, linear_probe, optim, paths, pretrained, tracking
-from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_file, init_label, is_finetune
+from covidtl import distribute, linear_probe, locks, optim, paths, pretrained, tracking
+from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label, is_finetune
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import label_indices, make_dataset, make_offline_dataset, readable_rows
@@ -693,6 +693,18 @@ def train(
         out_dir = distribute.worker_scratch()
     plan = distribute.adapt(plan_run(cfg, model, init, dataset, lr=lr, lr_source=lr_source,
                                      out_dir=out_dir, split_file=split_file), dist)
+    # Before the checkpoint is looked at: a second process would otherwise resume this one's run.
+    with locks.hold(plan.cell.dir, "covidtl train", say):
+        return _train_plan(plan, dist, dataset, extra_callbacks=extra_callbacks, run_name=run_name,
+                           nested=nested, evaluate_test=evaluate_test, log_model=log_model,
+                           restart=restart, say=say)
+
+
+def _train_plan(
+    plan: Plan, dist: distribute.Distribution, dataset: str, *, extra_callbacks, run_name: str | None,
+    nested: bool, evaluate_test: bool, log_model: bool | None, restart: bool, say: Callable[[str], None],
+) -> TrainResult:
+    """`train` of a planned run, its cell's lock held."""
     resume = checkpoint_to_resume(plan, restart)
     if resume is not None:
         say(f"Resuming run {resume.run_id} after epoch {resume.epochs_done} from {plan.cell.checkpoint_dir} "

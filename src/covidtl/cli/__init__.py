@@ -166,9 +166,13 @@ def command_line(ctx: click.Context) -> str:
 
 def config_from(ctx: click.Context, **extra: Any) -> Config:
     """The resolved config: params file, then -S overrides, then command options (not None)."""
+    from covidtl.data.images import set_pixel_limit
+
     overrides = dict(ctx.obj.get("overrides", {}))
     overrides.update({k: v for k, v in extra.items() if v is not None})
-    return load_config(ctx.obj.get("params_path"), overrides)
+    cfg = load_config(ctx.obj.get("params_path"), overrides)
+    set_pixel_limit(cfg.ingest.max_megapixels)  # every image this command reads, in any thread
+    return cfg
 
 
 def _register() -> None:

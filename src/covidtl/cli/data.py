@@ -33,10 +33,14 @@ def ingest(ctx: click.Context, dataset: str, path: str | None, jobs: int, quiet:
     from covidtl.data import ingest as module
     from covidtl.data import tables
 
+    # --path points a declared dataset elsewhere; it declares none (split and train would not know it).
+    config_from(ctx).dataset(dataset)
     cfg = config_from(ctx, **{f"data.datasets.{dataset}.path": path})
     result = module.run(cfg, dataset, jobs=jobs, progress=not quiet)
     for folder in result.empty_class_folders:
         click.echo(f"Warning: class folder {folder} is empty", err=True)
+    for note in result.notes:
+        click.echo(f"Warning: {note}", err=True)
     for folder, count in result.unmapped.items():
         click.echo(f"Warning: {module.unmapped_warning(folder, count)}", err=True)
     for row in result.quarantine.itertuples():

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from covidtl import locks
 from covidtl.files import atomic_path, file_sha256
 
 if TYPE_CHECKING:
@@ -75,17 +76,27 @@ def cached_images(table: pd.DataFrame, image_size: int, cfg: Config) -> Cached:
     key = cache_key(table, image_size)
     npy, index = cache_dir(cfg) / f"{key}.npy", cache_dir(cfg) / f"{key}.json"
     _in_use.add(npy.resolve())
-    record = None
-    if npy.exists() and index.exists():
-        record, damage = _checked(npy, index)
-        if damage:
-            log.warning("rebuilding the decode cache: %s", damage)
+    record = _whole(npy, index, warn=True)
     if record is None:
-        record = build(table, image_size, npy, index)
-        enforce_budget(cfg, protect=[npy])
-    else:
-        _mark_used(index)
+        # One build per cache: a second process that needs it (another cell of the dataset) waits
+        # for the first, then reads what it built.
+        with locks.hold(npy, "a decode-cache build", say=log.warning, wait=True):
+            record = _whole(npy, index)
+            if record is None:
+                record = build(table, image_size, npy, index)
+                enforce_budget(cfg, protect=[npy])
+    _mark_used(index)
     return Cached(np.load(npy, mmap_mode="r"), np.asarray(record["kept"], dtype=bool), npy)
+
+
+def _whole(npy: Path, index: Path, warn: bool = False) -> dict | None:
+    """The index of a whole cache there now, else None (with `warn`, saying why a damaged one is rebuilt)."""
+    if not (npy.exists() and index.exists()):
+        return None
+    record, damage = _checked(npy, index)
+    if damage and warn:
+        log.warning("rebuilding the decode cache: %s", damage)
+    return record
 
 
 def _checked(npy: Path, index: Path) -> tuple[dict | None, str | None]:

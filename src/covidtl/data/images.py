@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import re
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,6 +27,19 @@ READABLE_FORMATS = frozenset({"PNG", "JPEG", "BMP"})
 # converted by Pillow. Anything else (LAB, HSV ...) is quarantined rather than guessed at.
 WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
 SUPPORTED_MODES = WIDE_MODES | {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
+
+# The decompression-bomb guard is Pillow's own (Image.MAX_IMAGE_PIXELS, set by `set_pixel_limit`
+# from ingest.max_megapixels), so every reader applies it. Between the limit and twice it Pillow
+# only warns, with a traceback-like line: ingest says it in its own words (`Measured.note`).
+# Above twice it Pillow refuses, and so do we.
+PIXEL_LIMIT_SETTING = "ingest.max_megapixels"
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+# What a path is when it is not a regular file: never opened (a named pipe blocks the reader forever,
+# a device such as /dev/zero never ends).
+SPECIAL_FILES = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket",
+                 stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+                 stat.S_ISDIR: "a folder"}
 
 
 class BadImage(Exception):
@@ -39,6 +57,44 @@ class Measured:
     sha256: str
     dhash: str  # hex of the difference hash
     thumb: np.ndarray  # grey thumbnail, zero mean, unit norm, flattened
+    note: str | None = None  # read, but worth a warning (above the decompression-bomb limit)
+
+
+def set_pixel_limit(megapixels: float) -> None:
+    """This process's decompression-bomb guard (ingest.max_megapixels): Pillow's limit, applied by
+    every reader; above it an image is read with a warning, above twice it refused."""
+    Image.MAX_IMAGE_PIXELS = int(megapixels * 1e6)
+
+
+def special_file(path: str | Path) -> str | None:
+    """What a path is if not a regular file (a FIFO, socket, device, or a link to one), found
+    without opening it; None for a regular file. A broken link raises, as opening it would."""
+    mode = os.stat(path).st_mode  # follows links: a link to /dev/zero is a character device
+    kind = next((name for test, name in SPECIAL_FILES.items() if test(mode)), None)
+    if kind is None and not stat.S_ISREG(mode):
+        kind = "not a regular file"
+    if kind is not None and os.path.islink(path):
+        kind = f"a link to {os.path.realpath(path)}, {kind}"
+    return kind
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """The file opened for reading, or BadImage for anything but a regular file (never opened)."""
+    kind = special_file(path)
+    if kind is None:
+        # Non-blocking and checked again once open: a file swapped for a pipe meanwhile cannot hang us.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return os.fdopen(fd, "rb")
+        os.close(fd)
+        kind = "not a regular file"
+    raise BadImage(f"not a regular file: {kind}; only regular files are read, so it was not opened")
+
+
+def read_file(path: str | Path) -> bytes:
+    """A regular file's bytes (`open_regular`)."""
+    with open_regular(path) as fh:
+        return fh.read()
 
 
 def to_grey(im: Image.Image) -> Image.Image:
@@ -60,14 +116,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def load_rgb(source: str | Path | bytes) -> Image.Image:
     """Open an image ingest accepted (a path, or the file's bytes) and return it as 8-bit RGB."""
     # Bytes come from a client of the server; Pillow's decompression-bomb guard applies to both.
-    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+    data = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open_regular(source)
+    with data, Image.open(data) as im:
         im.load()
         return to_rgb(im)
 
 
 def measure(path: str | Path, hash_size: int = 8, thumbnail: int = 32) -> Measured:
     """Decode the whole file and measure it, or raise BadImage with the reason."""
-    return measure_bytes(Path(path).read_bytes(), hash_size, thumbnail)
+    return measure_bytes(read_file(path), hash_size, thumbnail)
 
 
 def measure_bytes(data: bytes, hash_size: int = 8, thumbnail: int = 32) -> Measured:
@@ -79,7 +136,7 @@ def measure_bytes(data: bytes, hash_size: int = 8, thumbnail: int = 32) -> Measu
     except UnidentifiedImageError:
         raise BadImage("not an image: Pillow cannot identify the file format") from None
     except Image.DecompressionBombError as exc:
-        raise BadImage(f"too large to decode safely: {exc}") from None
+        raise BadImage(f"too large to decode safely: {too_large(exc)}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # e.g. a JPEG cut short inside its header
         raise BadImage(f"truncated or corrupt image data: {exc}") from None
     try:
@@ -101,13 +158,40 @@ def measure_bytes(data: bytes, hash_size: int = 8, thumbnail: int = 32) -> Measu
         sha256=hashlib.sha256(data).hexdigest(),
         dhash=difference_hash(grey, hash_size),
         thumb=normalised_thumbnail(grey, thumbnail),
+        note=size_note(im.width, im.height),
     )
+
+
+def size_note(width: int, height: int) -> str | None:
+    """The warning for an image above the decompression-bomb limit (not twice it), else None."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or width * height <= limit:
+        return None
+    return (f"{width}x{height} px ({width * height / 1e6:.4g} megapixels) is above {PIXEL_LIMIT_SETTING} "
+            f"{limit / 1e6:.4g}, Pillow's guard against decompression bombs; read all the same (twice that "
+            f"is refused); raise or lower the guard with -S {PIXEL_LIMIT_SETTING}=N")
+
+
+def too_large(exc: Image.DecompressionBombError) -> str:
+    """Pillow's refusal above twice the limit, in our words: the size, the limit and its setting."""
+    counted = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(counted.group(1)) / 1e6:.4g} megapixels" if counted else "the image"
+    limit = Image.MAX_IMAGE_PIXELS or 0
+    return (f"{size} is over twice {PIXEL_LIMIT_SETTING} {limit / 1e6:.4g}, Pillow's guard against "
+            f"decompression bombs; if the file is trusted, raise it with -S {PIXEL_LIMIT_SETTING}=N")
 
 
 def measure_or_reason(path: str | Path, hash_size: int = 8, thumbnail: int = 32) -> Measured | str:
     """`measure`, with a bad or unreadable file turned into its quarantine reason."""
+    checked = checked_bytes(path, hash_size, thumbnail)
+    return checked if isinstance(checked, str) else checked[1]
+
+
+def checked_bytes(path: str | Path, hash_size: int = 8, thumbnail: int = 32) -> tuple[bytes, Measured] | str:
+    """The file's bytes and measures when ingest would accept it, else its quarantine reason."""
     try:
-        return measure(path, hash_size, thumbnail)
+        data = read_file(path)
+        return data, measure_bytes(data, hash_size, thumbnail)
     except BadImage as exc:
         return str(exc)
     except OSError as exc:  # unreadable (permissions, vanished): report it, keep going

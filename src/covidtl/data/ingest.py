@@ -25,7 +25,7 @@ from covidtl import paths
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.groups import assign_groups
-from covidtl.data.images import IMAGE_SUFFIXES, Measured, measure_or_reason
+from covidtl.data.images import IMAGE_SUFFIXES, Measured, measure_or_reason, set_pixel_limit
 from covidtl.errors import UserError
 
 MANIFEST_COLUMNS = [
@@ -44,6 +44,7 @@ class IngestResult:
     empty_class_folders: list[Path]
     # folder relative to the root ("." for the root itself) -> images in it that have no class
     unmapped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # "<path>: why it deserves a warning", read all the same
 
 
 def dataset_root(cfg: Config, dataset: str) -> Path:
@@ -128,12 +129,14 @@ def ingest(
         _refuse_unmapped(root, unmapped)
     empty = sorted(f for f in folders if not any(p.is_file() for p in f.rglob("*")))
 
-    rows, bad, thumbs = [], [], []
+    rows, bad, thumbs, notes = [], [], [], []
     measured = _measure_all([p for p, _, _ in files], cfg, jobs, progress, dataset)
     for (path, label, source), result in zip(files, measured):
         if isinstance(result, str):
             bad.append({"path": os.path.abspath(path), "reason": result})
             continue
+        if result.note:
+            notes.append(f"{os.path.abspath(path)}: {result.note}")
         rows.append({
             "path": os.path.abspath(path), "label": label, "source": source,
             "width": result.width, "height": result.height, "mode": result.mode,
@@ -163,7 +166,7 @@ def ingest(
         shared_frame=ds.shared_frame,
     )
     quarantine = pd.DataFrame(bad, columns=QUARANTINE_COLUMNS)
-    return IngestResult(manifest, quarantine, skipped, empty, unmapped)
+    return IngestResult(manifest, quarantine, skipped, empty, unmapped, notes)
 
 
 def summary(cfg: Config, dataset: str, result: IngestResult) -> dict:
@@ -227,11 +230,13 @@ def _measure_all(
     jobs = jobs or os.cpu_count() or 1
     bar = partial(tqdm, total=len(files), desc=f"ingest {dataset}", unit="img",
                   disable=not progress, file=sys.stderr)
+    set_pixel_limit(cfg.ingest.max_megapixels)  # the guard here and, below, in each worker
     if jobs == 1 or len(files) < PARALLEL_MIN_FILES:
         return list(bar(map(work, files)))
     # spawn, not fork: a parent that has imported TensorFlow (tests, notebooks) must not be forked.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=set_pixel_limit,
+                             initargs=(cfg.ingest.max_megapixels,)) as pool:
         return list(bar(pool.map(work, files, chunksize=16)))
 
 

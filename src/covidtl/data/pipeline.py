@@ -19,7 +19,7 @@ import tensorflow as tf
 from PIL import Image
 
 from covidtl.config import AugmentConfig, Config, IntensityConfig
-from covidtl.data.images import load_rgb
+from covidtl.data.images import load_rgb, open_regular
 from covidtl.paths import CLASSES
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def readable_rows(table: pd.DataFrame) -> pd.DataFrame:
     keep = []
     for path in table["path"]:
         try:
-            with Image.open(path) as im:
+            with open_regular(path) as fh, Image.open(fh) as im:  # never a FIFO or a device
                 im.verify()
             keep.append(True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped the same way

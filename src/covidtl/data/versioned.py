@@ -64,8 +64,11 @@ def _replace_with_copy(source: Path, folder: Path) -> int:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(f".{folder.name}.incoming")
     shutil.rmtree(staging, ignore_errors=True)
-    # copyfile, not copy2: the source may be read-only (a shared download), the copy must not be.
-    shutil.copytree(source, staging, copy_function=shutil.copyfile)
+    try:
+        shutil.copytree(source, staging, copy_function=_copy_regular)
+    except UserError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -73,6 +76,18 @@ def _replace_with_copy(source: Path, folder: Path) -> int:
     staging.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return sum(1 for p in folder.rglob("*") if p.is_file())
+
+
+def _copy_regular(src: str, dst: str) -> str:
+    """copyfile, not copy2: the source may be read-only (a shared download), the copy must not be.
+    A FIFO, socket or device (or a link to one, /dev/zero) is refused unopened: it would hang or never end."""
+    from covidtl.data.images import special_file
+
+    kind = special_file(src)
+    if kind is not None:
+        raise UserError(f"{src}: not a regular file ({kind}); `data add` copies only regular files: "
+                        "remove it from the folder and run the command again")
+    return shutil.copyfile(src, dst)
 
 
 def set_dataset_path(params_file: Path, name: str, path: str, series: bool | None = None,
