@@ -7,7 +7,6 @@ from click.testing import CliRunner
 
 from conftest import PARAMS, config
 from covidtl.cli import main
-from covidtl.config import ConfigError
 
 
 def run(*args: str):
@@ -43,13 +42,14 @@ def run(*args: str):
                                  "finetune, pretrained, a weights file (.weights.h5 or .h5) or finetune:FILE"),
         ("study.profiles={fast: {models: [vgg16], inits: [random]}}", "Error: study.profiles.fast: not a profile"),
         # A profile naming its model or init is what the study trains of it.
-        ("study.profiles.best.models=[vgg16]",
-         "Error: study.profiles.best.models: ['vgg16'] disagrees with profiles.best.train.model ('custom_cnn'); "
-         "set study.profiles.best.models to [custom_cnn] (or [] for no cells), or change profiles.best.train.model"),
-        ("study.profiles.best.inits=[random, pretrained]",
-         "Error: study.profiles.best.inits: ['random', 'pretrained'] disagrees with profiles.best.train.init"),
-        ("profiles.best={train.model: vgg16}",
-         "Error: study.profiles.best.models: ['custom_cnn'] disagrees with profiles.best.train.model ('vgg16')"),
+        ("study.profiles.cnn_simclr.models=[vgg16]",
+         "Error: study.profiles.cnn_simclr.models: ['vgg16'] disagrees with profiles.cnn_simclr.train.model "
+         "('custom_cnn'); set study.profiles.cnn_simclr.models to [custom_cnn] (or [] for no cells), or change "
+         "profiles.cnn_simclr.train.model"),
+        ("study.profiles.cnn_simclr.inits=[random, pretrained]",
+         "Error: study.profiles.cnn_simclr.inits: ['random', 'pretrained'] disagrees with profiles.cnn_simclr.train.init"),
+        ("profiles.cnn_simclr={train.model: vgg16}",
+         "Error: study.profiles.cnn_simclr.models: ['custom_cnn'] disagrees with profiles.cnn_simclr.train.model ('vgg16')"),
     ],
 )
 def test_bad_override_is_one_line_and_exit_2(override, message):
@@ -188,8 +188,3 @@ def test_the_best_profile_names_the_recipe_its_study_cells_train(tmp_path):
     # No cells of the profile ([]) stays the way to leave them out.
     assert config(tmp_path, **{"study.profiles.best.models": []}).study.profiles["best"].models == []
 
-
-def test_a_profile_cell_from_imagenet_needs_its_weights_record(tmp_path):
-    with pytest.raises(ConfigError, match=r"study.profiles.best: the cell vgg16-imagenet needs the weights "
-                                          r"record of vgg16-imagenet, made only for study.models x study.inits"):
-        config(tmp_path, **{"study.models": ["custom_cnn"]})

@@ -87,7 +87,9 @@ def test_report_tables_figures_and_missing_cells(study):
     assert "Logged as MLflow run" in result.output
 
     both = pd.read_csv(study / "reports" / "results.csv")
-    assert len(both) == 5 and set(both["group"]) == {"workspace"}
+    assert len(both) == 6 and set(both["group"]) == {"workspace"}
+    chosen = both[both["profile"] == "best"]  # the chosen recipe's cell, never trained here
+    assert (chosen["model"].tolist(), chosen["init"].tolist()) == (["vgg16"], ["imagenet"])
     best = both[both["profile"] == "cnn_simclr"].iloc[0]
     assert (best["model"], best["init"], best["status"]) == ("custom_cnn", "pretrained", "ok")
     assert best["test_accuracy"] == pytest.approx(0.875)  # its own run, not the paper cell's

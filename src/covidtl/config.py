@@ -573,16 +573,6 @@ def _validate_profile_cells(cfg: Config) -> None:
                     f"study.profiles.{name}.{field}: {listed} disagrees with profiles.{name}.{key} "
                     f"({recipe[key]!r}); set study.profiles.{name}.{field} to [{recipe[key]}] (or [] "
                     f"for no cells), or change profiles.{name}.{key}")
-        # A cell from ImageNet (or random weights) depends on the record of stage weights@<model>-<init>,
-        # which exists for the study's models x inits only.
-        for model in cells.models:
-            for init in cells.inits:
-                if init in ("random", "imagenet", "finetune") and (model not in cfg.study.models
-                                                                   or init not in cfg.study.inits):
-                    raise ConfigError(
-                        f"study.profiles.{name}: the cell {model}-{init} needs the weights record of "
-                        f"{model}-{init}, made only for study.models x study.inits; add {model} to "
-                        f"study.models and {init} to study.inits, or list no cells of the profile ([])")
 
 
 def _validate_recipe(cfg: Config) -> None:
