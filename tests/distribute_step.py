@@ -60,7 +60,7 @@ def main() -> None:
     initial = net.get_weights()
     # Plain SGD: the weights then show the averaged gradient itself (Adam's first step is about
     # lr x sign(gradient), which float noise flips where a gradient is near zero).
-    train.compile_model(net, lambda: keras.optimizers.SGD(LR), dist.run_eagerly(cfg.train.run_eagerly))
+    train.compile_model(net, lambda: keras.optimizers.SGD(LR), dist.run_eagerly(cfg.train.run_eagerly, batches=1))
 
     rng = np.random.default_rng(0)
     # Centred like a backbone's preprocess_input. Keras' synchronised BatchNorm computes the variance

@@ -109,6 +109,18 @@ def test_auto_rules():
     assert distribute.scaled_rate(1e-3, 4, "sqrt") == pytest.approx(2e-3)
 
 
+def test_several_workers_run_graphs_whatever_run_eagerly_says():
+    import tensorflow as tf
+
+    def on(kind: str) -> distribute.Distribution:
+        return distribute.Distribution(tf.distribute.get_strategy(), kind, "float32", "none")
+
+    few, many = distribute.EAGER_MAX_BATCHES, distribute.EAGER_MAX_BATCHES + 1
+    assert [on("default").run_eagerly(s, n) for s, n in (("auto", few), ("auto", many), (True, many), (False, 1))] \
+        == [True, False, True, False]
+    assert not on("multiworker").run_eagerly(True, 1) and not on("multiworker").run_eagerly("auto", 1)
+
+
 def test_tf_config_is_read_or_refused_in_one_line():
     two = {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}
     assert distribute.tf_config_workers({"TF_CONFIG": json.dumps(two)}) == 2

@@ -55,6 +55,15 @@ def test_pretraining_reads_only_the_training_split(pretrained):
     assert record["datasets"]["tiny"]["split"] == "train"
 
 
+def test_a_few_batches_pretrain_eagerly_and_the_run_says_so(pretrained):
+    from mlflow.tracking import MlflowClient
+
+    cfg, table, result, _, tmp = pretrained  # 14 training images in batches of 4, under auto
+    assert cfg.train.run_eagerly == "auto"
+    params = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(result.run_id).data.params
+    assert params["run_eagerly_used"] == "True"
+
+
 def test_loss_is_finite_and_the_body_moves_while_the_head_stays_fresh(pretrained):
     import keras
 

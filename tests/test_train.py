@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import zipfile
@@ -365,3 +366,63 @@ def test_a_run_is_identified_by_its_settings_not_by_the_other_profiles(tmp_path)
     changed, _ = make_workdir(tmp_path, **{"train.head": "gap"})
     assert run_digest(plan_run(changed, "custom_cnn", "random", "tiny")) != \
         run_digest(plan_run(cfg, "custom_cnn", "random", "tiny"))
+
+
+# --------------------------------------------------------------------------- eager or graphs
+
+
+class RecordRunMode(keras.callbacks.Callback):
+    """Spy: whether the model fit trains ran eagerly."""
+
+    def on_train_begin(self, logs=None) -> None:
+        self.run_eagerly = self.model.run_eagerly
+
+
+def with_run_eagerly(cfg, setting):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_eagerly=setting))
+
+
+def test_auto_runs_eagerly_for_a_few_batches_and_in_graphs_for_more(tmp_path):
+    """train.run_eagerly auto: eager up to EAGER_MAX_BATCHES training batches an epoch; true and
+    false win over the count."""
+    from covidtl import distribute
+    from covidtl.distribute import EAGER_MAX_BATCHES, eager_for
+    from covidtl.train import plan_run
+    from helpers_train import write_images
+
+    assert [eager_for("auto", n) for n in (1, EAGER_MAX_BATCHES, EAGER_MAX_BATCHES + 1)] == [True, True, False]
+    assert eager_for(True, 10 * EAGER_MAX_BATCHES) and not eager_for(False, 1)
+
+    tiny, _ = make_workdir(tmp_path / "tiny")
+    more, table = make_workdir(tmp_path / "more", files=write_images(tmp_path / "more" / "images", per_class=60, size=32))
+    assert (table["split"] == "train").sum() > EAGER_MAX_BATCHES * more.train.batch_size
+    decided = {
+        (name, setting): plan_run(with_run_eagerly(cfg, setting), "custom_cnn", "random", "tiny").run_eagerly
+        for name, cfg in (("tiny", tiny), ("more", more)) for setting in ("auto", True, False)
+    }
+    assert decided == {("tiny", "auto"): True, ("more", "auto"): False, ("tiny", True): True,
+                       ("more", True): True, ("tiny", False): False, ("more", False): False}
+    # As it runs here (one replica, so the same global batch): the same decision.
+    plan = plan_run(more, "custom_cnn", "random", "tiny")
+    assert distribute.adapt(plan, distribute.setup(more.train)).run_eagerly is False
+
+
+def test_a_larger_split_trains_in_graphs_and_the_run_records_it(tmp_path, tracking_uri):
+    from helpers_train import write_images
+
+    cfg, _ = make_workdir(tmp_path, files=write_images(tmp_path / "images", per_class=60, size=32))
+    assert cfg.train.run_eagerly == "auto"  # params.yaml's default
+    spy = RecordRunMode()
+    result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell", log_model=False,
+                   extra_callbacks=(spy,))
+    assert spy.run_eagerly is False
+    assert tracked(tracking_uri).get_run(result.run_id).data.params["run_eagerly_used"] == "False"
+    assert json.loads((tmp_path / "cell" / "model" / "card.json").read_text())["run_eagerly_used"] is False
+    assert yaml.safe_load((tmp_path / "cell" / "config.yaml").read_text())["train"]["run_eagerly"] == "auto"
+
+
+def test_the_tiny_demo_split_trains_eagerly_and_the_run_records_it(trained, tracking_uri):
+    tmp, cfg, result = trained  # 14 training images, batches of 8, under params.yaml's auto
+    assert cfg.train.run_eagerly == "auto"
+    assert tracked(tracking_uri).get_run(result.run_id).data.params["run_eagerly_used"] == "True"
+    assert json.loads((tmp / "cell" / "model" / "card.json").read_text())["run_eagerly_used"] is True

@@ -146,7 +146,8 @@ class TrainConfig:
     image_size: dict[str, int]
     max_train_samples: int
     bn_recalibration_batches: int
-    run_eagerly: bool
+    # auto: eager for a training split of a few batches, graphs above (covidtl.distribute.eager_for)
+    run_eagerly: Literal["auto", True, False]
     learning_rates: dict[str, float]
     # Where and how precisely it runs (covidtl.distribute; README "GPUs and several machines").
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
@@ -400,8 +401,9 @@ def _coerce(tp: Any, value: Any, key: str, source: Path = Path(PARAMS_FILE)) -> 
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key, source)
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        # By type too: 1 == True in Python, but 1 is not a choice of a true/false/auto key.
+        if not any(type(value) is type(a) and value == a for a in args):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(_yaml_word, args))}")
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, key, source)
@@ -437,6 +439,11 @@ def _coerce(tp: Any, value: Any, key: str, source: Path = Path(PARAMS_FILE)) -> 
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _yaml_word(value: Any) -> str:
+    """A choice as params.yaml spells it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def validate(cfg: Config) -> None:

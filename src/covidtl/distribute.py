@@ -27,11 +27,26 @@ import keras
 import mlflow
 import tensorflow as tf
 
+from covidtl import optim
 from covidtl.config import Config, TrainConfig
 from covidtl.errors import UserError
 
 if TYPE_CHECKING:
     from covidtl.train import Plan
+
+# train.run_eagerly auto: eager up to this many training batches an epoch, graphs above. Eager skips
+# tracing the train and test steps but pays per op on every step; here DenseNet121's trace took
+# ~75 s against ~3.7 s more per eager step, so eager wins below ~20 steps in all: about 8 batches an
+# epoch over the quick profile's 2-3 epochs. The demo's splits are 3 batches (96 images of 32), the
+# real CT set's 44 (the custom CNN, 3 epochs: 43 s eager, 18 s in graphs).
+EAGER_MAX_BATCHES = 8
+
+
+def eager_for(setting: bool | str, batches: int) -> bool:
+    """Whether a loop of `batches` steps an epoch runs eagerly: train.run_eagerly true or false as
+    given, auto only up to EAGER_MAX_BATCHES."""
+    return batches <= EAGER_MAX_BATCHES if setting == "auto" else bool(setting)
+
 
 def visible_gpus() -> int:
     return len(tf.config.list_physical_devices("GPU"))
@@ -157,10 +172,10 @@ class Distribution:
     def learning_rate(self, rate: float) -> float:
         return scaled_rate(rate, self.replicas, self.lr_scaling)
 
-    def run_eagerly(self, setting: bool) -> bool:
-        """train.run_eagerly, except on several workers: Keras' eager step cannot take their
+    def run_eagerly(self, setting: bool | str, batches: int) -> bool:
+        """`eager_for`, except on several workers: Keras' eager step cannot take their
         per-replica batches (it fails converting a PerReplica value), so they run graphs."""
-        return setting and self.kind != "multiworker"
+        return eager_for(setting, batches) and self.kind != "multiworker"
 
     def data_config(self, cfg: Config) -> Config:
         """`cfg` with train.batch_size the global batch: what one step reads, split across replicas."""
@@ -209,12 +224,13 @@ def synchronise_batchnorm(model: keras.Model) -> None:
 
 
 def adapt(plan: Plan, dist: Distribution) -> Plan:
-    """The plan as it runs on `dist`: the rate for the global batch, graphs on several workers, and
-    where it ran, recorded (config.yaml and MLflow then hold the values that ran)."""
-    train = dataclasses.replace(plan.cfg.train, run_eagerly=dist.run_eagerly(plan.cfg.train.run_eagerly))
-    run_on = {**dist.record(), "global_batch_size": dist.global_batch(train.batch_size)}
-    return dataclasses.replace(plan, cfg=dataclasses.replace(plan.cfg, train=train),
-                               learning_rate=dist.learning_rate(plan.learning_rate), run_on=run_on)
+    """The plan as it runs on `dist`: the rate for the global batch, eager or graphs for its batches
+    an epoch (graphs on several workers), and where it ran, recorded for MLflow and the card."""
+    global_batch = dist.global_batch(plan.cfg.train.batch_size)
+    batches = optim.steps_per_epoch(len(plan.train_rows), global_batch)
+    run_on = {**dist.record(), "global_batch_size": global_batch}
+    return dataclasses.replace(plan, learning_rate=dist.learning_rate(plan.learning_rate), run_on=run_on,
+                               run_eagerly=dist.run_eagerly(plan.cfg.train.run_eagerly, batches))
 
 
 def worker_scratch() -> Path:

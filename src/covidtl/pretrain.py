@@ -221,7 +221,9 @@ def pretrain(
 
     from covidtl.data.cache import cached_images
     from covidtl.data.pipeline import readable_rows
+    from covidtl.distribute import eager_for
     from covidtl.models.registry import get_spec, trainable_image_size
+    from covidtl.optim import steps_per_epoch
 
     pc = cfg.pretrain
     spec = get_spec(model)
@@ -260,7 +262,8 @@ def pretrain(
             optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
             return loss
 
-        step = step if cfg.train.run_eagerly else tf.function(step)
+        eager = eager_for(cfg.train.run_eagerly, steps_per_epoch(len(images), pc.batch_size))
+        step = step if eager else tf.function(step)
         ds = view_pairs(images, spec, cfg)
 
         if not nested:  # a cv fold's pretraining stays in its parent run's experiment
@@ -269,7 +272,8 @@ def pretrain(
             mlflow.set_tags({"kind": "pretrain", "model": model, "datasets": ",".join(pc.datasets),
                              "git_commit": tracking.git_commit(), **tracking.experiment_tags()})
             tracking.log_config(cfg)
-            mlflow.log_params({"pretrain_model": model, "pretrain_images": len(images), "image_size": size})
+            mlflow.log_params({"pretrain_model": model, "pretrain_images": len(images), "image_size": size,
+                               "run_eagerly_used": eager})
             losses: list[float] = []
             start = time.monotonic()
             for epoch in range(1, pc.epochs + 1):

@@ -163,13 +163,17 @@ def config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def settings_yaml(cfg: Config) -> str:
+def run_settings(cfg: Config) -> dict[str, Any]:
     """The resolved settings a run trains with: the config without the other profiles' definitions
     (the chosen one's values are in its fields), so adding a profile to params.yaml changes no
     run's identity."""
     settings = cfg.to_dict()
     settings.pop("profiles")
-    return yaml.safe_dump(settings, sort_keys=False)
+    return settings
+
+
+def settings_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(run_settings(cfg), sort_keys=False)
 
 
 def _param_value(value: Any) -> str:

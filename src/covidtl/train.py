@@ -369,6 +369,7 @@ class Plan:
     cell: Cell
     split_file: Path  # where `table` came from: the dataset's split.csv, or a cross-validation fold's
     build_init: str  # what the network is built from: `init`, with `pretrained` as its file's path
+    run_eagerly: bool  # train.run_eagerly settled for the training batches an epoch (auto: a few)
     # Where it ran: precision, strategy, replicas, lr_scaling, global_batch_size (covidtl.distribute).
     run_on: dict[str, Any] = field(default_factory=dict)
 
@@ -415,6 +416,9 @@ def plan_run(
         lr_source=lr_source or ("params" if lr is None else "--lr"),
         table=table, train_rows=train_rows, cell=cell, split_file=split_file,
         build_init=resolve_init(cfg, model, init),
+        # On one device; distribute.adapt settles it again for the global batch.
+        run_eagerly=distribute.eager_for(cfg.train.run_eagerly,
+                                         optim.steps_per_epoch(len(train_rows), cfg.train.batch_size)),
     )
 
 
@@ -507,7 +511,7 @@ def compile_model(
             optimizer=make_optimizer(),
             loss=loss,
             metrics=["accuracy", CovidAUC()],
-            # Tracing the train/test graphs costs more than a few tiny epochs (see params.yaml).
+            # Tracing the train/test graphs costs more than a few tiny epochs (distribute.eager_for).
             run_eagerly=run_eagerly,
         )
 
@@ -522,7 +526,7 @@ def fit(
     cfg = plan.cfg
     steps = _steps_per_epoch(plan, train_ds)
     compile_model(net, lambda: optim.make_optimizer(plan.learning_rate, cfg.train, steps),
-                  cfg.train.run_eagerly, loss=optim.make_loss(cfg.train))
+                  plan.run_eagerly, loss=optim.make_loss(cfg.train))
     rule = cfg.train.stop
     select = (SelectBest(cfg.train.select, plan.cell, resume,
                          rule.patience if rule.rule == "patience" else None)
@@ -854,6 +858,7 @@ def log_plan(plan: Plan) -> None:
     mlflow.log_params({
         **{key: value for key, value in own.items() if key not in asked},
         "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
+        "run_eagerly_used": plan.run_eagerly,  # train.run_eagerly (auto included) as it ran
         "image_size": plan.image_size, "train_images": len(plan.train_rows),
         "val_images": len(plan.rows("val")), "test_images": len(plan.rows("test")),
         **plan.run_on,
@@ -884,6 +889,7 @@ def model_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any
         "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
         "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
         "epochs_used": fitted.epochs_used, "run_id": run_id, **plan.run_on,
+        "run_eagerly_used": plan.run_eagerly,
         # The weights are this epoch's: the last (the paper) or the best by `selected_by`.
         "selected_by": fitted.selected_by, "best_epoch": fitted.best_epoch,
         "tta": plan.cfg.train.tta,  # the saved model averages over these views itself

@@ -4,7 +4,8 @@ One study per cell and objective (`lr-<model>-<init>-<dataset>-<digest>`, see `s
 in persistent storage, so an interrupted search resumes and several workers can share one study
 through a database URL, while changed settings start a new study. Each `covidtl tune` call is a
 parent MLflow run (kind=tune), each trial a nested run (kind=tune-trial); the best rate goes to
-`tuned/<model>-<init>-<dataset>.yaml`, which `covidtl train --lr tuned` reads.
+`tuned/<model>-<init>-<dataset>.yaml` (`...-<dataset>-<profile>.yaml` under a profile other than
+the paper's), which `covidtl train --lr tuned` under that profile reads.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from covidtl import paths, tracking
-from covidtl.cells import init_file, init_label, is_finetune
+from covidtl import paths, pretrained, tracking
+from covidtl.cells import PAPER_PROFILE, init_label
 from covidtl.config import Config, TuneConfig
 from covidtl.data import tables
 from covidtl.errors import UserError
@@ -64,6 +65,43 @@ PRUNERS: dict[str, Callable[[TuneConfig], optuna.pruners.BasePruner]] = {
 # --------------------------------------------------------------------------- names and files
 
 
+# What a study's identity leaves out of the resolved config (`tracking.run_settings`): the keys that
+# do not change what a trial measures, each with why. Everything else is in, so a lever added to
+# params.yaml counts without being listed here. A key that might matter stays in: a needless new
+# study costs time, a missing key reuses trials measured under other settings.
+HOW_THE_SEARCH_RUNS = ("how the search runs, not what a trial measures: an interrupted search "
+                       "resumes and several workers share one study")
+NOT_MEASURED: dict[str, str] = {
+    "profile": "a name: the values it chose are in the keys it set",
+    "synth": "makes the demo images; which images a trial reads is the split table's sha256",
+    "data": "where the images lie and which folder is which class: the split table holds each "
+            "image's path, label and sha256, and its own sha256 is in",
+    "ingest": "makes the manifest the split table is made from",
+    "cache": "the caches' disk budget: a cached decode or feature is the one computed afresh",
+    "study": "which cells the study trains",
+    "pretrain": "makes the pretraining file, whose sha256 is in (init_sha256)",
+    "cv": "the cross-validation's folds, not the split a trial trains on",
+    "external": "external sets are scored after training, never trained or selected on",
+    "report": "where the report goes",
+    "eval": "intervals and operating point of the test scores; a trial's value is Keras' "
+            "validation loss or accuracy",
+    "train.model": "the identity's model",
+    "train.init": "the identity's init (a weights file by its sha256, not its path)",
+    "tune.init": "the identity's init",
+    "train.max_epochs": "every trial trains tune.epochs instead (trial_config)",
+    "train.run_eagerly": "eager or graphs: the same steps at another speed",
+    "train.learning_rates": "a trial trains at its drawn rate; the paper's counts through the "
+                            "bounds it gives (tune.space)",
+    "tune.decades": "counts through the bounds it gives (tune.space)",
+    "tune.bounds": "counts through the bounds it gives (tune.space)",
+    **dict.fromkeys(("tune.trials", "tune.storage", "tune.pruner", "tune.sampler_seed",
+                     "tune.min_epochs", "tune.prune_after", "tune.stale_after", "tune.out"),
+                    HOW_THE_SEARCH_RUNS),
+}
+# 2: the resolved config less NOT_MEASURED; before (no version), a hand-kept list that missed keys.
+IDENTITY_VERSION = 2
+
+
 @dataclass(frozen=True)
 class StudyIdentity:
     """What one trial measures (the settings that change the objective) and its short digest."""
@@ -85,7 +123,7 @@ class StudyIdentity:
         return low, high
 
     def record(self) -> dict[str, Any]:
-        return {"digest": self.digest, "settings": self.settings}
+        return {"version": IDENTITY_VERSION, "digest": self.digest, "settings": self.settings}
 
 
 def study_identity(
@@ -93,60 +131,53 @@ def study_identity(
 ) -> StudyIdentity:
     """The settings a trial's value depends on; equal settings name the same study.
 
-    In: the search space (lr bounds, searched extras), tune.epochs and tune.metric, the data (the
-    split table's sha256, which holds every image's sha256) and the split settings, and whatever
-    `train()` reads when a trial trains (batch size, image size, preprocessing, head, dropout, seed,
-    stop rule, max_train_samples, BatchNorm recalibration, augmentation, the init). Out: trials,
-    storage, pruner, min_epochs, prune_after, sampler_seed, stale_after, out, run_eagerly: they
-    change how the search runs, not what a trial measures, so an interrupted search still resumes
-    and several workers still share one study (tune.decades and the paper's rate count through
-    the bounds they give; tune.epochs replaces train.max_epochs). A setting that might not matter
-    is kept in: a needless new study costs time, a missing one reuses stale trials.
+    The resolved config less `NOT_MEASURED`, with the search space, this model's input size (not
+    the other models'), and the sha256 of each file a trial reads: the split table, the stored
+    augmented set's manifest (augment.mode offline) and the init's weights file (ImageNet's, a
+    pretraining file or one given as --init). A searched batch size or dropout replaces the
+    configured one.
     """
     spec = get_spec(model)
-    t, aug = cfg.train, cfg.augment
+    settings = tracking.run_settings(cfg)
+    for key in NOT_MEASURED:
+        _drop(settings, key)
+    training = settings["train"]
+    training["image_size"] = trainable_image_size(spec, cfg.train)
     low, high = lr_bounds(cfg, model, bounds)
     space: dict[str, Any] = {"lr": [low, high]}
     if cfg.tune.search_batch_size:
         space["batch_size"] = list(BATCH_SIZES)
+        del training["batch_size"]
     if cfg.tune.search_dropout:
         space["dropout"] = list(DROPOUT_RANGE)
-    training: dict[str, Any] = {
-        "seed": t.seed, "image_size": trainable_image_size(spec, t), "preprocessing": t.preprocessing,
-        "head": t.head, "head_units": t.head_units, "stop": dataclasses.asdict(t.stop), "select": t.select,
-        "max_train_samples": t.max_train_samples,
-        "bn_recalibration_batches": t.bn_recalibration_batches,
-    }
-    if not cfg.tune.search_batch_size:  # a searched value replaces the configured one
-        training["batch_size"] = t.batch_size
-    if not cfg.tune.search_dropout:
-        training["dropout"] = t.dropout
-    if is_finetune(init):
-        training["finetune_lr_factor"] = t.finetune_lr_factor
-    augment: dict[str, Any] = {"mode": aug.mode}
-    if aug.mode == "online":
-        augment.update(rotation=aug.rotation, zoom=aug.zoom, horizontal_flip=aug.horizontal_flip,
-                       seed=aug.seed)
-    else:  # trials read the stored set; its manifest says which copies it holds
-        augment.update(dataclasses.asdict(aug), manifest_sha256=tracking.file_sha256(
-            tables.augmented_manifest_path(cfg, dataset)))
-    settings: dict[str, Any] = {
-        "model": model, "init": init_label(init), "dataset": dataset,
-        "tune": {"epochs": cfg.tune.epochs, "metric": cfg.tune.metric, "space": space},
-        "split": {
-            "strategy": cfg.split.strategy, "seed": cfg.split.seed,
-            "fractions": dict(cfg.split.fractions),
-            "table_sha256": tracking.file_sha256(paths.split_path(cfg, dataset)),
-        },
-        "train": training,
-        "augment": augment,
-    }
-    weights_file = init_file(resolve_init(cfg, model, init))
-    if weights_file is not None:  # a weights file: its content, not its path
-        settings["init_sha256"] = tracking.file_sha256(weights_file)
+        del training["dropout"]
+    settings["tune"]["space"] = space
+    settings["split"]["table_sha256"] = _sha256(paths.split_path(cfg, dataset),
+                                                f"covidtl split {dataset}")
+    if cfg.augment.mode == "offline":  # trials read the stored set; its manifest says which copies it holds
+        settings["augment"]["manifest_sha256"] = _sha256(tables.augmented_manifest_path(cfg, dataset),
+                                                         f"covidtl augment {dataset}")
+    weights = pretrained.provenance(model, resolve_init(cfg, model, init))
+    if weights is not None:  # a weights file: its content, not its path
+        settings["init_sha256"] = weights["sha256"]
+    settings.update(model=model, init=init_label(init), dataset=dataset)
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:10]
     return StudyIdentity(model, init, dataset, settings, digest)
+
+
+def _drop(settings: dict[str, Any], dotted: str) -> None:
+    *groups, key = dotted.split(".")
+    node = settings
+    for group in groups:
+        node = node[group]
+    del node[key]
+
+
+def _sha256(path: Path, fix: str) -> str:
+    if not path.is_file():
+        raise UserError(f"{path}: missing, and a study is named by its content; run `{fix}` first")
+    return tracking.file_sha256(path)
 
 
 def _differences(made: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
@@ -162,18 +193,22 @@ def _differences(made: dict[str, Any], now: dict[str, Any], prefix: str = "") ->
 
 
 def tuned_path(cfg: Config, model: str, init: str, dataset: str) -> Path:
-    return Path(cfg.tune.out) / f"{paths.cell_name(model, init_label(init), dataset)}.yaml"
+    """tuned/<model>-<init>-<dataset>.yaml, with `-<profile>` for a profile other than the paper's."""
+    return Path(cfg.tune.out) / f"{paths.cell_name(model, init_label(init), dataset, cfg.profile)}.yaml"
+
+
+def _tune_command(cfg: Config, model: str, dataset: str, init: str) -> str:
+    profile = "" if cfg.profile == PAPER_PROFILE else f"-S profile={cfg.profile} "
+    return f"covidtl {profile}tune --model {model} --dataset {dataset} --init {init}"
 
 
 def tuned_learning_rate(cfg: Config, model: str, dataset: str, init: str | None = None) -> float:
-    """The best rate a finished search wrote for this cell; one clear error when there is none."""
+    """The best rate a finished search wrote for this cell and profile; one clear error when there
+    is none, or when it was tuned under other settings."""
     init = init or cfg.tune.init
     path = tuned_path(cfg, model, init, dataset)
     if not path.is_file():
-        raise UserError(
-            f"{path}: no tuned learning rate yet; run "
-            f"`covidtl tune --model {model} --dataset {dataset} --init {init}` first"
-        )
+        raise UserError(f"{path}: no tuned learning rate yet; run `{_tune_command(cfg, model, dataset, init)}` first")
     try:
         record = yaml.safe_load(path.read_text())
         rate = float(record["learning_rate"])
@@ -185,14 +220,16 @@ def tuned_learning_rate(cfg: Config, model: str, dataset: str, init: str | None 
         raise UserError(f"{path}: learning_rate {rate} must be > 0; re-run `covidtl tune`")
     made = record.get("identity") or {}
     now = study_identity(cfg, model, init, dataset)
-    if made.get("digest") != now.digest:
+    if made.get("version") != IDENTITY_VERSION or made.get("digest") != now.digest:
         changed = _differences(made.get("settings") or {}, now.settings)
         why = "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
         if not made:
             why = "it records no study identity"
+        elif made.get("version") != IDENTITY_VERSION:
+            why = "its identity is from an older covidtl, which left out settings a trial depends on"
         raise UserError(
             f"{path}: tuned for other settings than the current config ({why}); run "
-            f"`covidtl tune --model {model} --dataset {dataset} --init {init} --total` "
+            f"`{_tune_command(cfg, model, dataset, init)} --total` "
             f"to search with these, or train with the settings it was tuned for"
         )
     return rate
@@ -612,7 +649,7 @@ def _summarise(
         and math.isclose(t.params["lr"], paper)
     ]
     record = {
-        "model": model, "init": init, "dataset": dataset, "study": study.study_name,
+        "model": model, "init": init, "dataset": dataset, "profile": cfg.profile, "study": study.study_name,
         "storage": _shown(url), "learning_rate": float(best.params["lr"]),
         **{k: v for k, v in best.params.items() if k != "lr"},
         "metric": cfg.tune.metric, "value": float(best.value),

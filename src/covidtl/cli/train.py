@@ -28,7 +28,8 @@ def _rate(value: str | None) -> float | None:
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Cap on epochs; auto = train.max_epochs.")
 @click.option("--lr", default=None, help="Adam learning rate; auto = train.learning_rates.<model>; "
-              "tuned = the best rate of `covidtl tune` (tuned/<model>-<init>-<dataset>.yaml).")
+              "tuned = the best rate of `covidtl tune` under this profile "
+              "(tuned/<model>-<init>-<dataset>[-<profile>].yaml).")
 @click.option("--batch-size", type=AUTO_INT, default=None, help="Batch size per replica (GPU); auto = train.batch_size.")
 @click.option("--seed", type=AUTO_INT, default=None, help="Seed; auto = train.seed.")
 @click.option("--image-size", type=int, default=None, help="Input size (train.image_size.<model>).")
