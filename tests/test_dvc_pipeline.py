@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from import_closure import closure, imports_of, package_modules, source_files
 
 ROOT = Path(__file__).parents[1]
+PACKAGE = "src/covidtl"
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,79 @@ def test_external_stage_per_dataset_reads_the_cells_and_writes_only_its_folder(s
     stage = root["external@ct"]
     assert stage.cmd == "covidtl external ct --quiet"
     assert [o.def_path for o in stage.outs] == ["external/ct"]  # not into models/<cell>/
-    assert {"models", "data/synth", "src/covidtl/external.py", "src/covidtl/evaluate.py"} <= set(paths_of(stage))
+    assert {"models", "data/synth"} <= set(paths_of(stage))  # its code: test_every_stage_depends_on_...
     assert declares(stage, "external.ct") and not declares(stage, "external.xray")
     assert declares(stage, "study.models") and declares(stage, "ingest.series_break")
     assert "external" in paths_of(root["report"])
+
+
+def code_deps(stage) -> set[str]:
+    """The stage's dependencies in the package's source, relative to the repository root."""
+    found = {Path(d.fs_path).relative_to(ROOT).as_posix() for d in stage.deps if not hasattr(d, "params")}
+    return {path for path in found if path == PACKAGE or path.startswith(PACKAGE + "/")}
+
+
+def test_every_stage_depends_on_the_code_its_command_runs(stages):
+    # A module the command runs but the stage does not declare changes results without a re-run:
+    # data/cache.py's decode rules, scores.py, config.py ... were missing from the train cells.
+    package = len(package_modules())
+    wrong: dict[str, str] = {}  # one line per stage definition (its first cell), not per cell
+    for name, stage in stages.items():
+        assert stage.cmd.startswith("covidtl "), name  # a stage only calls the CLI
+        if name.split("@")[0] in wrong:
+            continue
+        modules = closure(stage.cmd)
+        files, deps = source_files(modules), code_deps(stage)
+        if deps == {PACKAGE}:
+            # The whole package, where the command runs most of it (see dvc.yaml's comment on code).
+            if len(modules) <= package / 3:
+                wrong[name.split("@")[0]] = (f"{name}: its command runs {len(modules)} of the package's "
+                                             f"{package} modules; depend on those instead of {PACKAGE}: {sorted(files)}")
+            continue
+        missing = {f for f in files if not any(f == d or f.startswith(d + "/") for d in deps)}
+        unused = {d for d in deps if not any(f == d or f.startswith(d + "/") for f in files)}
+        if missing or unused:
+            wrong[name.split("@")[0]] = (f"{name}: deps miss {sorted(missing)} and name {sorted(unused)}, "
+                                         f"which its command does not run; it runs exactly {sorted(files)}")
+    assert not wrong, "\n".join(wrong.values())
+
+
+def test_a_train_cell_runs_the_modules_the_hand_lists_missed():
+    train = closure("covidtl -S profile=paper train --model vgg16 --init imagenet --dataset ct")
+    assert {"covidtl.data.cache", "covidtl.config", "covidtl.cli.train", "covidtl.cli", "covidtl"} <= train
+    assert "covidtl.report" not in train and "covidtl.cli.report" not in train  # later stages' code
+    synth = closure("covidtl synth")
+    assert "covidtl.data.synth" in synth and "covidtl.data.ingest" not in synth  # another command of its file
+
+
+def test_the_closure_follows_function_imports_and_skips_what_never_runs(tmp_path):
+    (tmp_path / "covidtl" / "sub").mkdir(parents=True)
+    for name in ("__init__", "a", "b", "c", "d", "e", "sub/__init__", "sub/f", "sub/g"):
+        (tmp_path / "covidtl" / f"{name}.py").write_text("")
+    (tmp_path / "covidtl" / "sub" / "f.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "import covidtl.a\n"
+        "from covidtl import b, not_a_module\n"
+        "from . import g\n"
+        "if TYPE_CHECKING:\n"
+        "    import covidtl.c  # never runs\n"
+        "def helper():\n"
+        "    from covidtl.d import something  # runs when helper does\n"
+        "def other_command():\n"
+        "    import covidtl.e  # runs only when that command is invoked\n")
+    imported = imports_of("covidtl.sub.f", frozenset({"other_command"}), tmp_path)
+    assert imported == {"covidtl", "covidtl.a", "covidtl.b", "covidtl.sub", "covidtl.sub.g", "covidtl.d"}
+
+
+def test_changing_one_models_rate_re_runs_only_its_cells(stages):
+    cells = {name: s for name, s in stages.items() if " train --model " in s.cmd}
+    assert {"train@vgg16-random-ct", "train_best@vgg16-imagenet-ct", "augment/dvc.yaml:train@vgg16-random-ct",
+            "train_cnn_simclr@custom_cnn-pretrained-ct"} <= set(cells)
+    models = yaml.safe_load((ROOT / "params.yaml").read_text())["study"]["models"]
+    for model in models:
+        for key in (f"train.learning_rates.{model}", f"train.image_size.{model}"):
+            rerun = {name for name, cell in cells.items() if declares(cell, key)}
+            assert rerun == {name for name, cell in cells.items() if f"--model {model} " in cell.cmd}, key
+    for name, cell in cells.items():  # a new default model or init re-runs no cell: each names its own
+        assert not declares(cell, "train.model") and not declares(cell, "train.init"), name
+        assert declares(cell, "eval.operating_point") and declares(cell, "train.stop.patience"), name

@@ -228,20 +228,32 @@ def test_weights_dropped_where_the_skip_message_says_train_exactly_their_cell(re
 
 
 def test_each_cell_declares_every_training_setting_it_reads():
-    # A setting missing from the cell's params would change results without DVC re-running it.
+    # A setting missing from a cell's params would change results without DVC re-running it: every
+    # training stage of every pipeline (the paper's cells, the profiles', the offline study's).
     from dataclasses import fields
+
+    from dvc.repo import Repo
 
     from covidtl.config import TrainConfig
 
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
-    declared = set(stage["params"])
-    per_model = {"learning_rates", "image_size"}  # declared per cell: train.<key>.${item.model}
-    # train.model / train.init are never read: each cell names its own on the command line.
-    assert "--model ${item.model} --init ${item.init} " in stage["cmd"]
-    for field in fields(TrainConfig):
-        if field.name in ("model", "init"):
-            assert f"train.{field.name}" not in declared  # a new default must not re-run the paper's cells
-        elif field.name in per_model:
-            assert f"train.{field.name}.${{item.model}}" in declared
-        else:
-            assert f"train.{field.name}" in declared, f"train.{field.name} missing from dvc.yaml"
+    with Repo(str(ROOT)) as repo:
+        cells = [stage for stage in repo.index.stages if " train --model " in stage.cmd]
+    assert {c.addressing.split("@")[0] for c in cells} == {
+        "train", "train_best", "train_cnn_simclr", "augment/dvc.yaml:train"}
+    per_model = {"learning_rates", "image_size"}  # declared per cell: train.<key>.<its model>
+    for cell in cells:
+        declared = {key for dep in cell.deps if hasattr(dep, "params") for key in dep.params}
+        model = cell.cmd.split("--model ")[1].split()[0]
+        profile = cell.cmd.split("-S profile=")[1].split()[0]
+        assert f"profiles.{profile}" in declared, cell.addressing  # the profile's overrides
+        for field in fields(TrainConfig):
+            key = f"train.{field.name}"
+            if field.name in ("model", "init"):
+                # Never read: each cell names its own on the command line, so a new default re-runs none.
+                assert f"--{field.name} " in cell.cmd and key not in declared, cell.addressing
+            elif field.name in per_model:
+                # Its own model's only: changing VGG16's rate re-runs only VGG16's cells.
+                assert f"{key}.{model}" in declared and key not in declared, cell.addressing
+            else:
+                assert key in declared, f"{key} missing from {cell.addressing}"
+        assert "train" not in declared and "eval" in declared, cell.addressing
