@@ -1,6 +1,7 @@
 """Each lever of the stronger recipe, on and off, with the same seeds on one patient-grouped split.
 
-Usage (the real CT set, ingested and split into a workdir first, see README):
+Usage (the real CT set, ingested and split into a workdir first; docs/training.md, "The custom CNN's
+stronger recipe"):
   python benchmarks/bench_levers.py --workdir /tmp/lever/data \
       --data ct=../shared/data/sarscov2-ct --seeds 1 2 3 --rows paper base label_smoothing ...
 

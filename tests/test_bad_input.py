@@ -555,9 +555,12 @@ def test_mlflow_servers_we_document_bind_to_localhost_by_default(command):
 
 
 def test_no_documented_command_binds_every_interface():
-    """README, MLproject, dvc.yaml and the package never tell a user to serve on 0.0.0.0 (or ::)."""
+    """README, the docs pages, MLproject, dvc.yaml and the package never tell a user to serve on 0.0.0.0
+    (or ::)."""
     root = Path(__file__).parents[1]
-    texts = {p: p.read_text() for p in [root / "README.md", root / "MLproject", root / "dvc.yaml",
+    docs = sorted((root / "docs").glob("*.md"))
+    assert docs, root / "docs"
+    texts = {p: p.read_text() for p in [root / "README.md", *docs, root / "MLproject", root / "dvc.yaml",
                                          *(root / "src" / "covidtl").rglob("*.py")]}
     for path, text in texts.items():
         assert "0.0.0.0" not in text and "--host ::" not in text, path

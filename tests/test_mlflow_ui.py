@@ -150,7 +150,7 @@ def test_runs_table_lists_model_init_and_accuracy(mlflow_server, tmp_path):
             fields = cells[f"{model}-{init}-ct"]
             assert model in fields and init in fields and str(accuracy) in fields, fields
 
-        # The compare view of the same runs, as shown in the README.
+        # The compare view of the same runs, as docs/study-and-report.md shows it.
         page.set_viewport_size({"width": 1400, "height": 1000})
         query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id])})
         page.goto(f"{base}/#/compare-runs?{query}", timeout=90_000)

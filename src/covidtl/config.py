@@ -149,11 +149,12 @@ class TrainConfig:
     # auto: eager for a training split of a few batches, graphs above (covidtl.distribute.eager_for)
     run_eagerly: Literal["auto", True, False]
     learning_rates: dict[str, float]
-    # Where and how precisely it runs (covidtl.distribute; README "GPUs and several machines").
+    # Where and how precisely it runs (covidtl.distribute; docs/gpus.md).
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
     strategy: Literal["auto", "default", "mirrored", "multiworker"]
     lr_scaling: Literal["none", "linear", "sqrt"]
-    # The stronger recipe's levers (README "Beyond the paper"); the defaults are the paper's.
+    # The stronger recipe's levers (docs/training.md "Input levers that travel with the model" and
+    # "The custom CNN's stronger recipe"); the defaults are the paper's.
     crop: Literal["none", "body"]  # body: crop to the body's bounding box inside the model
     normalize: Literal["none", "standardize", "equalize"]  # per image, inside the model
     label_smoothing: float

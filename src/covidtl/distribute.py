@@ -96,7 +96,7 @@ def make_strategy(kind: str) -> tf.distribute.Strategy:
         if not tf_config_workers():
             raise UserError(
                 "train.strategy=multiworker: TF_CONFIG is not set; set it on every machine "
-                "(README, \"GPUs and several machines\") or use train.strategy=auto"
+                "(docs/gpus.md, \"Several machines\") or use train.strategy=auto"
             )
         return multiworker_strategy()
     return tf.distribute.get_strategy()
