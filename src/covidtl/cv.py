@@ -39,7 +39,7 @@ from covidtl.cells import FINETUNE_PREFIX, PREDICTION_COLUMNS, Cell, cell_name, 
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text, json_text
+from covidtl.files import atomic_write_text, file_sha256, json_text
 from covidtl.scores import Scores
 
 # The figures summarised across folds (each fold's test split, at 0.5 and at its operating point).
@@ -163,7 +163,7 @@ COST_FILE = "cost.json"  # fold-<k>/cost.json: what the fold cost (FoldClock)
 def cv_digest(cfg: Config, model: str, init: str, dataset: str, lr: float | None) -> str:
     """What must not change for a rerun to continue the same parent run: the settings and data."""
     parts = [tracking.settings_yaml(cfg), model, init, dataset, repr(lr),
-             tracking.file_sha256(paths.manifest_path(cfg, dataset))]
+             file_sha256(paths.manifest_path(cfg, dataset))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -31,6 +31,7 @@ from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, readable_rows
 from covidtl.errors import UserError
 from covidtl.evaluate import LoadedModel, load_trained, score_rows, scoring_config
+from covidtl.files import file_sha256
 from covidtl.models.registry import get_spec, preprocess_for
 from covidtl.models.wrappers import ensemble_of, tta_of
 from covidtl.scores import DEFAULT_THRESHOLD, choose_operating_point
@@ -165,7 +166,7 @@ def build_ensemble(
             "model": first.name, "init": "ensemble", "dataset": dataset, "kind": "ensemble",
             "members": ",".join(m.loaded.source_run_id or m.source for m in members),
             "git_commit": tracking.git_commit(),
-            "manifest_sha256": tracking.file_sha256(paths.manifest_path(cfg, dataset)),
+            "manifest_sha256": file_sha256(paths.manifest_path(cfg, dataset)),
             **tracking.experiment_tags(),
         })
         tracking.log_config(cfg)

@@ -27,7 +27,7 @@ from covidtl.config import Config, DatasetConfig, EvalConfig
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, readable_rows
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text, json_text
+from covidtl.files import atomic_write_text, file_sha256, json_text
 from covidtl.models.registry import MODELS, get_spec
 from covidtl.models.wrappers import tta_of, with_tta  # also registers the wrappers' layers for loading
 from covidtl.scores import Scores
@@ -309,7 +309,7 @@ def _evaluate(cfg: Config, model_uri: str, data: str, split: str, out_dir: str |
         if rows.empty:
             raise UserError(f"--data {data}: the {scored_split} split holds no image")
         scored = score_rows(cfg, loaded, rows)
-        manifest_sha = tracking.file_sha256(manifest)
+        manifest_sha = file_sha256(manifest)
     if not len(scored.y_true):
         raise UserError(f"--data {data}: no image could be decoded")
     metrics = scored.metrics(scored_split, cfg.eval, loaded.operating_threshold)

@@ -26,12 +26,12 @@ from typing import Any
 
 import pandas as pd
 
-from covidtl import locks, paths, tracking
+from covidtl import locks, paths
 from covidtl.cells import MODELS_ROOT, Cell
 from covidtl.config import Config, DatasetConfig, ExternalSet
 from covidtl.data import ingest, tables
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text, json_text
+from covidtl.files import atomic_write_text, file_sha256, json_text
 
 EXTERNAL_ROOT = "external"
 PREDICTION_COLUMNS = ["path", "group", "actual", "predicted", "p_covid"]
@@ -83,7 +83,7 @@ class IngestedSet:
             "path": self.entry.path, "series": self.entry.series, "images": len(self.manifest),
             "classes": {c: int(classes.get(c, 0)) for c in paths.CLASSES},
             "groups": int(self.manifest["group"].nunique()), "quarantined": len(self.quarantine),
-            "manifest_sha256": tracking.file_sha256(paths.manifest_path(self.cfg, self.entry.name)),
+            "manifest_sha256": file_sha256(paths.manifest_path(self.cfg, self.entry.name)),
         }
 
 

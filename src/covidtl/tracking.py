@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 from covidtl.config import Config
-from covidtl.files import file_sha256  # noqa: F401 - re-exported: runs tag their data with it
+from covidtl.files import file_sha256
 from covidtl.metrics import confusion, report_text
 from covidtl.mlflow_store import project_root, require_server, tracking_uri  # noqa: F401 - where runs go
 from covidtl.paths import CLASSES

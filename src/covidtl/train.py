@@ -36,6 +36,7 @@ from covidtl.data import tables
 from covidtl.data.pipeline import label_indices, make_dataset, make_offline_dataset, readable_rows
 from covidtl.errors import UserError
 from covidtl.explain import sample_figure
+from covidtl.files import file_sha256
 from covidtl.frozen import BASE, FrozenTraining, cache_cut
 from covidtl.models.registry import (
     ModelSpec,
@@ -445,8 +446,8 @@ def run_digest(plan: Plan) -> str:
     cfg = plan.cfg
     parts = [
         tracking.settings_yaml(cfg), plan.model, plan.init, plan.dataset, repr(plan.learning_rate),
-        tracking.file_sha256(plan.split_file),
-        tracking.file_sha256(paths.manifest_path(cfg, plan.dataset)),
+        file_sha256(plan.split_file),
+        file_sha256(paths.manifest_path(cfg, plan.dataset)),
         *sorted(map(str, plan.train_rows["path"])),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -909,7 +910,7 @@ def run_tags(cfg: Config, model: str, init: str, dataset: str, kind: str) -> dic
         "dataset": dataset,
         "split_strategy": cfg.split.strategy,
         "git_commit": tracking.git_commit(),
-        "manifest_sha256": tracking.file_sha256(paths.manifest_path(cfg, dataset)),
+        "manifest_sha256": file_sha256(paths.manifest_path(cfg, dataset)),
         "cell": cell_name(model, init, dataset, cfg.profile),
         "profile": cfg.profile,
         "kind": kind,

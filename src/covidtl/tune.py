@@ -39,7 +39,7 @@ from covidtl.cells import PAPER_PROFILE, init_label
 from covidtl.config import Config, TuneConfig
 from covidtl.data import tables
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text
+from covidtl.files import atomic_write_text, file_sha256
 from covidtl.models.registry import get_spec, trainable_image_size
 from covidtl.pretrain import resolve_init
 from covidtl.train import train
@@ -177,7 +177,7 @@ def _drop(settings: dict[str, Any], dotted: str) -> None:
 def _sha256(path: Path, fix: str) -> str:
     if not path.is_file():
         raise UserError(f"{path}: missing, and a study is named by its content; run `{fix}` first")
-    return tracking.file_sha256(path)
+    return file_sha256(path)
 
 
 def _differences(made: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
@@ -570,7 +570,7 @@ def run_study(
         "kind": "tune", "model": model, "init": init_label(init), "dataset": dataset,
         "cell": paths.cell_name(model, init_label(init), dataset),
         "split_strategy": cfg.split.strategy,
-        "git_commit": tracking.git_commit(), "manifest_sha256": tracking.file_sha256(
+        "git_commit": tracking.git_commit(), "manifest_sha256": file_sha256(
             paths.manifest_path(cfg, dataset)), "optuna_study": study.study_name,
         "study_digest": identity.digest,
     }
