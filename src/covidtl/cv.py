@@ -35,7 +35,15 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from covidtl import locks, paths, tracking
-from covidtl.cells import FINETUNE_PREFIX, PREDICTION_COLUMNS, Cell, cell_name, init_file, is_finetune
+from covidtl.cells import (
+    CV_PREDICTION_COLUMNS,
+    FINETUNE_PREFIX,
+    Cell,
+    cell_name,
+    init_file,
+    is_finetune,
+    write_predictions,
+)
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
@@ -156,6 +164,7 @@ def cross_validate(
 # --------------------------------------------------------------------------- resuming
 
 
+REWRITE = "run the same cv command again to rewrite it"  # the fix for a damaged file of a cv run
 STATE_FILE = "cv_state.json"  # cv/<dataset>/<cell>/cv_state.json: the parent run and its settings
 COST_FILE = "cost.json"  # fold-<k>/cost.json: what the fold cost (FoldClock)
 
@@ -375,7 +384,7 @@ def write(out: Path, per_fold: pd.DataFrame, pooled: pd.DataFrame, summary: dict
     """folds.csv and predictions.csv first, summary.json last: its presence means a complete run."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "folds.csv", per_fold.to_csv(index=False))
-    atomic_write_text(out / "predictions.csv", pooled[["fold", *PREDICTION_COLUMNS]].to_csv(index=False))
+    write_predictions(out / "predictions.csv", pooled, CV_PREDICTION_COLUMNS)
     atomic_write_text(out / "summary.json", json_text(summary))
 
 
@@ -388,19 +397,10 @@ def read_summary(out: str | Path) -> dict[str, Any]:
         raise UserError(f"{out}: no summary.json, not a finished `covidtl cv` run; give "
                         "cv/<dataset>/<cell> (or run the same cv command again to finish it)") from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable ({exc}); run the same cv command again to rewrite it") from None
+        raise UserError(f"{path}: unreadable ({exc}); {REWRITE}") from None
     if not isinstance(summary, dict) or "dataset" not in summary:
-        raise UserError(f"{path}: not a cv summary (no dataset); run the same cv command again to rewrite it")
+        raise UserError(f"{path}: not a cv summary (no dataset); {REWRITE}")
     return summary
-
-
-def read_predictions(out: str | Path) -> pd.DataFrame:
-    """A cv run's predictions.csv: every image (path as stored), its fold and out-of-fold p_covid."""
-    path = Path(out) / "predictions.csv"
-    try:
-        return pd.read_csv(path, dtype={"path": str, "group": str})
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable ({exc}); run the same cv command again to rewrite it") from None
 
 
 def _counts(table: pd.DataFrame) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from covidtl import paths, tracking
-from covidtl.cells import Cell
+from covidtl.cells import Cell, read_predictions
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, readable_rows
@@ -184,7 +184,7 @@ def build_ensemble(
             metrics={"status": "ok", **metrics, "operating_threshold": operating["threshold"],
                      "run_id": run_id, "members": len(members)},
             history={},
-            predictions=Scored(scored.rows, scored.scores()).prediction_rows(root) if scored else None,
+            predictions=Scored(scored.rows, scored.scores()).predictions(root) if scored else None,
             config_yaml=tracking.config_yaml(cfg),
             card=card,
         )
@@ -208,9 +208,9 @@ def input_example(cfg: Config, loaded: LoadedModel, dataset: str, size: int,
 def cv_operating_point(cfg: Config, cv_dir: str | Path) -> dict[str, Any]:
     """The threshold the rule picks on the cv run's pooled out-of-fold predictions: each image
     scored by the one fold that never saw it (no ensemble output exists for unseen data)."""
-    from covidtl.cv import pooled_scores
+    from covidtl.cv import REWRITE, pooled_scores
 
-    pooled = pd.read_csv(Path(cv_dir) / "predictions.csv", dtype={"group": str})
+    pooled = read_predictions(Path(cv_dir) / "predictions.csv", REWRITE)
     chosen = choose_operating_point(pooled_scores(pooled), cfg.eval.operating_point)
     if chosen["chosen_on"] == "validation":
         chosen["chosen_on"] = "the cv run's pooled out-of-fold predictions"

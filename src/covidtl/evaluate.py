@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from covidtl import locks, paths, tracking
-from covidtl.cells import Cell
+from covidtl.cells import SCORE_COLUMNS, Cell, predictions_csv, write_predictions
 from covidtl.config import Config, DatasetConfig, EvalConfig
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, readable_rows
@@ -272,7 +272,7 @@ def log_scored(
             mlflow.log_metric("operating_threshold", loaded.operating_threshold)
         tracking.log_evaluation(scored.y_true, scored.prob, prefix=prefix)
         tracking.log_curves(scored.scores(), prefix=prefix)
-        mlflow.log_text(scored.predictions().to_csv(index=False), "predictions.csv")
+        mlflow.log_text(predictions_csv(scored.predictions(), SCORE_COLUMNS), "predictions.csv")
     return run.info.run_id
 
 
@@ -330,6 +330,6 @@ def _evaluate(cfg: Config, model_uri: str, data: str, split: str, out_dir: str |
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.json", json_text(metrics))
-        atomic_write_text(out / "predictions.csv", scored.predictions().to_csv(index=False))
+        write_predictions(out / "predictions.csv", scored.predictions(), SCORE_COLUMNS)
     scored_what = f"the {split} split of dataset {data}" if is_dataset else "a folder, every image"
     return EvaluateResult(run_id, metrics, len(scored.y_true), scored_what)

@@ -27,14 +27,13 @@ from typing import Any
 import pandas as pd
 
 from covidtl import locks, paths
-from covidtl.cells import MODELS_ROOT, Cell
+from covidtl.cells import MODELS_ROOT, Cell, write_predictions
 from covidtl.config import Config, DatasetConfig, ExternalSet
 from covidtl.data import ingest, tables
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text, file_sha256, json_text
 
 EXTERNAL_ROOT = "external"
-PREDICTION_COLUMNS = ["path", "group", "actual", "predicted", "p_covid"]
 
 
 @dataclass(frozen=True)
@@ -197,9 +196,9 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
         predictions = scored.predictions().assign(
             path=[tables.relative_to_root(p, s.root) for p in scored.rows["path"]],
             group=scored.rows["group"].to_numpy(),
-        )[PREDICTION_COLUMNS]
+        )
         folder = out.scored_dir(cell.name, s.entry.name)
-        atomic_write_text(folder / "predictions.csv", predictions.to_csv(index=False))
+        write_predictions(folder / "predictions.csv", predictions)
         atomic_write_text(folder / "metrics.json", json_text(metrics))
         entry: dict[str, Any] = {"images": len(scored.y_true), "metrics": metrics}
         if log:

@@ -309,7 +309,7 @@ def plot_confusions(table: pd.DataFrame, dataset: str, out: Path, models_root: P
         for c, init in enumerate(inits):
             ax = axes[r][c]
             ax.set_title(f"{model} · {init}", fontsize=8)
-            matrix = _confusion(Cell.of(model, init, dataset, models_root).predictions_file)
+            matrix = _confusion(Cell.of(model, init, dataset, models_root))
             ax.set_xticks([0, 1], ["non", "covid"], fontsize=7)
             ax.set_yticks([0, 1], ["non", "covid"], fontsize=7)
             if matrix is None:
@@ -330,10 +330,10 @@ def plot_confusions(table: pd.DataFrame, dataset: str, out: Path, models_root: P
     return path
 
 
-def _confusion(predictions: Path) -> pd.DataFrame | None:
+def _confusion(cell: Cell) -> pd.DataFrame | None:
     try:
-        frame = pd.read_csv(predictions)
-    except (OSError, ValueError):
+        frame = cell.read_predictions()
+    except UserError:
         return None
     if frame.empty or not {"actual", "predicted"} <= set(frame.columns):
         return None
@@ -499,10 +499,9 @@ def scored_cells(table: pd.DataFrame, models_root: Path) -> list[Scored]:
     """The finished cells' test predictions (path, group, actual, p_covid), for paired tests."""
     cells = []
     for row in table[table["status"] == "ok"].itertuples():
-        file = Cell.of(row.model, row.init, row.dataset, models_root).predictions_file
         try:
-            frame = pd.read_csv(file, dtype={"group": str})
-        except (OSError, ValueError):
+            frame = Cell.of(row.model, row.init, row.dataset, models_root).read_predictions()
+        except UserError:  # unreadable: the cell is left out of the comparisons
             continue
         if {"path", "actual", "p_covid"} <= set(frame.columns) and len(frame):
             cells.append(Scored(row.dataset, row.model, row.init, frame))

@@ -30,7 +30,7 @@ import tensorflow as tf
 from mlflow.exceptions import MlflowException
 
 from covidtl import distribute, linear_probe, locks, optim, paths, pretrained, tracking
-from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label, is_finetune
+from covidtl.cells import EPOCH_METRICS, PREDICTION_COLUMNS, Cell, cell_name, init_label, is_finetune
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import label_indices, make_dataset, make_offline_dataset, readable_rows
@@ -588,17 +588,16 @@ class Scored:
     rows: pd.DataFrame  # the split's readable images, in prediction order
     scores: Scores
 
-    def prediction_rows(self, root: Path) -> list[dict[str, Any]]:
+    def predictions(self, root: Path) -> pd.DataFrame:
         """predictions.csv: each image (path relative to the dataset root), its group, the truth,
         the call at 0.5 and p_covid."""
         predicted = self.scores.predicted()
         groups = self.rows["group"] if "group" in self.rows else [""] * len(self.rows)
-        return [
-            {"path": tables.relative_to_root(path, root), "group": group, "actual": paths.CLASSES[t],
-             "predicted": paths.CLASSES[c], "p_covid": float(p)}
-            for path, group, t, c, p in zip(self.rows["path"], groups, self.scores.y_true,
-                                            predicted, self.scores.p_covid)
-        ]
+        return pd.DataFrame(
+            [(tables.relative_to_root(path, root), group, paths.CLASSES[t], paths.CLASSES[c], float(p))
+             for path, group, t, c, p in zip(self.rows["path"], groups, self.scores.y_true,
+                                             predicted, self.scores.p_covid)],
+            columns=list(PREDICTION_COLUMNS))
 
 
 def fit_datasets(plan: Plan, cfg: Config | None = None) -> tuple[Any, Any]:
@@ -830,7 +829,7 @@ def _run(
                      "feature_entries_read": frozen.cache.counts.read} if frozen else {}),
                  "digest": run_digest(plan)},  # what a rerun (cv's fold reuse) compares
         history=fitted.history,
-        predictions=scored.prediction_rows(root) if scored else None,
+        predictions=scored.predictions(root) if scored else None,
         config_yaml=tracking.config_yaml(plan.cfg),
         card=card,
     )
