@@ -35,7 +35,7 @@ from covidtl.files import file_sha256
 from covidtl.models.registry import get_spec, preprocess_for
 from covidtl.models.wrappers import ensemble_of, tta_of
 from covidtl.scores import DEFAULT_THRESHOLD, choose_operating_point
-from covidtl.train import INTENDED_USE, Scored, example_batch
+from covidtl.train import INTENDED_USE, example_batch
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -150,7 +150,7 @@ def build_ensemble(
         table = tables.read_split(cfg, dataset)
         val_rows, test_rows = table[table["split"] == "val"], table[table["split"] == "test"]
         val = score_rows(cfg, loaded, val_rows) if len(val_rows) else None
-        operating = choose_operating_point(val.scores() if val else None, cfg.eval.operating_point)
+        operating = choose_operating_point(val.scores if val else None, cfg.eval.operating_point)
         scored = score_rows(cfg, loaded, test_rows) if len(test_rows) else None
         example_rows = val_rows if len(val_rows) else test_rows
     say(f"ensemble of {len(members)} on {dataset}: threshold {operating['threshold']:.4g} "
@@ -175,8 +175,8 @@ def build_ensemble(
         mlflow.log_metric("operating_threshold", operating["threshold"])
         if scored is not None:
             tracking.log_metrics(metrics)
-            tracking.log_evaluation(scored.y_true, scored.prob, prefix="test")
-            tracking.log_curves(scored.scores(), prefix="test")
+            tracking.log_evaluation(scored.y_true, scored.scores.p_covid, prefix="test")
+            tracking.log_curves(scored.scores, prefix="test")
         card = ensemble_card(members, dataset, operating, run_id)
         model_path = cell.save_model(model.save)
         root = tables.dataset_root(cfg, dataset)
@@ -184,7 +184,7 @@ def build_ensemble(
             metrics={"status": "ok", **metrics, "operating_threshold": operating["threshold"],
                      "run_id": run_id, "members": len(members)},
             history={},
-            predictions=Scored(scored.rows, scored.scores()).predictions(root) if scored else None,
+            predictions=scored.predictions(root) if scored else None,
             config_yaml=tracking.config_yaml(cfg),
             card=card,
         )

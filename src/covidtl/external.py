@@ -193,12 +193,8 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
     for s in sets:
         scored = score_rows(cfg, loaded, s.manifest)
         metrics = scored.metrics("all", cfg.eval, loaded.operating_threshold)
-        predictions = scored.predictions().assign(
-            path=[tables.relative_to_root(p, s.root) for p in scored.rows["path"]],
-            group=scored.rows["group"].to_numpy(),
-        )
         folder = out.scored_dir(cell.name, s.entry.name)
-        write_predictions(folder / "predictions.csv", predictions)
+        write_predictions(folder / "predictions.csv", scored.predictions(s.root))
         atomic_write_text(folder / "metrics.json", json_text(metrics))
         entry: dict[str, Any] = {"images": len(scored.y_true), "metrics": metrics}
         if log:

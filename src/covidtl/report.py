@@ -19,7 +19,7 @@ import pandas as pd
 from covidtl import paths, tracking
 from covidtl.cards import model_card, write_cards
 from covidtl.cells import PAPER_PROFILE, Cell, init_label
-from covidtl.comparisons import Scored, comparison_table, in_words
+from covidtl.comparisons import CellPredictions, comparison_table, in_words
 from covidtl.config import Config
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
@@ -495,7 +495,7 @@ def external_scores(dataset: str, cell: str, root: Path = Path(EXTERNAL_ROOT)) -
     return found
 
 
-def scored_cells(table: pd.DataFrame, models_root: Path) -> list[Scored]:
+def scored_cells(table: pd.DataFrame, models_root: Path) -> list[CellPredictions]:
     """The finished cells' test predictions (path, group, actual, p_covid), for paired tests."""
     cells = []
     for row in table[table["status"] == "ok"].itertuples():
@@ -504,7 +504,7 @@ def scored_cells(table: pd.DataFrame, models_root: Path) -> list[Scored]:
         except UserError:  # unreadable: the cell is left out of the comparisons
             continue
         if {"path", "actual", "p_covid"} <= set(frame.columns) and len(frame):
-            cells.append(Scored(row.dataset, row.model, row.init, frame))
+            cells.append(CellPredictions(row.dataset, row.model, row.init, frame))
     return cells
 
 
@@ -550,7 +550,7 @@ def gradcam_section(copied: dict[str, Path]) -> list[str]:
     return lines + [""]
 
 
-def plot_calibration(cells: list[Scored], dataset: str, out: Path) -> Path:
+def plot_calibration(cells: list[CellPredictions], dataset: str, out: Path) -> Path:
     """Reliability diagram of every finished cell of a dataset: predicted vs observed COVID rate."""
     import matplotlib.pyplot as plt
 

@@ -30,7 +30,7 @@ import tensorflow as tf
 from mlflow.exceptions import MlflowException
 
 from covidtl import distribute, linear_probe, locks, optim, paths, pretrained, tracking
-from covidtl.cells import EPOCH_METRICS, PREDICTION_COLUMNS, Cell, cell_name, init_label, is_finetune
+from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label, is_finetune
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import label_indices, make_dataset, make_offline_dataset, readable_rows
@@ -48,7 +48,7 @@ from covidtl.models.registry import (
 )
 from covidtl.models.wrappers import with_tta
 from covidtl.pretrain import resolve_init
-from covidtl.scores import DEFAULT_THRESHOLD, Scores, choose_operating_point
+from covidtl.scores import DEFAULT_THRESHOLD, Scored, choose_operating_point
 
 # ignore_errors() leaves the first epoch's length unknown; Keras then warns at its end.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
@@ -583,23 +583,6 @@ def _steps_per_epoch(plan: Plan, train_ds) -> int:
     return optim.steps_per_epoch(len(plan.train_rows), batch)
 
 
-@dataclass
-class Scored:
-    rows: pd.DataFrame  # the split's readable images, in prediction order
-    scores: Scores
-
-    def predictions(self, root: Path) -> pd.DataFrame:
-        """predictions.csv: each image (path relative to the dataset root), its group, the truth,
-        the call at 0.5 and p_covid."""
-        predicted = self.scores.predicted()
-        groups = self.rows["group"] if "group" in self.rows else [""] * len(self.rows)
-        return pd.DataFrame(
-            [(tables.relative_to_root(path, root), group, paths.CLASSES[t], paths.CLASSES[c], float(p))
-             for path, group, t, c, p in zip(self.rows["path"], groups, self.scores.y_true,
-                                             predicted, self.scores.p_covid)],
-            columns=list(PREDICTION_COLUMNS))
-
-
 def fit_datasets(plan: Plan, cfg: Config | None = None) -> tuple[Any, Any]:
     """What `fit` reads: the training and validation batches, decoded once into the uint8 cache.
     `cfg`: the plan's, with train.batch_size the global batch of a distributed run."""
@@ -621,8 +604,7 @@ def score(plan: Plan, net: keras.Model, split: str = "test") -> Scored | None:
     y_true, prob = predict(net, make_dataset(rows, plan.spec, plan.cfg, plan.image_size, training=False))
     if not len(y_true):
         return None
-    groups = rows["group"].to_numpy() if "group" in rows else None
-    return Scored(rows, Scores.of(y_true, prob, groups))
+    return Scored.of(rows, y_true, prob, plan.image_size)
 
 
 def score_frozen(plan: Plan, frozen: FrozenTraining, split: str = "test") -> Scored | None:
@@ -630,8 +612,7 @@ def score_frozen(plan: Plan, frozen: FrozenTraining, split: str = "test") -> Sco
     rows, y_true, prob = frozen.predict(plan.rows(split))
     if not len(y_true):
         return None
-    groups = rows["group"].to_numpy() if "group" in rows else None
-    return Scored(rows, Scores.of(y_true, prob, groups))
+    return Scored.of(rows, y_true, prob, plan.image_size)
 
 
 def frozen_training(plan: Plan, net: keras.Model) -> FrozenTraining | None:
