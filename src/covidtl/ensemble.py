@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from covidtl import paths, tracking
+from covidtl.cards import ensemble_card
 from covidtl.cells import Cell, read_predictions
 from covidtl.config import Config
 from covidtl.data import tables
@@ -34,8 +35,8 @@ from covidtl.evaluate import LoadedModel, load_trained, score_rows, scoring_conf
 from covidtl.files import file_sha256
 from covidtl.models.registry import get_spec, preprocess_for
 from covidtl.models.wrappers import ensemble_of, tta_of
-from covidtl.scores import DEFAULT_THRESHOLD, choose_operating_point
-from covidtl.train import INTENDED_USE, example_batch
+from covidtl.scores import choose_operating_point
+from covidtl.train import example_batch
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -215,16 +216,3 @@ def cv_operating_point(cfg: Config, cv_dir: str | Path) -> dict[str, Any]:
     if chosen["chosen_on"] == "validation":
         chosen["chosen_on"] = "the cv run's pooled out-of-fold predictions"
     return chosen
-
-
-def ensemble_card(members: list[Member], dataset: str, operating: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """card.json beside the ensemble's model.keras: what evaluate and predict need, and its members."""
-    first = members[0]
-    return {
-        "kind": "ensemble", "model": first.loaded.name, "init": "ensemble", "dataset": dataset,
-        "image_size": first.size, "preprocessing": first.loaded.preprocessing,
-        "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
-        "members": [m.about() for m in members], "tta": "none",  # members keep their own TTA
-        "operating_point": operating or {"threshold": DEFAULT_THRESHOLD},
-        "run_id": run_id, "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
-    }

@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 
 from covidtl import distribute, linear_probe, locks, optim, paths, pretrained, tracking
 from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label, is_finetune
+from covidtl.cards import training_card
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import label_indices, make_dataset, make_offline_dataset, readable_rows
@@ -53,7 +54,6 @@ from covidtl.scores import DEFAULT_THRESHOLD, Scored, choose_operating_point
 # ignore_errors() leaves the first epoch's length unknown; Keras then warns at its end.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
 
-INTENDED_USE = "Research only: not a diagnostic device."
 VALIDATION_BATCH_FACTOR = 4  # validation batches are this many training batches
 
 
@@ -800,7 +800,7 @@ def _run(
             mlflow.log_figure(figure, "test_gradcam_samples.png")
 
     model_path = plan.cell.save_model(clean.save)
-    card = model_card(plan, fitted, run_id, operating, frozen)
+    card = training_card(plan, fitted, run_id, operating, frozen)
     root = tables.dataset_root(plan.cfg, plan.dataset)
     plan.cell.write_results(
         metrics={"status": "ok", **metrics, "epochs_used": fitted.epochs_used,
@@ -852,34 +852,6 @@ def log_plan(plan: Plan) -> None:
         plan.dataset, plan.split_file, paths.manifest_path(cfg, plan.dataset),
         {"train": plan.train_rows, "val": plan.rows("val"), "test": plan.rows("test")},
     )
-
-
-def model_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any],
-               frozen: FrozenTraining | None = None) -> dict[str, Any]:
-    """card.json beside model.keras: what evaluate and predict need, and what the model is."""
-    trained_on = {}
-    if frozen is not None:  # which part was frozen and stored, and how many copies each image had
-        trained_on["frozen_part"] = {"cut": frozen.parts.cut, "feature_view": frozen.clean_view.digest(),
-                                     "feature_copies": plan.cfg.train.feature_copies}
-    provenance = pretrained.provenance(plan.model, plan.build_init)
-    if provenance:  # the exact ImageNet or weights file it started from, and where that came from
-        trained_on["init_weights"] = provenance
-    return {
-        "model": plan.model, "init": plan.init, "dataset": plan.dataset,
-        "image_size": plan.image_size, "preprocessing": plan.cfg.train.preprocessing,
-        "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
-        "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
-        "epochs_used": fitted.epochs_used, "run_id": run_id, **plan.run_on,
-        "run_eagerly_used": plan.run_eagerly,
-        # The weights are this epoch's: the last (the paper) or the best by `selected_by`.
-        "selected_by": fitted.selected_by, "best_epoch": fitted.best_epoch,
-        "tta": plan.cfg.train.tta,  # the saved model averages over these views itself
-        # Read by everything that scores this model: evaluate, predict, the external sets.
-        "operating_point": operating,
-        "head": plan.cfg.train.head, "unfreeze_after": plan.cfg.train.unfreeze_after,
-        **trained_on, **fitted.about,
-        "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
-    }
 
 
 def run_tags(cfg: Config, model: str, init: str, dataset: str, kind: str) -> dict[str, str]:
