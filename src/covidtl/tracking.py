@@ -9,7 +9,6 @@ deletes afterwards: its runs go to the project's store, never to a file inside t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ import mlflow
 import numpy as np
 import yaml
 
+from covidtl import locks
 from covidtl.config import Config
 from covidtl.files import file_sha256
 from covidtl.metrics import confusion, report_text
@@ -95,25 +95,18 @@ def experiment_tags() -> dict[str, str]:
 def use_experiment(dataset: str) -> None:
     """Point MLflow at the project's store and the dataset's experiment."""
     mlflow.set_tracking_uri(tracking_uri())
-    with _store_lock():
+    with store_lock():
         _use_experiment(dataset)
 
 
-@contextlib.contextmanager
-def _store_lock():
-    """Queued experiments start together: MLflow's first-time SQLite schema migration is not safe
-    to run twice at once, and two creations of one experiment collide. Local processes take turns."""
-    if not tracking_uri().startswith("sqlite:"):
-        yield
-        return
+def store_lock():
+    """Queued experiments and tuning workers start together: MLflow's first-time schema migration
+    of a database store (SQLite, PostgreSQL) is not safe to run twice at once, and two creations
+    of one experiment collide. Local processes take turns on the store's lock (`covidtl.locks`,
+    waiting), one per tracking URI, in the temporary folder."""
     digest = hashlib.sha1(tracking_uri().encode()).hexdigest()[:12]
-    lock = Path(tempfile.gettempdir()) / f"covidtl-mlflow-store-{digest}.lock"
-    with lock.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return locks.hold(Path(tempfile.gettempdir()) / f"covidtl-mlflow-store-{digest}",
+                      "covidtl (MLflow store set-up)", wait=True)
 
 
 def _use_experiment(dataset: str) -> None:

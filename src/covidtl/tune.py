@@ -11,7 +11,6 @@ the paper's), which `covidtl train --lr tuned` under that profile reads.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -606,24 +605,16 @@ def run_study(
 
 def _use_experiment(dataset: str) -> None:
     """tracking.use_experiment, safe when workers start together on a fresh store."""
-    # MLflow's first-time SQLite schema migration is not safe to run twice at once (tables
-    # half-made); local workers take turns through a lock file. Servers only race on creating
-    # the experiment, which a retry settles.
-    uri = tracking.tracking_uri()
-    digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
-    lock = Path(tempfile.gettempdir()) / f"covidtl-mlflow-{digest}.lock"
-    with lock.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    # Local workers take turns on the store's lock (tracking.store_lock: MLflow's first-time
+    # schema migration is not safe twice at once); workers on other machines only race on
+    # creating the experiment, which a retry settles.
+    for attempt in range(3):
         try:
-            for attempt in range(3):
-                try:
-                    return tracking.use_experiment(dataset)
-                except Exception:  # noqa: BLE001 - MlflowException or the store's own error
-                    if attempt == 2:
-                        raise
-                    time.sleep(1 + attempt)
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            return tracking.use_experiment(dataset)
+        except Exception:  # noqa: BLE001 - MlflowException or the store's own error
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
 
 
 def _summarise(
