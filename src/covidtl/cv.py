@@ -370,8 +370,7 @@ def patient_scores(pooled: pd.DataFrame) -> tuple[Scores, int]:
     by_group = pd.DataFrame({"group": pooled["group"].astype(str), "covid": covid,
                              "p_covid": pooled["p_covid"].astype(float)}).groupby("group", sort=True)
     share = by_group["covid"].mean()
-    positive = paths.CLASSES.index(paths.POSITIVE)
-    y_index = np.where(share.to_numpy() >= 0.5, positive, 1 - positive)
+    y_index = np.where(share.to_numpy() >= 0.5, paths.POSITIVE_INDEX, 1 - paths.POSITIVE_INDEX)
     mixed = int(((share > 0) & (share < 1)).sum())
     return Scores.of(y_index, by_group["p_covid"].mean().to_numpy(), share.index.to_numpy()), mixed
 

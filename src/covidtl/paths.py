@@ -10,6 +10,14 @@ from covidtl.config import Config
 # Class index order of the two-unit softmax head; COVID is the positive class.
 CLASSES = ("non_covid", "covid")
 POSITIVE = "covid"
+POSITIVE_INDEX = CLASSES.index(POSITIVE)
+
+
+def p_covid(probabilities):
+    """p(COVID) out of softmax outputs in CLASSES order, the one place that reads it: (n, 2) rows
+    give (n,), one image's (2,) its value. Any array indexed like NumPy's (a TensorFlow or Keras
+    tensor too: training's AUC reads its one-hot labels' COVID column the same way)."""
+    return probabilities[..., POSITIVE_INDEX]
 
 
 def dataset_dir(cfg: Config, dataset: str) -> Path:

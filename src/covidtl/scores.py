@@ -18,7 +18,7 @@ from covidtl import stats
 from covidtl.cells import PREDICTION_COLUMNS, SCORE_COLUMNS
 from covidtl.config import EvalConfig
 from covidtl.data import tables
-from covidtl.paths import CLASSES, POSITIVE
+from covidtl.paths import CLASSES, POSITIVE_INDEX
 
 # The metrics also reported at the operating point (threshold chosen on the validation split).
 AT_OPERATING_POINT = (
@@ -44,8 +44,7 @@ class Scores:
         return len(self.y_true)
 
     def predicted(self, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-        positive = CLASSES.index(POSITIVE)
-        return np.where(self.p_covid >= threshold, positive, 1 - positive)
+        return np.where(self.p_covid >= threshold, POSITIVE_INDEX, 1 - POSITIVE_INDEX)
 
     def point(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
         return {**stats.metrics_at(self.y_true, self.p_covid, threshold),

@@ -14,9 +14,9 @@ from typing import Callable
 import numpy as np
 
 from covidtl.errors import UserError
-from covidtl.paths import CLASSES, POSITIVE
+from covidtl.paths import CLASSES, POSITIVE_INDEX, p_covid
 
-POS = CLASSES.index(POSITIVE)
+POS = POSITIVE_INDEX
 NEG = 1 - POS
 
 # Metric names in classification_metrics' order, then the two it lacks.
@@ -47,7 +47,7 @@ def covid_probability(y_true, prob) -> tuple[np.ndarray, np.ndarray]:
     if p.ndim == 2:
         if p.shape[1] != len(CLASSES):
             raise ValueError(f"prob has {p.shape[1]} columns; expected {len(CLASSES)} (one per class)")
-        p = p[:, POS]
+        p = p_covid(p)
     if p.shape != y.shape or y.size == 0:
         raise ValueError(f"{y.size} labels and {p.size} probabilities: expected the same non-zero number")
     if not np.isin(y, (0, 1)).all():

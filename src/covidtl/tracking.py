@@ -31,7 +31,7 @@ from covidtl.config import Config
 from covidtl.files import file_sha256
 from covidtl.metrics import confusion, report_text
 from covidtl.mlflow_store import project_root, require_server, tracking_uri  # noqa: F401 - where runs go
-from covidtl.paths import CLASSES
+from covidtl.paths import CLASSES, POSITIVE_INDEX
 
 # MLflow logs a store error with its whole traceback before raising it; the CLI then says it in one
 # line (covidtl.mlflow_store.store_problem), and an unexpected one keeps its traceback in the crash log.
@@ -218,8 +218,7 @@ def log_evaluation(y_true: np.ndarray, prob: np.ndarray, prefix: str = "test") -
     from covidtl import stats
 
     y_true, p_covid = stats.covid_probability(y_true, prob)
-    positive = CLASSES.index("covid")
-    y_pred = np.where(p_covid >= 0.5, positive, 1 - positive)
+    y_pred = np.where(p_covid >= 0.5, POSITIVE_INDEX, 1 - POSITIVE_INDEX)
     matrix = confusion(y_true, y_pred)
     mlflow.log_dict({"labels": list(CLASSES), "matrix": matrix}, f"{prefix}_confusion_matrix.json")
     mlflow.log_figure(confusion_figure(matrix), f"{prefix}_confusion_matrix.png")

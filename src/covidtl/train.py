@@ -100,8 +100,7 @@ class CovidAUC(keras.metrics.AUC):
         super().__init__(name=name, num_thresholds=num_thresholds, **kwargs)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        column = paths.CLASSES.index(paths.POSITIVE)
-        return super().update_state(y_true[:, column], y_pred[:, column], sample_weight)
+        return super().update_state(paths.p_covid(y_true), paths.p_covid(y_pred), sample_weight)
 
 
 class SelectBest(keras.callbacks.Callback):
