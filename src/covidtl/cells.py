@@ -38,11 +38,6 @@ INITS = ("random", "imagenet", "finetune", PRETRAINED)
 PAPER_PROFILE = "paper"  # params.yaml `profile`: the paper's protocol; cells of another are suffixed
 
 
-def write_skipped_cell(out: Path, reason: str) -> None:
-    """A skipped cell's files: DVC finds every output, the report shows the cell as skipped."""
-    Cell(Path(out)).write_skipped(reason)
-
-
 # --------------------------------------------------------------------------- the cell's files
 
 
@@ -243,6 +238,7 @@ class Cell:
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     def write_skipped(self, reason: str) -> None:
+        """A skipped cell's files: DVC finds every output, the report shows the cell as skipped."""
         self.begin()
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.model_file.unlink(missing_ok=True)

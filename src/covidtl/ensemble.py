@@ -156,7 +156,7 @@ def build_ensemble(
         example_rows = val_rows if len(val_rows) else test_rows
     say(f"ensemble of {len(members)} on {dataset}: threshold {operating['threshold']:.4g} "
         f"(chosen on: {operating['chosen_on']})")
-    metrics = scored.metrics("test", cfg.eval, operating["threshold"]) if scored else {}
+    metrics = scored.scores.summary("test", cfg.eval, operating["threshold"]) if scored else {}
 
     cell = Cell(Path(out_dir))
     cell.begin()
@@ -176,7 +176,7 @@ def build_ensemble(
         mlflow.log_metric("operating_threshold", operating["threshold"])
         if scored is not None:
             tracking.log_metrics(metrics)
-            tracking.log_evaluation(scored.y_true, scored.scores.p_covid, prefix="test")
+            tracking.log_evaluation(scored.scores.y_true, scored.scores.p_covid, prefix="test")
             tracking.log_curves(scored.scores, prefix="test")
         card = ensemble_card(members, dataset, operating, run_id)
         model_path = cell.save_model(model.save)

@@ -21,7 +21,7 @@ import mlflow
 import pandas as pd
 
 from covidtl import locks, paths, tracking
-from covidtl.cells import SCORE_COLUMNS, Cell, predictions_csv, write_predictions
+from covidtl.cells import SCORE_COLUMNS, Cell, cell_name, predictions_csv, write_predictions
 from covidtl.config import Config, DatasetConfig
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, readable_rows
@@ -240,11 +240,11 @@ def log_scored(
             **tracking.experiment_tags(), **tags,
         })
         tracking.log_config(scoring_config(cfg, loaded))
-        mlflow.log_params({**params, "images": len(scored.y_true), "image_size": scored.image_size})
-        tracking.log_metrics(scored.metrics(prefix, cfg.eval, loaded.operating_threshold))
+        mlflow.log_params({**params, "images": len(scored.scores), "image_size": scored.image_size})
+        tracking.log_metrics(scored.scores.summary(prefix, cfg.eval, loaded.operating_threshold))
         if loaded.operating_threshold is not None:
             mlflow.log_metric("operating_threshold", loaded.operating_threshold)
-        tracking.log_evaluation(scored.y_true, scored.scores.p_covid, prefix=prefix)
+        tracking.log_evaluation(scored.scores.y_true, scored.scores.p_covid, prefix=prefix)
         tracking.log_curves(scored.scores, prefix=prefix)
         mlflow.log_text(predictions_csv(scored.predictions(), SCORE_COLUMNS), "predictions.csv")
     return run.info.run_id
@@ -284,10 +284,10 @@ def _evaluate(cfg: Config, model_uri: str, data: str, split: str, out_dir: str |
             raise UserError(f"--data {data}: the {scored_split} split holds no image")
         scored = score_rows(cfg, loaded, rows)
         manifest_sha = file_sha256(manifest)
-    if not len(scored.y_true):
+    if not len(scored.scores):
         raise UserError(f"--data {data}: no image could be decoded")
-    metrics = scored.metrics(scored_split, cfg.eval, loaded.operating_threshold)
-    cell = paths.cell_name(loaded.name, loaded.init, dataset)
+    metrics = scored.scores.summary(scored_split, cfg.eval, loaded.operating_threshold)
+    cell = cell_name(loaded.name, loaded.init, dataset)
     run_id = log_scored(
         cfg, loaded, scored, prefix=scored_split, experiment=dataset,
         run_name=run_name or f"evaluate-{cell}",
@@ -306,4 +306,4 @@ def _evaluate(cfg: Config, model_uri: str, data: str, split: str, out_dir: str |
         atomic_write_text(out / "metrics.json", json_text(metrics))
         write_predictions(out / "predictions.csv", scored.predictions(), SCORE_COLUMNS)
     scored_what = f"the {split} split of dataset {data}" if is_dataset else "a folder, every image"
-    return EvaluateResult(run_id, metrics, len(scored.y_true), scored_what)
+    return EvaluateResult(run_id, metrics, len(scored.scores), scored_what)

@@ -192,11 +192,11 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
     scores = {}
     for s in sets:
         scored = score_rows(cfg, loaded, s.manifest)
-        metrics = scored.metrics("all", cfg.eval, loaded.operating_threshold)
+        metrics = scored.scores.summary("all", cfg.eval, loaded.operating_threshold)
         folder = out.scored_dir(cell.name, s.entry.name)
         write_predictions(folder / "predictions.csv", scored.predictions(s.root))
         atomic_write_text(folder / "metrics.json", json_text(metrics))
-        entry: dict[str, Any] = {"images": len(scored.y_true), "metrics": metrics}
+        entry: dict[str, Any] = {"images": len(scored.scores), "metrics": metrics}
         if log:
             entry["evaluate_run_id"] = log_scored(
                 cfg, loaded, scored, prefix="all", experiment=dataset,
@@ -209,7 +209,7 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
             )
         scores[s.entry.name] = entry
         auc = metrics["all_roc_auc"]
-        say(f"external {cell.name} on {s.entry.name}: {len(scored.y_true)} images; accuracy "
+        say(f"external {cell.name} on {s.entry.name}: {len(scored.scores)} images; accuracy "
             f"{metrics['all_accuracy']:.4f}, ROC AUC {'n/a' if math.isnan(auc) else f'{auc:.4f}'}")
     del loaded
     keras.backend.clear_session()  # the next cell's model starts from a clean graph

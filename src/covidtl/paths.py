@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covidtl import cells
 from covidtl.config import Config
 
 # Class index order of the two-unit softmax head; COVID is the positive class.
@@ -43,12 +42,3 @@ def leakage_path(cfg: Config, dataset: str) -> Path:
 def augmented_dir(cfg: Config, dataset: str) -> Path:
     return dataset_dir(cfg, dataset) / "augmented"
 
-
-def cell_name(model: str, init: str, dataset: str, profile: str = cells.PAPER_PROFILE) -> str:
-    """The study-matrix cell name, as in `train@densenet121-imagenet-ct` (owned by `cells.Cell`)."""
-    return cells.cell_name(model, init, dataset, profile)
-
-
-def cell_dir(model: str, init: str, dataset: str, root: str | Path = cells.MODELS_ROOT,
-             profile: str = cells.PAPER_PROFILE) -> Path:
-    return cells.Cell.of(model, init, dataset, root, profile).dir

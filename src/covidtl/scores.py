@@ -98,14 +98,6 @@ class Scored:
         groups = rows["group"].astype(str).to_numpy() if "group" in rows else None
         return cls(rows, Scores.of(y_true, prob, groups), image_size)
 
-    @property
-    def y_true(self) -> np.ndarray:
-        return self.scores.y_true
-
-    def metrics(self, prefix: str, cfg: EvalConfig, threshold: float | None = None) -> dict[str, float]:
-        """Every metric with its group-bootstrap interval, at 0.5 and at `threshold` (`<prefix>_op_*`)."""
-        return self.scores.summary(prefix, cfg, threshold)
-
     def predictions(self, root: Path | None = None) -> pd.DataFrame:
         """predictions.csv's rows (`covidtl.cells`): the truth, the call at 0.5 and p_covid per image;
         given the dataset's `root`, first each image's path (relative to it) and its group."""

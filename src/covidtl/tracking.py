@@ -30,7 +30,7 @@ from covidtl import locks
 from covidtl.config import Config
 from covidtl.files import file_sha256
 from covidtl.metrics import confusion, report_text
-from covidtl.mlflow_store import project_root, require_server, tracking_uri  # noqa: F401 - where runs go
+from covidtl.mlflow_store import project_root, tracking_uri
 from covidtl.paths import CLASSES, POSITIVE_INDEX
 
 # MLflow logs a store error with its whole traceback before raising it; the CLI then says it in one

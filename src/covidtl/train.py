@@ -65,7 +65,6 @@ class TrainResult:
     metrics: dict[str, float]
     model_path: Path
     train_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class PaperStopRule(keras.callbacks.Callback):
@@ -306,12 +305,6 @@ def stopped(rules: list[PaperStopRule | SelectBest]) -> dict[str, Any]:
             "stopped_by": fired.name if fired else None}
 
 
-def load_split(cfg: Config, dataset: str, split_file: Path | None = None) -> pd.DataFrame:
-    """The dataset's split table (data/<dataset>/split.csv unless another is named), or one line
-    saying how to make it."""
-    return tables.read_split(cfg, dataset, split_file)
-
-
 def rows_of(table: pd.DataFrame, split: str) -> pd.DataFrame:
     return table if split == "all" else table[table["split"] == split]
 
@@ -401,7 +394,7 @@ def plan_run(
     # Fine-tuning moves pre-trained weights: the whole network runs at the lower rate.
     rate = base_rate * cfg.train.finetune_lr_factor if is_finetune(init) else base_rate
     split_file = Path(split_file) if split_file is not None else paths.split_path(cfg, dataset)
-    table = load_split(cfg, dataset, split_file)
+    table = tables.read_split(cfg, dataset, split_file)
     train_rows = rows_of(table, "train")
     if cfg.train.max_train_samples and len(train_rows) > cfg.train.max_train_samples:
         train_rows = train_rows.sample(cfg.train.max_train_samples, random_state=cfg.train.seed)

@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from covidtl import paths, pretrained, tracking
-from covidtl.cells import PAPER_PROFILE, init_label
+from covidtl.cells import PAPER_PROFILE, cell_name, init_label
 from covidtl.config import Config, TuneConfig
 from covidtl.data import tables
 from covidtl.errors import UserError
@@ -113,7 +113,7 @@ class StudyIdentity:
 
     @property
     def name(self) -> str:
-        cell = paths.cell_name(self.model, init_label(self.init), self.dataset)
+        cell = cell_name(self.model, init_label(self.init), self.dataset)
         return f"lr-{cell}-{self.digest}"
 
     @property
@@ -193,7 +193,7 @@ def _differences(made: dict[str, Any], now: dict[str, Any], prefix: str = "") ->
 
 def tuned_path(cfg: Config, model: str, init: str, dataset: str) -> Path:
     """tuned/<model>-<init>-<dataset>.yaml, with `-<profile>` for a profile other than the paper's."""
-    return Path(cfg.tune.out) / f"{paths.cell_name(model, init_label(init), dataset, cfg.profile)}.yaml"
+    return Path(cfg.tune.out) / f"{cell_name(model, init_label(init), dataset, cfg.profile)}.yaml"
 
 
 def _tune_command(cfg: Config, model: str, dataset: str, init: str) -> str:
@@ -567,7 +567,7 @@ def run_study(
     start = time.monotonic()
     tags = {
         "kind": "tune", "model": model, "init": init_label(init), "dataset": dataset,
-        "cell": paths.cell_name(model, init_label(init), dataset),
+        "cell": cell_name(model, init_label(init), dataset),
         "split_strategy": cfg.split.strategy,
         "git_commit": tracking.git_commit(), "manifest_sha256": file_sha256(
             paths.manifest_path(cfg, dataset)), "optuna_study": study.study_name,
