@@ -23,6 +23,7 @@ from covidtl.comparisons import CellPredictions, comparison_table, in_words
 from covidtl.config import Config
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
+from covidtl.metrics import draw_confusion
 from covidtl.scores import with_interval
 
 MODELS_ROOT = "models"  # cells.MODELS_ROOT
@@ -310,17 +311,13 @@ def plot_confusions(table: pd.DataFrame, dataset: str, out: Path, models_root: P
             ax = axes[r][c]
             ax.set_title(f"{model} · {init}", fontsize=8)
             matrix = _confusion(Cell.of(model, init, dataset, models_root))
-            ax.set_xticks([0, 1], ["non", "covid"], fontsize=7)
-            ax.set_yticks([0, 1], ["non", "covid"], fontsize=7)
             if matrix is None:
                 ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
                 ax.set_xticks([]), ax.set_yticks([])
                 continue
-            ax.imshow(matrix, cmap="Blues", vmin=0)
-            high = matrix.values.max() / 2
-            for (i, j), n in matrix.stack().items():
-                color = "white" if n > high else "black"
-                ax.text(paths.CLASSES.index(j), paths.CLASSES.index(i), int(n), ha="center", va="center", color=color)
+            draw_confusion(ax, matrix, labels=["non", "covid"])  # rows and columns in CLASSES order
+            ax.set(xlabel="", ylabel="")  # the grid's own labels say it once
+            ax.tick_params(labelsize=7)
     fig.supxlabel("predicted")
     fig.supylabel("actual")
     fig.tight_layout()

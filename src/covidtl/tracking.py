@@ -29,7 +29,7 @@ import yaml
 from covidtl import locks
 from covidtl.config import Config
 from covidtl.files import file_sha256
-from covidtl.metrics import confusion, report_text
+from covidtl.metrics import confusion, draw_confusion, report_text
 from covidtl.mlflow_store import project_root, tracking_uri
 from covidtl.paths import CLASSES, POSITIVE_INDEX
 
@@ -266,15 +266,8 @@ def curves_and_calibration_figure(scores, title: str = ""):
 
 def confusion_figure(matrix: list[list[int]]):
     fig, ax = plt.subplots(figsize=(4, 3.5))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(CLASSES)), CLASSES)
-    ax.set_yticks(range(len(CLASSES)), CLASSES)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    top = max(max(row) for row in matrix) or 1
-    for i, row in enumerate(matrix):
-        for j, n in enumerate(row):
-            ax.text(j, i, str(n), ha="center", va="center", color="white" if n > top / 2 else "black")
+    draw_confusion(ax, matrix)
+    ax.set(xlabel="predicted", ylabel="actual")
     fig.tight_layout()
     return fig
 
