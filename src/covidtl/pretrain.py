@@ -356,7 +356,7 @@ def _record(cfg: Config, model: str, size: int, used: pd.DataFrame, losses: list
         datasets[name] = {
             "split_file": str(split_file), "split_sha256": file_sha256(split_file),
             "split": "train", "images": int(len(group)),
-            "files": sorted(tables.relative_to_root(p, root) for p in group["path"]),
+            "files": sorted(paths.relative_to_root(p, root) for p in group["path"]),
         }
     return {
         **settings(cfg, model, size),

@@ -17,8 +17,7 @@ import pandas as pd
 from covidtl import stats
 from covidtl.cells import PREDICTION_COLUMNS, SCORE_COLUMNS
 from covidtl.config import EvalConfig
-from covidtl.data import tables
-from covidtl.paths import CLASSES, POSITIVE_INDEX
+from covidtl.paths import CLASSES, POSITIVE_INDEX, relative_to_root
 
 # The metrics also reported at the operating point (threshold chosen on the validation split).
 AT_OPERATING_POINT = (
@@ -112,7 +111,7 @@ class Scored:
         n = min(len(frame), len(self.rows))
         rows = self.rows.iloc[:n]
         return frame.iloc[:n].assign(
-            path=[tables.relative_to_root(p, root) for p in rows["path"]],
+            path=[relative_to_root(p, root) for p in rows["path"]],
             group=rows["group"].to_numpy() if "group" in rows else [""] * n,
         )[list(PREDICTION_COLUMNS)]
 
