@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from covidtl.cells import write_skipped_cell
+from covidtl.cells import Cell
 from covidtl.pretrained import IMAGENET_FILES, unavailable_reason
 
 
@@ -25,7 +25,7 @@ def test_imagenet_cell_is_unavailable_without_the_cached_file(tmp_path, monkeypa
 
 
 def test_skipped_cell_files_and_no_tensorflow_import(tmp_path, monkeypatch):
-    write_skipped_cell(tmp_path / "cell", "no weights here")
+    Cell(tmp_path / "cell").write_skipped("no weights here")
     assert json.loads((tmp_path / "cell" / "metrics.json").read_text()) == {
         "status": "skipped", "reason": "no weights here"}
     assert (tmp_path / "cell" / "model" / "SKIPPED.txt").read_text().strip() == "no weights here"

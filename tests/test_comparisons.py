@@ -9,19 +9,19 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from covidtl.comparisons import Scored, comparison_table, pairs
+from covidtl.comparisons import CellPredictions, comparison_table, pairs
 from covidtl.config import load_config
 from helpers_train import ROOT_PARAMS, make_workdir
 
 EVAL = load_config(ROOT_PARAMS).eval
 
 
-def _cell(model: str, init: str, p_covid, y, groups, dataset="ct") -> Scored:
+def _cell(model: str, init: str, p_covid, y, groups, dataset="ct") -> CellPredictions:
     frame = pd.DataFrame({
         "path": [f"img{i}.png" for i in range(len(y))], "group": groups,
         "actual": np.where(np.asarray(y) == 1, "covid", "non_covid"), "p_covid": p_covid,
     })
-    return Scored(dataset, model, init, frame)
+    return CellPredictions(dataset, model, init, frame)
 
 
 def test_pairs_are_model_vs_custom_cnn_and_pretrained_vs_random():

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from covidtl import tracking
-from covidtl.cells import write_skipped_cell
+from covidtl.cells import Cell
 from covidtl.cli import main
 from covidtl.config import ExternalSet
 from helpers_train import make_workdir, write_images
@@ -43,7 +43,7 @@ def study(tmp_path_factory):
         })
         result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "models" / "custom_cnn-random-tiny",
                        log_model=False)
-    write_skipped_cell(tmp / "models" / "vgg16-random-tiny", "no weights here")
+    Cell(tmp / "models" / "vgg16-random-tiny").write_skipped("no weights here")
     (tmp / "params.yaml").write_text(tracking.config_yaml(cfg))  # a complete params file
     return tmp, result, uri
 

@@ -1,4 +1,5 @@
-"""Test metrics: scikit-learn's definitions, micro averages equal accuracy, AUC edge cases."""
+"""Test metrics (stats.metrics_at, what every score uses): scikit-learn's definitions, micro averages
+equal accuracy, AUC edge cases; the confusion matrix and report (covidtl.metrics)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from covidtl.metrics import classification_metrics, confusion, report_text
+from covidtl.metrics import confusion, report_text
 from covidtl.paths import CLASSES
+from covidtl.stats import metrics_at
 
 
 def probs_for(pred: np.ndarray, rng) -> np.ndarray:
@@ -21,7 +23,7 @@ def test_per_class_and_averages_follow_the_confusion_counts():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 200)
     pred = np.where(rng.uniform(size=200) < 0.8, y, 1 - y)
-    m = classification_metrics(y, probs_for(pred, rng))
+    m = metrics_at(y, probs_for(pred, rng))
     covid, non = CLASSES.index("covid"), CLASSES.index("non_covid")
     tp = np.sum((pred == covid) & (y == covid))
     fp = np.sum((pred == covid) & (y == non))
@@ -44,13 +46,13 @@ def test_per_class_and_averages_follow_the_confusion_counts():
 
 def test_auc_ranks_covid_probability():
     y = np.array([0, 0, 1, 1])
-    perfect = classification_metrics(y, np.array([[0.9, 0.1], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8]]))
-    inverted = classification_metrics(y, np.array([[0.1, 0.9], [0.4, 0.6], [0.6, 0.4], [0.8, 0.2]]))
+    perfect = metrics_at(y, np.array([[0.9, 0.1], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8]]))
+    inverted = metrics_at(y, np.array([[0.1, 0.9], [0.4, 0.6], [0.6, 0.4], [0.8, 0.2]]))
     assert perfect["roc_auc"] == 1.0 and inverted["roc_auc"] == 0.0
 
 
 def test_one_class_set_has_undefined_auc_not_a_crash():
-    m = classification_metrics(np.array([1, 1, 1]), np.array([[0.2, 0.8], [0.7, 0.3], [0.1, 0.9]]))
+    m = metrics_at(np.array([1, 1, 1]), np.array([[0.2, 0.8], [0.7, 0.3], [0.1, 0.9]]))
     assert math.isnan(m["roc_auc"])
     assert m["recall_covid"] == pytest.approx(2 / 3)
     assert m["precision_non_covid"] == 0.0  # no non-COVID image: zero_division, not an error

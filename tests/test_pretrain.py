@@ -103,8 +103,8 @@ def test_init_pretrained_is_the_file_pretrain_wrote_with_these_params(pretrained
 
     from mlflow.tracking import MlflowClient
 
-    from covidtl import tracking
     from covidtl.cv import cross_validate
+    from covidtl.files import file_sha256
     from covidtl.train import train
 
     cfg, _, result, _, tmp = pretrained
@@ -117,7 +117,7 @@ def test_init_pretrained_is_the_file_pretrain_wrote_with_these_params(pretrained
                 log_model=False)
     params = MlflowClient().get_run(run.run_id).data.params
     assert params["init"] == "pretrained" and params["init_file"] == str(result.weights_file)
-    assert params["init_sha256"] == tracking.file_sha256(result.weights_file)
+    assert params["init_sha256"] == file_sha256(result.weights_file)
     assert (init_label("pretrained"), init_label("finetune:pretrained")) == ("pretrained", "finetune-pretrained")
     with pytest.raises(UserError, match="pretrain inside each fold"):  # the file's own leak check
         cross_validate(with_out(tmp / "out"), "custom_cnn", "pretrained", "tiny", out_root=tmp / "cv-named")

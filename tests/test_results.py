@@ -94,7 +94,7 @@ def test_comparisons_are_holm_corrected_and_refuse_other_folds(cv_runs, tmp_path
     np.testing.assert_array_equal(table["p_holm"], stats.holm(table["p_bootstrap"].to_numpy(float)))
     # Each p is the paired patient bootstrap of the AUC difference on the joined predictions.
     good = table.set_index(["recipe", "baseline"]).loc[("vgg16-imagenet-ct", "custom_cnn-random-ct")]
-    both = paired(cv.read_predictions(dirs["good"]), cv.read_predictions(dirs["base"]))
+    both = paired(*(results.CVRun(dirs[d], {}).predictions() for d in ("good", "base")))
     expected = stats.paired_difference(both.y, both.pa, both.pb, both.groups, metric="roc_auc", resamples=200,
                                        confidence=cfg.eval.confidence, seed=cfg.eval.seed)
     assert (good["difference"], good["p_bootstrap"]) == (expected.difference, expected.p_value)

@@ -1,8 +1,11 @@
-"""Model cards: what a trained cell is, how good it is with intervals, and where it fails.
+"""Model cards: what a trained model is, how good it is with intervals, and where it fails.
 
-Assembled by the report, where every input exists (the cell's card.json and test metrics, the
-split's leakage report, the external test sets' scores); written to `reports/cards/<cell>.json`
-and `.md`. The failure modes are the study's own measurements, stated as findings.
+Two cards, both built here with one intended-use text. card.json, beside each model.keras:
+what evaluate, predict and the external sets need to score the model, and what it is
+(`training_card`, `ensemble_card`). The report's card, assembled where every input exists (the
+cell's card.json and test metrics, the split's leakage report, the external test sets'
+scores): written to `reports/cards/<cell>.json` and `.md` (`model_card`). The failure modes
+are the study's own measurements, stated as findings.
 """
 
 from __future__ import annotations
@@ -10,14 +13,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from covidtl import paths
+from covidtl import paths, pretrained, tracking
 from covidtl.cells import Cell
 from covidtl.config import Config
 from covidtl.files import atomic_path, atomic_write_text, json_text
 from covidtl.probe import read_verdict
-from covidtl.scores import with_interval
+from covidtl.scores import DEFAULT_THRESHOLD, with_interval
+
+if TYPE_CHECKING:  # types only: training and the ensemble import this module
+    from covidtl.ensemble import Member
+    from covidtl.frozen import FrozenTraining
+    from covidtl.train import Fitted, Plan
 
 INTENDED_USE = (
     "Research only: not a diagnostic device. It has not been validated for clinical use; its "
@@ -114,6 +122,47 @@ def model_card(
                     for v in probe.get("variants", [])},
         },
         "failure_modes": failure_modes(cfg, dataset, metrics, external, row.get("split_strategy", ""), probe),
+    }
+
+
+def training_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any],
+                  frozen: FrozenTraining | None = None) -> dict[str, Any]:
+    """card.json beside model.keras: what evaluate and predict need, and what the model is."""
+    trained_on = {}
+    if frozen is not None:  # which part was frozen and stored, and how many copies each image had
+        trained_on["frozen_part"] = {"cut": frozen.parts.cut, "feature_view": frozen.clean_view.digest(),
+                                     "feature_copies": plan.cfg.train.feature_copies}
+    provenance = pretrained.provenance(plan.model, plan.build_init)
+    if provenance:  # the exact ImageNet or weights file it started from, and where that came from
+        trained_on["init_weights"] = provenance
+    return {
+        "model": plan.model, "init": plan.init, "dataset": plan.dataset,
+        "image_size": plan.image_size, "preprocessing": plan.cfg.train.preprocessing,
+        "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
+        "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
+        "epochs_used": fitted.epochs_used, "run_id": run_id, **plan.run_on,
+        "run_eagerly_used": plan.run_eagerly,
+        # The weights are this epoch's: the last (the paper) or the best by `selected_by`.
+        "selected_by": fitted.selected_by, "best_epoch": fitted.best_epoch,
+        "tta": plan.cfg.train.tta,  # the saved model averages over these views itself
+        # Read by everything that scores this model: evaluate, predict, the external sets.
+        "operating_point": operating,
+        "head": plan.cfg.train.head, "unfreeze_after": plan.cfg.train.unfreeze_after,
+        **trained_on, **fitted.about,
+        "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
+    }
+
+
+def ensemble_card(members: list[Member], dataset: str, operating: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """card.json beside the ensemble's model.keras: what evaluate and predict need, and its members."""
+    first = members[0]
+    return {
+        "kind": "ensemble", "model": first.loaded.name, "init": "ensemble", "dataset": dataset,
+        "image_size": first.size, "preprocessing": first.loaded.preprocessing,
+        "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
+        "members": [m.about() for m in members], "tta": "none",  # members keep their own TTA
+        "operating_point": operating or {"threshold": DEFAULT_THRESHOLD},
+        "run_id": run_id, "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
     }
 
 

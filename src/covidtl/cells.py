@@ -12,25 +12,30 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from covidtl.errors import UserError
 from covidtl.files import atomic_path, atomic_write_text, json_text
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 EPOCH_METRICS = ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc")
 MODEL_DIR = "model"  # models/<cell>/model/: model.keras + card.json, or SKIPPED.txt
 MODELS_ROOT = "models"
+# predictions.csv, one row per scored image, written and read here only (`write_predictions`,
+# `read_predictions`). Its columns where it lies:
+#   models/<cell>/, external/<dataset>/<cell>/<set>/   PREDICTION_COLUMNS
+#   cv/<dataset>/<cell>/                               CV_PREDICTION_COLUMNS: the fold that held the image out, first
+#   `covidtl evaluate --out` and its MLflow run        SCORE_COLUMNS: no path or group
 PREDICTION_COLUMNS = ("path", "group", "actual", "predicted", "p_covid")
+CV_PREDICTION_COLUMNS = ("fold", *PREDICTION_COLUMNS)
+SCORE_COLUMNS = ("actual", "predicted", "p_covid")
 # `pretrained`: the file `covidtl pretrain --model M` writes with the run's params (its
 # pretrain.out); like a PATH, and `finetune:pretrained` like finetune:PATH. Or a path to a weights file.
 PRETRAINED = "pretrained"
 INITS = ("random", "imagenet", "finetune", PRETRAINED)
 PAPER_PROFILE = "paper"  # params.yaml `profile`: the paper's protocol; cells of another are suffixed
-
-
-def write_skipped_cell(out: Path, reason: str) -> None:
-    """A skipped cell's files: DVC finds every output, the report shows the cell as skipped."""
-    Cell(Path(out)).write_skipped(reason)
 
 
 # --------------------------------------------------------------------------- the cell's files
@@ -173,7 +178,7 @@ class Cell:
         *,
         metrics: dict[str, Any],
         history: dict[str, list[float]],
-        predictions: list[dict[str, Any]] | None,
+        predictions: pd.DataFrame | None,
         config_yaml: str,
         card: dict[str, Any],
     ) -> None:
@@ -189,7 +194,7 @@ class Cell:
         atomic_write_text(self.history_file, _csv(("epoch", *EPOCH_METRICS), rows))
         # Header only when no test image was scored: an older run's rows never stay beside this
         # model, and DVC finds the plot it declares.
-        atomic_write_text(self.predictions_file, _csv(PREDICTION_COLUMNS, predictions or []))
+        write_predictions(self.predictions_file, predictions)
         atomic_write_text(self.metrics_file, json_text(metrics))
 
     def save_figure(self, figure, path: Path) -> Path:
@@ -233,12 +238,13 @@ class Cell:
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     def write_skipped(self, reason: str) -> None:
+        """A skipped cell's files: DVC finds every output, the report shows the cell as skipped."""
         self.begin()
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.model_file.unlink(missing_ok=True)
         self.card_file.unlink(missing_ok=True)
         atomic_write_text(self.model_dir / "SKIPPED.txt", reason + "\n")
-        atomic_write_text(self.predictions_file, _csv(PREDICTION_COLUMNS, []))
+        write_predictions(self.predictions_file, None)
         atomic_write_text(self.history_file, _csv(("epoch", *EPOCH_METRICS), []))
         atomic_write_text(self.metrics_file, json.dumps({"status": "skipped", "reason": reason}, indent=2) + "\n")
 
@@ -252,14 +258,9 @@ class Cell:
             return None
         return data if isinstance(data, dict) else None
 
-    def read_predictions(self):
+    def read_predictions(self) -> pd.DataFrame:
         """predictions.csv as a table (paths as stored: relative to the dataset root)."""
-        import pandas as pd
-
-        try:
-            return pd.read_csv(self.predictions_file, dtype={"path": str, "group": str})
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{self.predictions_file}: unreadable ({exc}); train the cell again") from None
+        return read_predictions(self.predictions_file, "train the cell again")
 
     def read_checkpoint(self) -> tuple[dict[str, Any], Path | None] | None:
         """The last completed epoch's state and model file (None before the first epoch ends),
@@ -287,6 +288,30 @@ class Cell:
         """The MLflow run that produced this cell's result (None if skipped or missing)."""
         metrics = self.read_metrics() or {}
         return metrics.get("run_id") or None
+
+
+def predictions_csv(predictions: pd.DataFrame | None, columns: tuple[str, ...] = PREDICTION_COLUMNS) -> str:
+    """predictions.csv's text: `columns` of the table (quoted where needed: file names hold commas
+    and brackets; NaN as empty); None: the header alone (no image scored, a skipped cell)."""
+    if predictions is None:
+        return ",".join(columns) + "\n"
+    return predictions[list(columns)].to_csv(index=False, lineterminator="\n")
+
+
+def write_predictions(path: Path, predictions: pd.DataFrame | None,
+                      columns: tuple[str, ...] = PREDICTION_COLUMNS) -> Path:
+    """One predictions.csv, whole or not at all (the columns of its place: see PREDICTION_COLUMNS)."""
+    return atomic_write_text(path, predictions_csv(predictions, columns))
+
+
+def read_predictions(path: Path, fix: str) -> pd.DataFrame:
+    """A predictions.csv of any place (path and group as text), or one line naming it and `fix`."""
+    import pandas as pd  # here, not at the top: a skipped cell is written without pandas
+
+    try:
+        return pd.read_csv(path, dtype={"path": str, "group": str})
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({exc}); {fix}") from None
 
 
 def _csv(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:

@@ -28,7 +28,7 @@ COLUMNS = [
 
 
 @dataclass(frozen=True)
-class Scored:
+class CellPredictions:
     """One cell's test predictions, as the report reads them."""
 
     dataset: str
@@ -41,7 +41,7 @@ class Scored:
         return f"{self.model}-{self.init}"
 
 
-def pairs(cells: list[Scored]) -> list[tuple[Scored, Scored, str]]:
+def pairs(cells: list[CellPredictions]) -> list[tuple[CellPredictions, CellPredictions, str]]:
     """(a, b, question) for each comparison the paper's claims need, within one dataset."""
     by_key = {(c.dataset, c.model, c.init): c for c in cells}
     out = []
@@ -78,7 +78,7 @@ def resamples(cfg: EvalConfig) -> int:
     return cfg.bootstrap or 2000  # a comparison without an interval says nothing
 
 
-def compare(a: Scored, b: Scored, question: str, cfg: EvalConfig) -> list[dict]:
+def compare(a: CellPredictions, b: CellPredictions, question: str, cfg: EvalConfig) -> list[dict]:
     """Accuracy (paired bootstrap) and ROC AUC (DeLong, bootstrap interval) of a minus b."""
     both = paired(a.predictions, b.predictions)
     if both.joined.empty:
@@ -103,7 +103,7 @@ def compare(a: Scored, b: Scored, question: str, cfg: EvalConfig) -> list[dict]:
     return rows
 
 
-def comparison_table(cells: list[Scored], cfg: EvalConfig) -> pd.DataFrame:
+def comparison_table(cells: list[CellPredictions], cfg: EvalConfig) -> pd.DataFrame:
     """Every comparison, Holm-adjusted across all of them."""
     rows = [row for a, b, question in pairs(cells) for row in compare(a, b, question, cfg)]
     table = pd.DataFrame(rows, columns=COLUMNS)

@@ -35,11 +35,19 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from covidtl import locks, paths, tracking
-from covidtl.cells import FINETUNE_PREFIX, PREDICTION_COLUMNS, Cell, cell_name, init_file, is_finetune
+from covidtl.cells import (
+    CV_PREDICTION_COLUMNS,
+    FINETUNE_PREFIX,
+    Cell,
+    cell_name,
+    init_file,
+    is_finetune,
+    write_predictions,
+)
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text, json_text
+from covidtl.files import atomic_write_text, file_sha256, json_text
 from covidtl.scores import Scores
 
 # The figures summarised across folds (each fold's test split, at 0.5 and at its operating point).
@@ -156,6 +164,7 @@ def cross_validate(
 # --------------------------------------------------------------------------- resuming
 
 
+REWRITE = "run the same cv command again to rewrite it"  # the fix for a damaged file of a cv run
 STATE_FILE = "cv_state.json"  # cv/<dataset>/<cell>/cv_state.json: the parent run and its settings
 COST_FILE = "cost.json"  # fold-<k>/cost.json: what the fold cost (FoldClock)
 
@@ -163,7 +172,7 @@ COST_FILE = "cost.json"  # fold-<k>/cost.json: what the fold cost (FoldClock)
 def cv_digest(cfg: Config, model: str, init: str, dataset: str, lr: float | None) -> str:
     """What must not change for a rerun to continue the same parent run: the settings and data."""
     parts = [tracking.settings_yaml(cfg), model, init, dataset, repr(lr),
-             tracking.file_sha256(paths.manifest_path(cfg, dataset))]
+             file_sha256(paths.manifest_path(cfg, dataset))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -361,8 +370,7 @@ def patient_scores(pooled: pd.DataFrame) -> tuple[Scores, int]:
     by_group = pd.DataFrame({"group": pooled["group"].astype(str), "covid": covid,
                              "p_covid": pooled["p_covid"].astype(float)}).groupby("group", sort=True)
     share = by_group["covid"].mean()
-    positive = paths.CLASSES.index(paths.POSITIVE)
-    y_index = np.where(share.to_numpy() >= 0.5, positive, 1 - positive)
+    y_index = np.where(share.to_numpy() >= 0.5, paths.POSITIVE_INDEX, 1 - paths.POSITIVE_INDEX)
     mixed = int(((share > 0) & (share < 1)).sum())
     return Scores.of(y_index, by_group["p_covid"].mean().to_numpy(), share.index.to_numpy()), mixed
 
@@ -375,7 +383,7 @@ def write(out: Path, per_fold: pd.DataFrame, pooled: pd.DataFrame, summary: dict
     """folds.csv and predictions.csv first, summary.json last: its presence means a complete run."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "folds.csv", per_fold.to_csv(index=False))
-    atomic_write_text(out / "predictions.csv", pooled[["fold", *PREDICTION_COLUMNS]].to_csv(index=False))
+    write_predictions(out / "predictions.csv", pooled, CV_PREDICTION_COLUMNS)
     atomic_write_text(out / "summary.json", json_text(summary))
 
 
@@ -388,19 +396,10 @@ def read_summary(out: str | Path) -> dict[str, Any]:
         raise UserError(f"{out}: no summary.json, not a finished `covidtl cv` run; give "
                         "cv/<dataset>/<cell> (or run the same cv command again to finish it)") from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable ({exc}); run the same cv command again to rewrite it") from None
+        raise UserError(f"{path}: unreadable ({exc}); {REWRITE}") from None
     if not isinstance(summary, dict) or "dataset" not in summary:
-        raise UserError(f"{path}: not a cv summary (no dataset); run the same cv command again to rewrite it")
+        raise UserError(f"{path}: not a cv summary (no dataset); {REWRITE}")
     return summary
-
-
-def read_predictions(out: str | Path) -> pd.DataFrame:
-    """A cv run's predictions.csv: every image (path as stored), its fold and out-of-fold p_covid."""
-    path = Path(out) / "predictions.csv"
-    try:
-        return pd.read_csv(path, dtype={"path": str, "group": str})
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable ({exc}); run the same cv command again to rewrite it") from None
 
 
 def _counts(table: pd.DataFrame) -> str:

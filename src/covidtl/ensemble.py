@@ -25,16 +25,18 @@ import numpy as np
 import pandas as pd
 
 from covidtl import paths, tracking
-from covidtl.cells import Cell
+from covidtl.cards import ensemble_card
+from covidtl.cells import Cell, read_predictions
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, readable_rows
 from covidtl.errors import UserError
 from covidtl.evaluate import LoadedModel, load_trained, score_rows, scoring_config
+from covidtl.files import file_sha256
 from covidtl.models.registry import get_spec, preprocess_for
 from covidtl.models.wrappers import ensemble_of, tta_of
-from covidtl.scores import DEFAULT_THRESHOLD, choose_operating_point
-from covidtl.train import INTENDED_USE, Scored, example_batch
+from covidtl.scores import choose_operating_point
+from covidtl.train import example_batch
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -149,12 +151,12 @@ def build_ensemble(
         table = tables.read_split(cfg, dataset)
         val_rows, test_rows = table[table["split"] == "val"], table[table["split"] == "test"]
         val = score_rows(cfg, loaded, val_rows) if len(val_rows) else None
-        operating = choose_operating_point(val.scores() if val else None, cfg.eval.operating_point)
+        operating = choose_operating_point(val.scores if val else None, cfg.eval.operating_point)
         scored = score_rows(cfg, loaded, test_rows) if len(test_rows) else None
         example_rows = val_rows if len(val_rows) else test_rows
     say(f"ensemble of {len(members)} on {dataset}: threshold {operating['threshold']:.4g} "
         f"(chosen on: {operating['chosen_on']})")
-    metrics = scored.metrics("test", cfg.eval, operating["threshold"]) if scored else {}
+    metrics = scored.scores.summary("test", cfg.eval, operating["threshold"]) if scored else {}
 
     cell = Cell(Path(out_dir))
     cell.begin()
@@ -165,7 +167,7 @@ def build_ensemble(
             "model": first.name, "init": "ensemble", "dataset": dataset, "kind": "ensemble",
             "members": ",".join(m.loaded.source_run_id or m.source for m in members),
             "git_commit": tracking.git_commit(),
-            "manifest_sha256": tracking.file_sha256(paths.manifest_path(cfg, dataset)),
+            "manifest_sha256": file_sha256(paths.manifest_path(cfg, dataset)),
             **tracking.experiment_tags(),
         })
         tracking.log_config(cfg)
@@ -174,8 +176,8 @@ def build_ensemble(
         mlflow.log_metric("operating_threshold", operating["threshold"])
         if scored is not None:
             tracking.log_metrics(metrics)
-            tracking.log_evaluation(scored.y_true, scored.prob, prefix="test")
-            tracking.log_curves(scored.scores(), prefix="test")
+            tracking.log_evaluation(scored.scores.y_true, scored.scores.p_covid, prefix="test")
+            tracking.log_curves(scored.scores, prefix="test")
         card = ensemble_card(members, dataset, operating, run_id)
         model_path = cell.save_model(model.save)
         root = tables.dataset_root(cfg, dataset)
@@ -183,7 +185,7 @@ def build_ensemble(
             metrics={"status": "ok", **metrics, "operating_threshold": operating["threshold"],
                      "run_id": run_id, "members": len(members)},
             history={},
-            predictions=Scored(scored.rows, scored.scores()).prediction_rows(root) if scored else None,
+            predictions=scored.predictions(root) if scored else None,
             config_yaml=tracking.config_yaml(cfg),
             card=card,
         )
@@ -207,23 +209,10 @@ def input_example(cfg: Config, loaded: LoadedModel, dataset: str, size: int,
 def cv_operating_point(cfg: Config, cv_dir: str | Path) -> dict[str, Any]:
     """The threshold the rule picks on the cv run's pooled out-of-fold predictions: each image
     scored by the one fold that never saw it (no ensemble output exists for unseen data)."""
-    from covidtl.cv import pooled_scores
+    from covidtl.cv import REWRITE, pooled_scores
 
-    pooled = pd.read_csv(Path(cv_dir) / "predictions.csv", dtype={"group": str})
+    pooled = read_predictions(Path(cv_dir) / "predictions.csv", REWRITE)
     chosen = choose_operating_point(pooled_scores(pooled), cfg.eval.operating_point)
     if chosen["chosen_on"] == "validation":
         chosen["chosen_on"] = "the cv run's pooled out-of-fold predictions"
     return chosen
-
-
-def ensemble_card(members: list[Member], dataset: str, operating: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """card.json beside the ensemble's model.keras: what evaluate and predict need, and its members."""
-    first = members[0]
-    return {
-        "kind": "ensemble", "model": first.loaded.name, "init": "ensemble", "dataset": dataset,
-        "image_size": first.size, "preprocessing": first.loaded.preprocessing,
-        "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
-        "members": [m.about() for m in members], "tta": "none",  # members keep their own TTA
-        "operating_point": operating or {"threshold": DEFAULT_THRESHOLD},
-        "run_id": run_id, "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
-    }

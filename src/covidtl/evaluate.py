@@ -18,19 +18,18 @@ from typing import Callable
 
 import keras
 import mlflow
-import numpy as np
 import pandas as pd
 
 from covidtl import locks, paths, tracking
-from covidtl.cells import Cell
-from covidtl.config import Config, DatasetConfig, EvalConfig
+from covidtl.cells import SCORE_COLUMNS, Cell, cell_name, predictions_csv, write_predictions
+from covidtl.config import Config, DatasetConfig
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, readable_rows
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text, json_text
+from covidtl.files import atomic_write_text, file_sha256, json_text
 from covidtl.models.registry import MODELS, get_spec
 from covidtl.models.wrappers import tta_of, with_tta  # also registers the wrappers' layers for loading
-from covidtl.scores import Scores
+from covidtl.scores import Scored
 from covidtl.train import predict, rows_of
 
 SPLITS = ("test", "val", "train", "all")
@@ -203,31 +202,6 @@ def load_rows(
     return result.manifest, name, paths.manifest_path(on_the_fly, name), False
 
 
-@dataclass
-class Scored:
-    """A model's outputs on a table of images, aligned row by row."""
-
-    rows: pd.DataFrame  # the images scored, in order (unreadable files dropped)
-    y_true: np.ndarray
-    prob: np.ndarray
-    image_size: int
-
-    def scores(self) -> Scores:
-        groups = self.rows["group"].astype(str).to_numpy() if "group" in self.rows else None
-        return Scores.of(self.y_true, self.prob, groups)
-
-    def metrics(self, prefix: str, cfg: EvalConfig, threshold: float | None = None) -> dict[str, float]:
-        """Every metric with its group-bootstrap interval, at 0.5 and at `threshold` (`<prefix>_op_*`)."""
-        return self.scores().summary(prefix, cfg, threshold)
-
-    def predictions(self) -> pd.DataFrame:
-        return pd.DataFrame({
-            "actual": [paths.CLASSES[i] for i in self.y_true],
-            "predicted": [paths.CLASSES[i] for i in self.prob.argmax(axis=1)],
-            "p_covid": self.prob[:, paths.CLASSES.index(paths.POSITIVE)],
-        })
-
-
 def scoring_config(cfg: Config, loaded: LoadedModel) -> Config:
     """Score with the preprocessing the model was trained with, whatever params.yaml says now."""
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, preprocessing=loaded.preprocessing))
@@ -243,7 +217,7 @@ def score_rows(cfg: Config, loaded: LoadedModel, rows: pd.DataFrame) -> Scored:
         # A file that passed PIL's check but not TensorFlow's decode was dropped: rows no longer align.
         raise UserError(f"{len(rows) - len(y_true)} of {len(rows)} images could not be decoded; "
                         "run `covidtl ingest` on their folder to find and quarantine them")
-    return Scored(rows.reset_index(drop=True), y_true, prob, size)
+    return Scored.of(rows.reset_index(drop=True), y_true, prob, size)
 
 
 def log_scored(
@@ -266,13 +240,13 @@ def log_scored(
             **tracking.experiment_tags(), **tags,
         })
         tracking.log_config(scoring_config(cfg, loaded))
-        mlflow.log_params({**params, "images": len(scored.y_true), "image_size": scored.image_size})
-        tracking.log_metrics(scored.metrics(prefix, cfg.eval, loaded.operating_threshold))
+        mlflow.log_params({**params, "images": len(scored.scores), "image_size": scored.image_size})
+        tracking.log_metrics(scored.scores.summary(prefix, cfg.eval, loaded.operating_threshold))
         if loaded.operating_threshold is not None:
             mlflow.log_metric("operating_threshold", loaded.operating_threshold)
-        tracking.log_evaluation(scored.y_true, scored.prob, prefix=prefix)
-        tracking.log_curves(scored.scores(), prefix=prefix)
-        mlflow.log_text(scored.predictions().to_csv(index=False), "predictions.csv")
+        tracking.log_evaluation(scored.scores.y_true, scored.scores.p_covid, prefix=prefix)
+        tracking.log_curves(scored.scores, prefix=prefix)
+        mlflow.log_text(predictions_csv(scored.predictions(), SCORE_COLUMNS), "predictions.csv")
     return run.info.run_id
 
 
@@ -309,11 +283,11 @@ def _evaluate(cfg: Config, model_uri: str, data: str, split: str, out_dir: str |
         if rows.empty:
             raise UserError(f"--data {data}: the {scored_split} split holds no image")
         scored = score_rows(cfg, loaded, rows)
-        manifest_sha = tracking.file_sha256(manifest)
-    if not len(scored.y_true):
+        manifest_sha = file_sha256(manifest)
+    if not len(scored.scores):
         raise UserError(f"--data {data}: no image could be decoded")
-    metrics = scored.metrics(scored_split, cfg.eval, loaded.operating_threshold)
-    cell = paths.cell_name(loaded.name, loaded.init, dataset)
+    metrics = scored.scores.summary(scored_split, cfg.eval, loaded.operating_threshold)
+    cell = cell_name(loaded.name, loaded.init, dataset)
     run_id = log_scored(
         cfg, loaded, scored, prefix=scored_split, experiment=dataset,
         run_name=run_name or f"evaluate-{cell}",
@@ -330,6 +304,6 @@ def _evaluate(cfg: Config, model_uri: str, data: str, split: str, out_dir: str |
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.json", json_text(metrics))
-        atomic_write_text(out / "predictions.csv", scored.predictions().to_csv(index=False))
+        write_predictions(out / "predictions.csv", scored.predictions(), SCORE_COLUMNS)
     scored_what = f"the {split} split of dataset {data}" if is_dataset else "a folder, every image"
-    return EvaluateResult(run_id, metrics, len(scored.y_true), scored_what)
+    return EvaluateResult(run_id, metrics, len(scored.scores), scored_what)

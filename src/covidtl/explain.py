@@ -24,11 +24,11 @@ from covidtl.errors import UserError
 from covidtl.models.input_layers import BodyCrop
 from covidtl.files import atomic_path
 from covidtl.models.wrappers import networks_of
-from covidtl.paths import CLASSES, POSITIVE
+from covidtl.paths import CLASSES, POSITIVE_INDEX, p_covid
+from covidtl.stats import covid_probability
 
 log = logging.getLogger(__name__)
 CONV_LAYERS = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
-POSITIVE_INDEX = CLASSES.index(POSITIVE)
 # The sample figure's rows: (short name, title, true class is covid, predicted covid).
 KINDS = (
     ("TP", "true positives", True, True),
@@ -274,7 +274,7 @@ def explain_files(
         raw = np.stack([image for _, _, image in batch])
         explained = cam(preprocess(raw.copy()), class_index)
         for (result, name, image), heat, prob in zip(batch, explained.heatmaps, explained.probs):
-            result.p_covid = float(prob[POSITIVE_INDEX])
+            result.p_covid = float(p_covid(prob))
             result.predicted = CLASSES[int(np.argmax(prob))]
             result.output = write_png(out / name, overlay(image.round().astype("uint8"), heat))
     return results
@@ -287,10 +287,9 @@ def sample_indices(
     y_true, prob, n_per_kind: int = 2, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Up to n row indices per kind (TP, FP, TN, FN), drawn with a fixed seed."""
-    y_true = np.asarray(y_true).astype(int)
-    p_covid = positive_probability(prob)
+    y_true, p = covid_probability(y_true, prob)
     is_covid = y_true == POSITIVE_INDEX
-    said_covid = p_covid >= 0.5
+    said_covid = p >= 0.5
     rng = np.random.default_rng(seed)
     chosen = {}
     for short, _, truth, said in KINDS:
@@ -298,12 +297,6 @@ def sample_indices(
         k = min(n_per_kind, len(rows))
         chosen[short] = np.sort(rng.choice(rows, size=k, replace=False)) if k else rows[:0]
     return chosen
-
-
-def positive_probability(prob) -> np.ndarray:
-    """p_covid from softmax rows (n, 2) or from p_covid itself (n,)."""
-    prob = np.asarray(prob, dtype="float64")
-    return prob[:, POSITIVE_INDEX] if prob.ndim == 2 else prob
 
 
 def sample_figure(
@@ -326,7 +319,7 @@ def sample_figure(
         raise ValueError(f"rows ({len(rows)}), y_true ({len(y_true)}) and prob ({len(prob)}) "
                          "must describe the same images")
     chosen = sample_indices(y_true, prob, n_per_kind, seed)
-    p_covid = positive_probability(prob)
+    _, p = covid_probability(y_true, prob)
     cam = GradCam(model)
     cols = max(1, n_per_kind)
     fig = Figure(figsize=(2.6 * cols, 2.8 * len(KINDS)), layout="constrained")
@@ -343,7 +336,7 @@ def sample_figure(
             if c < len(images):
                 ax.imshow(overlay(images[c].round().astype("uint8"), heat[c]))
                 i = picked[c]
-                ax.set_title(f"{short} · p_covid {p_covid[i]:.2f}\n{Path(paths[i]).name[:28]}",
+                ax.set_title(f"{short} · p_covid {p[i]:.2f}\n{Path(paths[i]).name[:28]}",
                              fontsize=8)
             elif c == 0:
                 ax.text(0.5, 0.5, f"no {title}", ha="center", va="center", fontsize=9)

@@ -26,15 +26,14 @@ from typing import Any
 
 import pandas as pd
 
-from covidtl import locks, paths, tracking
-from covidtl.cells import MODELS_ROOT, Cell
+from covidtl import locks, paths
+from covidtl.cells import MODELS_ROOT, Cell, write_predictions
 from covidtl.config import Config, DatasetConfig, ExternalSet
 from covidtl.data import ingest, tables
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text, json_text
+from covidtl.files import atomic_write_text, file_sha256, json_text
 
 EXTERNAL_ROOT = "external"
-PREDICTION_COLUMNS = ["path", "group", "actual", "predicted", "p_covid"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class IngestedSet:
             "path": self.entry.path, "series": self.entry.series, "images": len(self.manifest),
             "classes": {c: int(classes.get(c, 0)) for c in paths.CLASSES},
             "groups": int(self.manifest["group"].nunique()), "quarantined": len(self.quarantine),
-            "manifest_sha256": tracking.file_sha256(paths.manifest_path(self.cfg, self.entry.name)),
+            "manifest_sha256": file_sha256(paths.manifest_path(self.cfg, self.entry.name)),
         }
 
 
@@ -193,15 +192,11 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
     scores = {}
     for s in sets:
         scored = score_rows(cfg, loaded, s.manifest)
-        metrics = scored.metrics("all", cfg.eval, loaded.operating_threshold)
-        predictions = scored.predictions().assign(
-            path=[tables.relative_to_root(p, s.root) for p in scored.rows["path"]],
-            group=scored.rows["group"].to_numpy(),
-        )[PREDICTION_COLUMNS]
+        metrics = scored.scores.summary("all", cfg.eval, loaded.operating_threshold)
         folder = out.scored_dir(cell.name, s.entry.name)
-        atomic_write_text(folder / "predictions.csv", predictions.to_csv(index=False))
+        write_predictions(folder / "predictions.csv", scored.predictions(s.root))
         atomic_write_text(folder / "metrics.json", json_text(metrics))
-        entry: dict[str, Any] = {"images": len(scored.y_true), "metrics": metrics}
+        entry: dict[str, Any] = {"images": len(scored.scores), "metrics": metrics}
         if log:
             entry["evaluate_run_id"] = log_scored(
                 cfg, loaded, scored, prefix="all", experiment=dataset,
@@ -214,7 +209,7 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
             )
         scores[s.entry.name] = entry
         auc = metrics["all_roc_auc"]
-        say(f"external {cell.name} on {s.entry.name}: {len(scored.y_true)} images; accuracy "
+        say(f"external {cell.name} on {s.entry.name}: {len(scored.scores)} images; accuracy "
             f"{metrics['all_accuracy']:.4f}, ROC AUC {'n/a' if math.isnan(auc) else f'{auc:.4f}'}")
     del loaded
     keras.backend.clear_session()  # the next cell's model starts from a clean graph

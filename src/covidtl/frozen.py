@@ -24,6 +24,7 @@ from tqdm import tqdm
 from covidtl.data.cache import DECODE_RULES, enforce_budget
 from covidtl.data.pipeline import augment_image, cache_dir, copy_seed, decode_image, label_indices, readable_rows
 from covidtl.features import CLEAN, FEATURES_DIR, FeatureCache, View, values_sha256
+from covidtl.files import file_sha256
 from covidtl.models.registry import base_of, has_frozen_base, preprocess_for, unfreeze_cut
 from covidtl.paths import CLASSES
 
@@ -198,6 +199,4 @@ def _with_sha256(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows keyed by content: the manifest's sha256, or the file's own for a table made by hand."""
     if "sha256" in rows and rows["sha256"].notna().all():
         return rows
-    from covidtl.files import file_sha256
-
     return rows.assign(sha256=[file_sha256(p) for p in rows["path"]])

@@ -24,9 +24,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from covidtl.errors import UserError
-from covidtl.paths import CLASSES, POSITIVE
+from covidtl.paths import CLASSES, POSITIVE_INDEX as POS
 
-POS = CLASSES.index(POSITIVE)
 MAX_ITER = 5000
 
 

@@ -21,7 +21,7 @@ from covidtl.errors import UserError
 from covidtl.evaluate import LoadedModel
 from covidtl.files import atomic_write_text, json_text
 from covidtl.models.registry import get_spec, preprocess_for
-from covidtl.paths import CLASSES, POSITIVE
+from covidtl.paths import CLASSES, POSITIVE, p_covid
 from covidtl.scores import DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,12 @@ class Predictor:
             except Exception as exc:  # noqa: BLE001 - any undecodable input is that row's error
                 first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
                 result.error = f"cannot be decoded as an image: {first}"
-        positive = CLASSES.index(POSITIVE)
         for start in range(0, len(decoded), self.batch_size):
             batch = decoded[start : start + self.batch_size]
             x = self.preprocess(np.stack([image for _, image in batch]))
             probs = np.asarray(self.model(x, training=False))
             for (result, _), prob in zip(batch, probs):
-                result.p_covid = float(prob[positive])
+                result.p_covid = float(p_covid(prob))
                 result.label = self.label(result.p_covid)
         return results
 

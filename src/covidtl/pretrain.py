@@ -29,7 +29,7 @@ from covidtl.cells import FINETUNE_PREFIX, PRETRAINED
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
-from covidtl.files import atomic_path, atomic_write_text
+from covidtl.files import atomic_path, atomic_write_text, file_sha256
 
 # The projection head SimCLR trains and then discards: Dense(PROJECTION_UNITS, relu) -> Dense(OUT).
 PROJECTION_UNITS = 256
@@ -330,7 +330,7 @@ def reuse_problem(cfg: Config, model: str, weights_file: str | Path,
         record = None
     if record is None:
         return f"{weights_file}: missing, or without its record {record_path(weights_file).name}"
-    if record.get("weights_sha256") != tracking.file_sha256(weights_file):
+    if record.get("weights_sha256") != file_sha256(weights_file):
         return f"{weights_file}: not the file its record describes"
     now = settings(cfg, model, trainable_image_size(get_spec(model), cfg.train))
     for key, value in now.items():
@@ -341,7 +341,7 @@ def reuse_problem(cfg: Config, model: str, weights_file: str | Path,
         return f"{record_path(weights_file).name}: made from {sorted(made_from)}, now {sorted(cfg.pretrain.datasets)}"
     for name in cfg.pretrain.datasets:
         split_file = Path((split_files or {}).get(name) or paths.split_path(cfg, name))
-        if made_from[name].get("split_sha256") != tracking.file_sha256(split_file):
+        if made_from[name].get("split_sha256") != file_sha256(split_file):
             return f"{name}'s split table {split_file} is not the one it was made from"
     return None
 
@@ -354,13 +354,13 @@ def _record(cfg: Config, model: str, size: int, used: pd.DataFrame, losses: list
         split_file = Path(group["split_file"].iloc[0])
         root = tables.dataset_root(cfg, name)
         datasets[name] = {
-            "split_file": str(split_file), "split_sha256": tracking.file_sha256(split_file),
+            "split_file": str(split_file), "split_sha256": file_sha256(split_file),
             "split": "train", "images": int(len(group)),
-            "files": sorted(tables.relative_to_root(p, root) for p in group["path"]),
+            "files": sorted(paths.relative_to_root(p, root) for p in group["path"]),
         }
     return {
         **settings(cfg, model, size),
-        "weights_file": weights_file.name, "weights_sha256": tracking.file_sha256(weights_file),
+        "weights_file": weights_file.name, "weights_sha256": file_sha256(weights_file),
         "holds": "classifier (head untrained)" if model == "custom_cnn" else "base",
         "loss": losses, "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1),
         "images": int(len(used)), "datasets": datasets, "run_id": run_id,

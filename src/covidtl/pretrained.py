@@ -8,14 +8,13 @@ disk, and a skipped cell, cost a second, not an import of Keras.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text
+from covidtl.files import atomic_write_text, file_sha256
 
 # The files keras.applications downloads (no top) into $KERAS_HOME/models; None: no ImageNet
 # weights exist for that model.
@@ -86,14 +85,6 @@ def imagenet_weights_path(model: str) -> Path | None:
 
 def record_path(model: str, init: str, root: Path = RECORDS_DIR) -> Path:
     return Path(root) / f"{model}-{init}.json"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def locate(

@@ -25,9 +25,8 @@ import pandas as pd
 
 from covidtl import stats
 from covidtl.files import atomic_path, atomic_write_text, json_text
-from covidtl.paths import CLASSES, POSITIVE
+from covidtl.paths import CLASSES, p_covid
 
-POS = CLASSES.index(POSITIVE)
 # The lung region: the central box that leaves this fraction of each side out (0.10: the central
 # 80% x 80%, 64% of the area, so an even Grad-CAM map puts 36% of its weight outside). On a PA
 # chest X-ray the lung fields lie inside it; the corners and edges, where collections put their
@@ -259,7 +258,7 @@ def score_variants(model, preprocess, images: np.ndarray, batch_size: int = 32) 
         raw = images[start:start + batch_size]
         for variant in VARIANTS:
             x = preprocess(variant.apply(raw).copy())
-            out[variant.name].append(np.asarray(model(x, training=False))[:, POS])
+            out[variant.name].append(p_covid(np.asarray(model(x, training=False))))
     return {name: np.concatenate(parts).astype("float64") for name, parts in out.items()}
 
 

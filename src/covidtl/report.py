@@ -19,10 +19,11 @@ import pandas as pd
 from covidtl import paths, tracking
 from covidtl.cards import model_card, write_cards
 from covidtl.cells import PAPER_PROFILE, Cell, init_label
-from covidtl.comparisons import Scored, comparison_table, in_words
+from covidtl.comparisons import CellPredictions, comparison_table, in_words
 from covidtl.config import Config
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
+from covidtl.metrics import draw_confusion
 from covidtl.scores import with_interval
 
 MODELS_ROOT = "models"  # cells.MODELS_ROOT
@@ -309,18 +310,14 @@ def plot_confusions(table: pd.DataFrame, dataset: str, out: Path, models_root: P
         for c, init in enumerate(inits):
             ax = axes[r][c]
             ax.set_title(f"{model} · {init}", fontsize=8)
-            matrix = _confusion(Cell.of(model, init, dataset, models_root).predictions_file)
-            ax.set_xticks([0, 1], ["non", "covid"], fontsize=7)
-            ax.set_yticks([0, 1], ["non", "covid"], fontsize=7)
+            matrix = _confusion(Cell.of(model, init, dataset, models_root))
             if matrix is None:
                 ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
                 ax.set_xticks([]), ax.set_yticks([])
                 continue
-            ax.imshow(matrix, cmap="Blues", vmin=0)
-            high = matrix.values.max() / 2
-            for (i, j), n in matrix.stack().items():
-                color = "white" if n > high else "black"
-                ax.text(paths.CLASSES.index(j), paths.CLASSES.index(i), int(n), ha="center", va="center", color=color)
+            draw_confusion(ax, matrix, labels=["non", "covid"])  # rows and columns in CLASSES order
+            ax.set(xlabel="", ylabel="")  # the grid's own labels say it once
+            ax.tick_params(labelsize=7)
     fig.supxlabel("predicted")
     fig.supylabel("actual")
     fig.tight_layout()
@@ -330,10 +327,10 @@ def plot_confusions(table: pd.DataFrame, dataset: str, out: Path, models_root: P
     return path
 
 
-def _confusion(predictions: Path) -> pd.DataFrame | None:
+def _confusion(cell: Cell) -> pd.DataFrame | None:
     try:
-        frame = pd.read_csv(predictions)
-    except (OSError, ValueError):
+        frame = cell.read_predictions()
+    except UserError:
         return None
     if frame.empty or not {"actual", "predicted"} <= set(frame.columns):
         return None
@@ -495,17 +492,16 @@ def external_scores(dataset: str, cell: str, root: Path = Path(EXTERNAL_ROOT)) -
     return found
 
 
-def scored_cells(table: pd.DataFrame, models_root: Path) -> list[Scored]:
+def scored_cells(table: pd.DataFrame, models_root: Path) -> list[CellPredictions]:
     """The finished cells' test predictions (path, group, actual, p_covid), for paired tests."""
     cells = []
     for row in table[table["status"] == "ok"].itertuples():
-        file = Cell.of(row.model, row.init, row.dataset, models_root).predictions_file
         try:
-            frame = pd.read_csv(file, dtype={"group": str})
-        except (OSError, ValueError):
+            frame = Cell.of(row.model, row.init, row.dataset, models_root).read_predictions()
+        except UserError:  # unreadable: the cell is left out of the comparisons
             continue
         if {"path", "actual", "p_covid"} <= set(frame.columns) and len(frame):
-            cells.append(Scored(row.dataset, row.model, row.init, frame))
+            cells.append(CellPredictions(row.dataset, row.model, row.init, frame))
     return cells
 
 
@@ -551,7 +547,7 @@ def gradcam_section(copied: dict[str, Path]) -> list[str]:
     return lines + [""]
 
 
-def plot_calibration(cells: list[Scored], dataset: str, out: Path) -> Path:
+def plot_calibration(cells: list[CellPredictions], dataset: str, out: Path) -> Path:
     """Reliability diagram of every finished cell of a dataset: predicted vs observed COVID rate."""
     import matplotlib.pyplot as plt
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from covidtl import comparisons, cv, probe, stats
+from covidtl.cells import read_predictions
 from covidtl.config import Config, EvalConfig
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
@@ -49,7 +50,8 @@ class CVRun:
         return self.summary.get("model")
 
     def predictions(self) -> pd.DataFrame:
-        return cv.read_predictions(self.dir)
+        """Every image (path as stored), its fold and out-of-fold p_covid."""
+        return read_predictions(self.dir / "predictions.csv", cv.REWRITE)
 
     def verdict(self) -> dict[str, Any] | None:
         return probe.read_verdict(self.dir / "probe")

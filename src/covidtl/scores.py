@@ -8,13 +8,16 @@ training's test split, `covidtl evaluate`, the external test sets and the report
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from covidtl import stats
+from covidtl.cells import PREDICTION_COLUMNS, SCORE_COLUMNS
 from covidtl.config import EvalConfig
-from covidtl.paths import CLASSES, POSITIVE
+from covidtl.paths import CLASSES, POSITIVE_INDEX, relative_to_root
 
 # The metrics also reported at the operating point (threshold chosen on the validation split).
 AT_OPERATING_POINT = (
@@ -40,8 +43,7 @@ class Scores:
         return len(self.y_true)
 
     def predicted(self, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-        positive = CLASSES.index(POSITIVE)
-        return np.where(self.p_covid >= threshold, positive, 1 - positive)
+        return np.where(self.p_covid >= threshold, POSITIVE_INDEX, 1 - POSITIVE_INDEX)
 
     def point(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
         return {**stats.metrics_at(self.y_true, self.p_covid, threshold),
@@ -76,6 +78,42 @@ class Scores:
             self.y_true, self.p_covid, self.groups, resamples=cfg.bootstrap,
             confidence=cfg.confidence, seed=cfg.seed, threshold=threshold,
         )
+
+
+@dataclass
+class Scored:
+    """A model's outputs on a table of images, aligned row by row: training's test split,
+    `covidtl evaluate`, an ensemble's splits, an external set."""
+
+    rows: pd.DataFrame  # the images scored, in prediction order (unreadable files dropped)
+    scores: Scores
+    image_size: int | None = None  # the input size the model scored them at, where known
+
+    @classmethod
+    def of(cls, rows: pd.DataFrame, y_true, prob, image_size: int | None = None) -> Scored:
+        """From class indices and softmax outputs; the rows' patient groups go to the bootstrap."""
+        if not len(y_true):  # nothing decoded: the caller says so in its own words
+            return cls(rows, Scores(np.zeros(0, dtype=int), np.zeros(0)), image_size)
+        groups = rows["group"].astype(str).to_numpy() if "group" in rows else None
+        return cls(rows, Scores.of(y_true, prob, groups), image_size)
+
+    def predictions(self, root: Path | None = None) -> pd.DataFrame:
+        """predictions.csv's rows (`covidtl.cells`): the truth, the call at 0.5 and p_covid per image;
+        given the dataset's `root`, first each image's path (relative to it) and its group."""
+        frame = pd.DataFrame({
+            "actual": [CLASSES[t] for t in self.scores.y_true],
+            "predicted": [CLASSES[c] for c in self.scores.predicted()],
+            "p_covid": self.scores.p_covid,
+        })
+        if root is None:
+            return frame[list(SCORE_COLUMNS)]
+        # Row by row while both last (a file dropped at decode time leaves fewer scores than rows).
+        n = min(len(frame), len(self.rows))
+        rows = self.rows.iloc[:n]
+        return frame.iloc[:n].assign(
+            path=[relative_to_root(p, root) for p in rows["path"]],
+            group=rows["group"].to_numpy() if "group" in rows else [""] * n,
+        )[list(PREDICTION_COLUMNS)]
 
 
 def with_interval(value, low, high) -> str:

@@ -14,12 +14,13 @@ from typing import Callable
 import numpy as np
 
 from covidtl.errors import UserError
-from covidtl.paths import CLASSES, POSITIVE
+from covidtl.paths import CLASSES, POSITIVE_INDEX, p_covid
 
-POS = CLASSES.index(POSITIVE)
+POS = POSITIVE_INDEX
 NEG = 1 - POS
 
-# Metric names in classification_metrics' order, then the two it lacks.
+# Metric names: accuracy, each class's recall, precision and F1, their micro and macro averages
+# (scikit-learn's definitions), ROC AUC, balanced accuracy and the Brier score.
 METRICS = (
     "accuracy",
     *(f"{kind}_{name}" for name in CLASSES for kind in ("recall", "precision", "f1")),
@@ -47,7 +48,7 @@ def covid_probability(y_true, prob) -> tuple[np.ndarray, np.ndarray]:
     if p.ndim == 2:
         if p.shape[1] != len(CLASSES):
             raise ValueError(f"prob has {p.shape[1]} columns; expected {len(CLASSES)} (one per class)")
-        p = p[:, POS]
+        p = p_covid(p)
     if p.shape != y.shape or y.size == 0:
         raise ValueError(f"{y.size} labels and {p.size} probabilities: expected the same non-zero number")
     if not np.isin(y, (0, 1)).all():
@@ -117,13 +118,13 @@ def _metrics(y: np.ndarray, p: np.ndarray, w: np.ndarray, threshold: float, fill
 
 
 def metrics_at(y_true, prob, threshold: float = 0.5) -> dict[str, float]:
-    """classification_metrics' dict (and balanced_accuracy) with COVID called at p_covid >= threshold.
+    """Every metric of METRICS but Brier, with COVID called at p_covid >= threshold.
 
-    At 0.5 this is classification_metrics' argmax for softmax outputs, but for an exact tie
-    (p_covid == p_non_covid), which argmax calls non-COVID.
+    At 0.5 these are scikit-learn's metrics of the softmax's argmax, but for an exact tie
+    (p_covid == p_non_covid), which argmax calls non-COVID. ROC AUC is NaN for a set of one class.
     """
     y, p = covid_probability(y_true, prob)
-    # 0/0 ratios are 0, as classification_metrics' zero_division=0 makes them.
+    # 0/0 ratios are 0, as scikit-learn's zero_division=0 makes them.
     values = _metrics(y, p, np.ones((1, y.size)), threshold, fill=0.0)
     return {name: float(values[name][0]) for name in METRICS if name != "brier"}
 

@@ -9,7 +9,6 @@ deletes afterwards: its runs go to the project's store, never to a file inside t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,11 +26,12 @@ import mlflow
 import numpy as np
 import yaml
 
+from covidtl import locks
 from covidtl.config import Config
-from covidtl.files import file_sha256  # noqa: F401 - re-exported: runs tag their data with it
-from covidtl.metrics import confusion, report_text
-from covidtl.mlflow_store import project_root, require_server, tracking_uri  # noqa: F401 - where runs go
-from covidtl.paths import CLASSES
+from covidtl.files import file_sha256
+from covidtl.metrics import confusion, draw_confusion, report_text
+from covidtl.mlflow_store import project_root, tracking_uri
+from covidtl.paths import CLASSES, POSITIVE_INDEX
 
 # MLflow logs a store error with its whole traceback before raising it; the CLI then says it in one
 # line (covidtl.mlflow_store.store_problem), and an unexpected one keeps its traceback in the crash log.
@@ -95,25 +95,18 @@ def experiment_tags() -> dict[str, str]:
 def use_experiment(dataset: str) -> None:
     """Point MLflow at the project's store and the dataset's experiment."""
     mlflow.set_tracking_uri(tracking_uri())
-    with _store_lock():
+    with store_lock():
         _use_experiment(dataset)
 
 
-@contextlib.contextmanager
-def _store_lock():
-    """Queued experiments start together: MLflow's first-time SQLite schema migration is not safe
-    to run twice at once, and two creations of one experiment collide. Local processes take turns."""
-    if not tracking_uri().startswith("sqlite:"):
-        yield
-        return
+def store_lock():
+    """Queued experiments and tuning workers start together: MLflow's first-time schema migration
+    of a database store (SQLite, PostgreSQL) is not safe to run twice at once, and two creations
+    of one experiment collide. Local processes take turns on the store's lock (`covidtl.locks`,
+    waiting), one per tracking URI, in the temporary folder."""
     digest = hashlib.sha1(tracking_uri().encode()).hexdigest()[:12]
-    lock = Path(tempfile.gettempdir()) / f"covidtl-mlflow-store-{digest}.lock"
-    with lock.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return locks.hold(Path(tempfile.gettempdir()) / f"covidtl-mlflow-store-{digest}",
+                      "covidtl (MLflow store set-up)", wait=True)
 
 
 def _use_experiment(dataset: str) -> None:
@@ -225,8 +218,7 @@ def log_evaluation(y_true: np.ndarray, prob: np.ndarray, prefix: str = "test") -
     from covidtl import stats
 
     y_true, p_covid = stats.covid_probability(y_true, prob)
-    positive = CLASSES.index("covid")
-    y_pred = np.where(p_covid >= 0.5, positive, 1 - positive)
+    y_pred = np.where(p_covid >= 0.5, POSITIVE_INDEX, 1 - POSITIVE_INDEX)
     matrix = confusion(y_true, y_pred)
     mlflow.log_dict({"labels": list(CLASSES), "matrix": matrix}, f"{prefix}_confusion_matrix.json")
     mlflow.log_figure(confusion_figure(matrix), f"{prefix}_confusion_matrix.png")
@@ -274,15 +266,8 @@ def curves_and_calibration_figure(scores, title: str = ""):
 
 def confusion_figure(matrix: list[list[int]]):
     fig, ax = plt.subplots(figsize=(4, 3.5))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(CLASSES)), CLASSES)
-    ax.set_yticks(range(len(CLASSES)), CLASSES)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    top = max(max(row) for row in matrix) or 1
-    for i, row in enumerate(matrix):
-        for j, n in enumerate(row):
-            ax.text(j, i, str(n), ha="center", va="center", color="white" if n > top / 2 else "black")
+    draw_confusion(ax, matrix)
+    ax.set(xlabel="predicted", ylabel="actual")
     fig.tight_layout()
     return fig
 

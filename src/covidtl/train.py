@@ -31,11 +31,13 @@ from mlflow.exceptions import MlflowException
 
 from covidtl import distribute, linear_probe, locks, optim, paths, pretrained, tracking
 from covidtl.cells import EPOCH_METRICS, Cell, cell_name, init_label, is_finetune
+from covidtl.cards import training_card
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import label_indices, make_dataset, make_offline_dataset, readable_rows
 from covidtl.errors import UserError
 from covidtl.explain import sample_figure
+from covidtl.files import file_sha256
 from covidtl.frozen import BASE, FrozenTraining, cache_cut
 from covidtl.models.registry import (
     ModelSpec,
@@ -47,12 +49,11 @@ from covidtl.models.registry import (
 )
 from covidtl.models.wrappers import with_tta
 from covidtl.pretrain import resolve_init
-from covidtl.scores import DEFAULT_THRESHOLD, Scores, choose_operating_point
+from covidtl.scores import DEFAULT_THRESHOLD, Scored, choose_operating_point
 
 # ignore_errors() leaves the first epoch's length unknown; Keras then warns at its end.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
 
-INTENDED_USE = "Research only: not a diagnostic device."
 VALIDATION_BATCH_FACTOR = 4  # validation batches are this many training batches
 
 
@@ -64,7 +65,6 @@ class TrainResult:
     metrics: dict[str, float]
     model_path: Path
     train_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class PaperStopRule(keras.callbacks.Callback):
@@ -99,8 +99,7 @@ class CovidAUC(keras.metrics.AUC):
         super().__init__(name=name, num_thresholds=num_thresholds, **kwargs)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        column = paths.CLASSES.index(paths.POSITIVE)
-        return super().update_state(y_true[:, column], y_pred[:, column], sample_weight)
+        return super().update_state(paths.p_covid(y_true), paths.p_covid(y_pred), sample_weight)
 
 
 class SelectBest(keras.callbacks.Callback):
@@ -306,12 +305,6 @@ def stopped(rules: list[PaperStopRule | SelectBest]) -> dict[str, Any]:
             "stopped_by": fired.name if fired else None}
 
 
-def load_split(cfg: Config, dataset: str, split_file: Path | None = None) -> pd.DataFrame:
-    """The dataset's split table (data/<dataset>/split.csv unless another is named), or one line
-    saying how to make it."""
-    return tables.read_split(cfg, dataset, split_file)
-
-
 def rows_of(table: pd.DataFrame, split: str) -> pd.DataFrame:
     return table if split == "all" else table[table["split"] == split]
 
@@ -401,7 +394,7 @@ def plan_run(
     # Fine-tuning moves pre-trained weights: the whole network runs at the lower rate.
     rate = base_rate * cfg.train.finetune_lr_factor if is_finetune(init) else base_rate
     split_file = Path(split_file) if split_file is not None else paths.split_path(cfg, dataset)
-    table = load_split(cfg, dataset, split_file)
+    table = tables.read_split(cfg, dataset, split_file)
     train_rows = rows_of(table, "train")
     if cfg.train.max_train_samples and len(train_rows) > cfg.train.max_train_samples:
         train_rows = train_rows.sample(cfg.train.max_train_samples, random_state=cfg.train.seed)
@@ -445,8 +438,8 @@ def run_digest(plan: Plan) -> str:
     cfg = plan.cfg
     parts = [
         tracking.settings_yaml(cfg), plan.model, plan.init, plan.dataset, repr(plan.learning_rate),
-        tracking.file_sha256(plan.split_file),
-        tracking.file_sha256(paths.manifest_path(cfg, plan.dataset)),
+        file_sha256(plan.split_file),
+        file_sha256(paths.manifest_path(cfg, plan.dataset)),
         *sorted(map(str, plan.train_rows["path"])),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -582,24 +575,6 @@ def _steps_per_epoch(plan: Plan, train_ds) -> int:
     return optim.steps_per_epoch(len(plan.train_rows), batch)
 
 
-@dataclass
-class Scored:
-    rows: pd.DataFrame  # the split's readable images, in prediction order
-    scores: Scores
-
-    def prediction_rows(self, root: Path) -> list[dict[str, Any]]:
-        """predictions.csv: each image (path relative to the dataset root), its group, the truth,
-        the call at 0.5 and p_covid."""
-        predicted = self.scores.predicted()
-        groups = self.rows["group"] if "group" in self.rows else [""] * len(self.rows)
-        return [
-            {"path": tables.relative_to_root(path, root), "group": group, "actual": paths.CLASSES[t],
-             "predicted": paths.CLASSES[c], "p_covid": float(p)}
-            for path, group, t, c, p in zip(self.rows["path"], groups, self.scores.y_true,
-                                            predicted, self.scores.p_covid)
-        ]
-
-
 def fit_datasets(plan: Plan, cfg: Config | None = None) -> tuple[Any, Any]:
     """What `fit` reads: the training and validation batches, decoded once into the uint8 cache.
     `cfg`: the plan's, with train.batch_size the global batch of a distributed run."""
@@ -621,8 +596,7 @@ def score(plan: Plan, net: keras.Model, split: str = "test") -> Scored | None:
     y_true, prob = predict(net, make_dataset(rows, plan.spec, plan.cfg, plan.image_size, training=False))
     if not len(y_true):
         return None
-    groups = rows["group"].to_numpy() if "group" in rows else None
-    return Scored(rows, Scores.of(y_true, prob, groups))
+    return Scored.of(rows, y_true, prob, plan.image_size)
 
 
 def score_frozen(plan: Plan, frozen: FrozenTraining, split: str = "test") -> Scored | None:
@@ -630,8 +604,7 @@ def score_frozen(plan: Plan, frozen: FrozenTraining, split: str = "test") -> Sco
     rows, y_true, prob = frozen.predict(plan.rows(split))
     if not len(y_true):
         return None
-    groups = rows["group"].to_numpy() if "group" in rows else None
-    return Scored(rows, Scores.of(y_true, prob, groups))
+    return Scored.of(rows, y_true, prob, plan.image_size)
 
 
 def frozen_training(plan: Plan, net: keras.Model) -> FrozenTraining | None:
@@ -819,7 +792,7 @@ def _run(
             mlflow.log_figure(figure, "test_gradcam_samples.png")
 
     model_path = plan.cell.save_model(clean.save)
-    card = model_card(plan, fitted, run_id, operating, frozen)
+    card = training_card(plan, fitted, run_id, operating, frozen)
     root = tables.dataset_root(plan.cfg, plan.dataset)
     plan.cell.write_results(
         metrics={"status": "ok", **metrics, "epochs_used": fitted.epochs_used,
@@ -829,7 +802,7 @@ def _run(
                      "feature_entries_read": frozen.cache.counts.read} if frozen else {}),
                  "digest": run_digest(plan)},  # what a rerun (cv's fold reuse) compares
         history=fitted.history,
-        predictions=scored.prediction_rows(root) if scored else None,
+        predictions=scored.predictions(root) if scored else None,
         config_yaml=tracking.config_yaml(plan.cfg),
         card=card,
     )
@@ -873,34 +846,6 @@ def log_plan(plan: Plan) -> None:
     )
 
 
-def model_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any],
-               frozen: FrozenTraining | None = None) -> dict[str, Any]:
-    """card.json beside model.keras: what evaluate and predict need, and what the model is."""
-    trained_on = {}
-    if frozen is not None:  # which part was frozen and stored, and how many copies each image had
-        trained_on["frozen_part"] = {"cut": frozen.parts.cut, "feature_view": frozen.clean_view.digest(),
-                                     "feature_copies": plan.cfg.train.feature_copies}
-    provenance = pretrained.provenance(plan.model, plan.build_init)
-    if provenance:  # the exact ImageNet or weights file it started from, and where that came from
-        trained_on["init_weights"] = provenance
-    return {
-        "model": plan.model, "init": plan.init, "dataset": plan.dataset,
-        "image_size": plan.image_size, "preprocessing": plan.cfg.train.preprocessing,
-        "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
-        "learning_rate": plan.learning_rate, "lr_source": plan.lr_source,
-        "epochs_used": fitted.epochs_used, "run_id": run_id, **plan.run_on,
-        "run_eagerly_used": plan.run_eagerly,
-        # The weights are this epoch's: the last (the paper) or the best by `selected_by`.
-        "selected_by": fitted.selected_by, "best_epoch": fitted.best_epoch,
-        "tta": plan.cfg.train.tta,  # the saved model averages over these views itself
-        # Read by everything that scores this model: evaluate, predict, the external sets.
-        "operating_point": operating,
-        "head": plan.cfg.train.head, "unfreeze_after": plan.cfg.train.unfreeze_after,
-        **trained_on, **fitted.about,
-        "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
-    }
-
-
 def run_tags(cfg: Config, model: str, init: str, dataset: str, kind: str) -> dict[str, str]:
     """What ties a run to its exact code and data (and to the DVC experiment that ran it)."""
     return {
@@ -909,7 +854,7 @@ def run_tags(cfg: Config, model: str, init: str, dataset: str, kind: str) -> dic
         "dataset": dataset,
         "split_strategy": cfg.split.strategy,
         "git_commit": tracking.git_commit(),
-        "manifest_sha256": tracking.file_sha256(paths.manifest_path(cfg, dataset)),
+        "manifest_sha256": file_sha256(paths.manifest_path(cfg, dataset)),
         "cell": cell_name(model, init, dataset, cfg.profile),
         "profile": cfg.profile,
         "kind": kind,

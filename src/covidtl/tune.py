@@ -11,7 +11,6 @@ the paper's), which `covidtl train --lr tuned` under that profile reads.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -35,11 +34,11 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from covidtl import paths, pretrained, tracking
-from covidtl.cells import PAPER_PROFILE, init_label
+from covidtl.cells import PAPER_PROFILE, cell_name, init_label
 from covidtl.config import Config, TuneConfig
 from covidtl.data import tables
 from covidtl.errors import UserError
-from covidtl.files import atomic_write_text
+from covidtl.files import atomic_write_text, file_sha256
 from covidtl.models.registry import get_spec, trainable_image_size
 from covidtl.pretrain import resolve_init
 from covidtl.train import train
@@ -114,7 +113,7 @@ class StudyIdentity:
 
     @property
     def name(self) -> str:
-        cell = paths.cell_name(self.model, init_label(self.init), self.dataset)
+        cell = cell_name(self.model, init_label(self.init), self.dataset)
         return f"lr-{cell}-{self.digest}"
 
     @property
@@ -177,7 +176,7 @@ def _drop(settings: dict[str, Any], dotted: str) -> None:
 def _sha256(path: Path, fix: str) -> str:
     if not path.is_file():
         raise UserError(f"{path}: missing, and a study is named by its content; run `{fix}` first")
-    return tracking.file_sha256(path)
+    return file_sha256(path)
 
 
 def _differences(made: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
@@ -194,7 +193,7 @@ def _differences(made: dict[str, Any], now: dict[str, Any], prefix: str = "") ->
 
 def tuned_path(cfg: Config, model: str, init: str, dataset: str) -> Path:
     """tuned/<model>-<init>-<dataset>.yaml, with `-<profile>` for a profile other than the paper's."""
-    return Path(cfg.tune.out) / f"{paths.cell_name(model, init_label(init), dataset, cfg.profile)}.yaml"
+    return Path(cfg.tune.out) / f"{cell_name(model, init_label(init), dataset, cfg.profile)}.yaml"
 
 
 def _tune_command(cfg: Config, model: str, dataset: str, init: str) -> str:
@@ -568,9 +567,9 @@ def run_study(
     start = time.monotonic()
     tags = {
         "kind": "tune", "model": model, "init": init_label(init), "dataset": dataset,
-        "cell": paths.cell_name(model, init_label(init), dataset),
+        "cell": cell_name(model, init_label(init), dataset),
         "split_strategy": cfg.split.strategy,
-        "git_commit": tracking.git_commit(), "manifest_sha256": tracking.file_sha256(
+        "git_commit": tracking.git_commit(), "manifest_sha256": file_sha256(
             paths.manifest_path(cfg, dataset)), "optuna_study": study.study_name,
         "study_digest": identity.digest,
     }
@@ -606,24 +605,16 @@ def run_study(
 
 def _use_experiment(dataset: str) -> None:
     """tracking.use_experiment, safe when workers start together on a fresh store."""
-    # MLflow's first-time SQLite schema migration is not safe to run twice at once (tables
-    # half-made); local workers take turns through a lock file. Servers only race on creating
-    # the experiment, which a retry settles.
-    uri = tracking.tracking_uri()
-    digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
-    lock = Path(tempfile.gettempdir()) / f"covidtl-mlflow-{digest}.lock"
-    with lock.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    # Local workers take turns on the store's lock (tracking.store_lock: MLflow's first-time
+    # schema migration is not safe twice at once); workers on other machines only race on
+    # creating the experiment, which a retry settles.
+    for attempt in range(3):
         try:
-            for attempt in range(3):
-                try:
-                    return tracking.use_experiment(dataset)
-                except Exception:  # noqa: BLE001 - MlflowException or the store's own error
-                    if attempt == 2:
-                        raise
-                    time.sleep(1 + attempt)
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            return tracking.use_experiment(dataset)
+        except Exception:  # noqa: BLE001 - MlflowException or the store's own error
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
 
 
 def _summarise(

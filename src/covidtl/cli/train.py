@@ -52,8 +52,7 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
     """Train MODEL from INIT on DATASET's split; logs one MLflow run and writes the cell's files.
 
     After a kill or Ctrl-C, the same command continues the run from its last completed epoch."""
-    from covidtl import paths
-    from covidtl.cells import write_skipped_cell
+    from covidtl.cells import Cell
     from covidtl.pretrained import unavailable_reason
 
     model, init = recipe_from(ctx, model, init)
@@ -61,9 +60,9 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
     if reason:
         # With --out the folder is given: no params file is needed to name it (a profile's is).
         profile = config_from(ctx).profile if not out else "paper"
-        cell = paths.cell_name(model, init, dataset, profile)
-        write_skipped_cell(Path(out) if out else paths.cell_dir(model, init, dataset, profile=profile), reason)
-        click.echo(f"SKIPPED {cell}: {reason}", err=True)
+        cell = Cell(Path(out)) if out else Cell.of(model, init, dataset, profile=profile)
+        cell.write_skipped(reason)
+        click.echo(f"SKIPPED {cell.name}: {reason}", err=True)
         return
 
     cfg = config_from(ctx, **{

@@ -8,9 +8,8 @@ any checkout; in memory it is a path that opens (the root joined, absolute).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -135,29 +134,8 @@ def read_summary(cfg: Config, dataset: str) -> dict[str, Any]:
     return json.loads(summary_path(cfg, dataset).read_text())
 
 
-# --------------------------------------------------------------------------- paths
-
-
-def relative_to_root(path: str | Path, root: Path) -> str:
-    """A path as stored: POSIX, relative to root; one outside root stays absolute."""
-    absolute, base = Path(os.path.abspath(path)), Path(os.path.abspath(root))
-    if absolute.is_relative_to(base):
-        return absolute.relative_to(base).as_posix()
-    real, real_base = absolute.resolve(), base.resolve()  # one of them reached through a symlink
-    if real.is_relative_to(real_base):
-        return real.relative_to(real_base).as_posix()
-    return str(absolute)
-
-
-def usable_path(stored: str, root: Path) -> str:
-    """A stored path as one that opens: root joined; an absolute one (an older table) as it is."""
-    if Path(stored).is_absolute():
-        return stored
-    return os.path.abspath(Path(root) / PurePosixPath(stored))
-
-
 def _write_table(frame: pd.DataFrame, path: Path, root: Path, column: str = "path") -> Path:
-    stored = frame.assign(**{column: [relative_to_root(p, root) for p in frame[column]]})
+    stored = frame.assign(**{column: [paths.relative_to_root(p, root) for p in frame[column]]})
     return _replace(path, lambda tmp: stored.to_csv(tmp, index=False))
 
 
@@ -180,7 +158,7 @@ def _read_table(path: Path, root: Path, column: str = "path", fix: str = "",
         # +2: the header is line 1 and rows count from 0.
         raise UserError(f"{path}: line {row + 2} has no {blank}: truncated or damaged{remake}")
     if column in table.columns:
-        table[column] = [usable_path(p, root) for p in table[column]]
+        table[column] = [paths.usable_path(p, root) for p in table[column]]
     return table
 
 
