@@ -97,7 +97,7 @@ class Cell:
         gradcam.png     a seeded sample of test TP/FP/TN/FN with their Grad-CAM maps
         probe/          `covidtl probe`'s shortcut test (probe.json: the card's shortcut_risk)
         config.yaml     the complete params that ran (a params file: `covidtl --params` re-runs it)
-        checkpoint/     while training: epoch-NNNN.keras (with Adam's state) + state.json, to resume
+        checkpoint/     while training: epoch-NNNN.keras (with the optimiser's state) + state.json, to resume
     """
 
     dir: Path

@@ -175,7 +175,7 @@ class PretrainConfig:
     epochs: int
     batch_size: int  # images per step; each gives two views, so 2 x this many in the loss
     temperature: float  # NT-Xent's softmax temperature
-    learning_rate: float  # Adam
+    learning_rate: float  # the optimiser's (Adam, or AdamW when train.weight_decay > 0)
     datasets: list[str]  # whose training split (never val, test or external) it learns from
     out: str  # folder: <out>/<model>.weights.h5 and <model>.json
     seed: int

@@ -1,10 +1,10 @@
-"""Train one study cell (model x init x dataset): Adam, the paper's stop rule, tracked in MLflow.
+"""Train one study cell (model x init x dataset): Adam (AdamW with weight decay), the paper's stop rule, tracked in MLflow.
 
 `train()` runs four steps, each its own function: `plan_run` fixes what the run is (data, sizes,
 the learning rate, into the config that is recorded), `fit` trains, `score` tests, and the cell's
 files (`cells.Cell`) and the MLflow run record what ran. One MLflow run, one cell folder.
 
-Each completed epoch is checkpointed (the model with Adam's state, the run id, the history); the
+Each completed epoch is checkpointed (the model with the optimiser's state, the run id, the history); the
 same command after a kill or Ctrl-C continues that run from there (`checkpoint_to_resume`).
 """
 
@@ -267,7 +267,7 @@ def interrupt_after_batch(stopper: StopOnInterrupt) -> Iterator[None]:
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After each completed epoch: the model with Adam's state, and state.json with what resuming
+    """After each completed epoch: the model with the optimiser's state, and state.json with what resuming
     needs (run id, settings digest, epochs done, history, the stop rule's state, seconds)."""
 
     def __init__(self, cell: Cell, run: dict[str, str], resume: Resume | None,
@@ -355,7 +355,7 @@ class Plan:
     init: str
     dataset: str
     image_size: int
-    learning_rate: float  # Adam's rate: the base rate, x train.finetune_lr_factor for finetune
+    learning_rate: float  # the optimiser's rate (Adam; AdamW when train.weight_decay > 0): the base rate, x train.finetune_lr_factor for finetune
     lr_source: str  # params | --lr | the tuned-rate file it came from
     table: pd.DataFrame
     train_rows: pd.DataFrame
@@ -513,8 +513,8 @@ def fit(
     plan: Plan, net: keras.Model, train_ds, val_ds, callbacks: Iterable[keras.callbacks.Callback] = (),
     *, run_id: str = "", resume: Resume | None = None,
 ) -> Fitted:
-    """Adam on the training split, validated each epoch, until the stop rule or max_epochs;
-    from `resume`'s epoch, weights and Adam's state when given. With `train.select` other than
+    """Adam (AdamW when train.weight_decay > 0) on the training split, validated each epoch, until the stop rule or max_epochs;
+    from `resume`'s epoch, weights and the optimiser's state when given. With `train.select` other than
     last, the model ends holding the best validation epoch's weights."""
     cfg = plan.cfg
     steps = _steps_per_epoch(plan, train_ds)
@@ -527,14 +527,14 @@ def fit(
     paper = PaperStopRule(rule.val_accuracy, rule.val_loss) if rule.rule == "paper" else None
     rules = [r for r in (paper, select) if r is not None]
     if resume is not None and resume.model_file is not None:
-        # load_weights restores Adam's moments and step count only into a built optimizer.
+        # load_weights restores the optimiser's moments and step count only into a built optimizer.
         with net.distribute_strategy.scope():  # its slots mirrored like the weights
             net.optimizer.build(net.trainable_variables)
         net.load_weights(resume.model_file)
         for r in rules:
             if r.name == resume.stopped_by:
                 r.stopped_epoch = resume.stopped_epoch
-    # Each epoch replaces the previous checkpoint (Adam's state makes it ~3x the model); it is
+    # Each epoch replaces the previous checkpoint (the optimiser's state makes it ~3x the model); it is
     # removed once the run has finished.
     checkpoint = EpochCheckpoint(plan.cell, {"run_id": run_id, "digest": run_digest(plan)}, resume,
                                  rules, select)

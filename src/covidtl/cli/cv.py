@@ -14,7 +14,7 @@ from covidtl.cli.train import _rate
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
 @click.option("--folds", type=AUTO_INT, default=None, help="Number of folds; auto = cv.folds.")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Cap on epochs per fold; auto = train.max_epochs.")
-@click.option("--lr", default=None, help="Adam learning rate; auto = train.learning_rates.<model>.")
+@click.option("--lr", default=None, help="Learning rate (Adam, or AdamW when train.weight_decay > 0); auto = train.learning_rates.<model>.")
 @click.option("--out", default=None, help="Results go to OUT/<dataset>/<cell>/ (default cv.out).")
 @click.option("--pretrain", is_flag=True,
               help="Pretrain (SimCLR, params pretrain) inside each fold on its training rows, then train "

@@ -27,7 +27,7 @@ def _rate(value: str | None) -> float | None:
 @click.option("--init", default=AUTO, show_default=True, help=INIT_HELP)
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Cap on epochs; auto = train.max_epochs.")
-@click.option("--lr", default=None, help="Adam learning rate; auto = train.learning_rates.<model>; "
+@click.option("--lr", default=None, help="Learning rate (Adam, or AdamW when train.weight_decay > 0); auto = train.learning_rates.<model>; "
               "tuned = the best rate of `covidtl tune` under this profile "
               "(tuned/<model>-<init>-<dataset>[-<profile>].yaml).")
 @click.option("--batch-size", type=AUTO_INT, default=None, help="Batch size per replica (GPU); auto = train.batch_size.")
