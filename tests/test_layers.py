@@ -1,0 +1,106 @@
+"""The layer contracts of docs/architecture.md, as pyproject.toml's [tool.importlinter] states them.
+
+`lint-imports` (import-linter) runs in a subprocess against a source tree given by PYTHONPATH: the
+repository's `src`, or a copy with an import planted that breaks a contract. Imports inside
+functions and under `if TYPE_CHECKING:` count like any other. No TensorFlow is loaded: import-linter
+reads the source, it imports nothing of covidtl.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
+LINT = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+
+
+def lint(src: Path) -> subprocess.CompletedProcess:
+    """`lint-imports pyproject.toml` from the repo root, with covidtl imported from `src`."""
+    env = {**os.environ, "PYTHONPATH": str(src), "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", LINT, str(PYPROJECT), "--no-cache", "--no-logo"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def contracts() -> list[dict]:
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["importlinter"]["contracts"]
+
+
+def test_contracts_are_kept():
+    done = lint(ROOT / "src")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for contract in contracts():
+        assert f"{contract['name']} KEPT" in done.stdout, done.stdout
+
+
+PLANTS = {
+    # module level, up from the foundation to the command line
+    "module level": ("files.py", "\nimport covidtl.cli  # planted\n", "layers", "covidtl.files -> covidtl.cli"),
+    # inside a function, up from the data to the training engine
+    "in a function": ("data/images.py", "\n\ndef _planted():\n    from covidtl import train  # planted\n",
+                      "layers", "covidtl.data.images -> covidtl.train"),
+    # under TYPE_CHECKING, up from the records to the report
+    "TYPE_CHECKING": ("scores.py", "\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n"
+                      "    from covidtl.report import build_report  # planted\n",
+                      "layers", "covidtl.scores -> covidtl.report"),
+    # a step importing another step (inside a function)
+    "step to step": ("cv.py", "\n\ndef _planted():\n    from covidtl import tune  # planted\n",
+                     "steps", "covidtl.cv -> covidtl.tune"),
+}
+
+
+@pytest.mark.parametrize("plant", PLANTS, ids=list(PLANTS))
+def test_a_planted_import_breaks_its_contract(tmp_path, plant):
+    module, code, contract_id, edge = PLANTS[plant]
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "covidtl", src / "covidtl", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(src / "covidtl" / module, "a") as f:
+        f.write(code)
+    done = lint(src)
+    assert done.returncode == 1, done.stdout + done.stderr
+    name = {c["id"]: c["name"] for c in contracts()}[contract_id]
+    assert f"{name} BROKEN" in done.stdout, done.stdout
+    assert re.search(rf"^- {re.escape(edge)} \(l\.\d+\)$", done.stdout, re.M), done.stdout
+
+
+def test_every_ignored_import_says_why():
+    """Each ignore_imports entry has a comment on the line above it (why it is there, what removes it)."""
+    lines = PYPROJECT.read_text().splitlines()
+    seen, inside = [], False
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if re.match(r"ignore_imports\s*=\s*\[", text):
+            inside = True
+        elif inside and text.startswith("]"):
+            inside = False
+        elif inside and text.startswith('"'):
+            seen.append(text.split('"')[1])
+            assert lines[i - 1].strip().startswith("#"), f"pyproject.toml line {i + 1}: {text} has no comment above"
+    # every entry import-linter reads was seen here (none hides on a line with others, or inline)
+    parsed = [entry for c in contracts() for entry in c.get("ignore_imports", [])]
+    assert seen == parsed
+
+
+def test_every_module_has_a_layer():
+    """A new module is placed in a layer (else no contract sees it); only the two import-free package
+    docstrings (`covidtl`, `covidtl.data`) are outside every layer."""
+    (layers,) = [c["layers"] for c in contracts() if c["type"] == "layers"]
+    placed = [name.strip() for layer in layers for name in re.split(r"[:|]", layer)]
+    package = ROOT / "src" / "covidtl"
+    outside = set()
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if not any(module == p or module.startswith(p + ".") for p in placed):
+            outside.add(module)
+    assert outside == {"covidtl", "covidtl.data"}
