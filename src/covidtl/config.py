@@ -551,12 +551,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.bootstrap: {cfg.eval.bootstrap} must be 0 (no intervals) or >= 100")
     if not 0 < cfg.eval.confidence < 1:
         raise ConfigError(f"eval.confidence: {cfg.eval.confidence} must be in (0, 1), e.g. 0.95")
-    from covidtl.stats import parse_rule  # here, not above: stats imports paths, which imports this module
-
-    try:
-        parse_rule(cfg.eval.operating_point, where="eval.operating_point")
-    except UserError as exc:
-        raise ConfigError(str(exc)) from None
+    parse_rule(cfg.eval.operating_point, where="eval.operating_point")
     for name, cls in cfg.data.labels.items():
         if cls not in ("covid", "non_covid"):
             raise ConfigError(f"data.labels.{name}: {cls!r} must be covid or non_covid")
@@ -591,6 +586,25 @@ def _validate_recipe(cfg: Config) -> None:
     if not is_init(cfg.train.init):
         raise ConfigError(f"train.init: {cfg.train.init!r} is not an init; give random, imagenet, finetune, "
                           "pretrained, a weights file (.weights.h5 or .h5) or finetune:FILE")
+
+
+def parse_rule(text: str, where: str = "operating point") -> tuple[str, float | None]:
+    """'youden' -> ('youden', None); 'sensitivity:0.95' -> ('sensitivity', 0.95); else one ConfigError
+    line (a rule is a value of eval.operating_point)."""
+    name, sep, value = str(text).strip().lower().partition(":")
+    if name == "youden" and not sep:
+        return ("youden", None)
+    if name in ("sensitivity", "specificity") and sep:
+        try:
+            target = float(value)
+        except ValueError:
+            target = math.nan
+        if 0 < target <= 1:
+            return (name, target)
+    raise ConfigError(
+        f"{where}: {text!r} is not a rule; use youden, sensitivity:X or specificity:X "
+        "with 0 < X <= 1 (e.g. sensitivity:0.95)"
+    )
 
 
 # An external set's name is a folder name (external/<dataset>/<cell>/<name>/) and an MLflow tag.
