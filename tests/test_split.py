@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -23,7 +24,7 @@ def synth_ct(tmp_path_factory, synth_data):
 
 
 def split_with(cfg, strategy: str, seed: int = 42):
-    cfg.split = SplitConfig(strategy=strategy, fractions=cfg.split.fractions, seed=seed)
+    cfg = dataclasses.replace(cfg, split=SplitConfig(strategy=strategy, fractions=cfg.split.fractions, seed=seed))
     return split.run(cfg, "ct")
 
 

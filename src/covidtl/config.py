@@ -2,22 +2,26 @@
 
 params.yaml is the one source of defaults: the dataclasses below declare types, not values, so a
 key missing from the file is an error, never a silent fallback to a second set of defaults. Every
-stage reads its own group (``cfg.split``, ``cfg.train`` ...). Unknown or missing keys, wrong types
-and impossible values stop with one line that names the key.
+stage reads its own group (``cfg.split``, ``cfg.train`` ...). pydantic checks the loaded file
+against these types (`load_config`): unknown or missing keys, wrong types and impossible values
+stop with one line that names the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
+import pydantic
 import yaml
+from pydantic import ConfigDict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError, with_config
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from covidtl.cells import is_init
 from covidtl.errors import UserError
@@ -30,125 +34,228 @@ class ConfigError(UserError):
     """A user-fixable problem in params.yaml or in an override."""
 
 
-@dataclass
+# --------------------------------------------------------------------------- value types
+# get_type_hints() drops the Annotated checks: code that reads these types sees int, float, dict ...
+
+T = TypeVar("T")
+
+
+@typing.dataclass_transform(frozen_default=True)
+def group(cls: type[T]) -> type[T]:
+    """A group of params.yaml: a frozen dataclass whose unknown keys pydantic refuses."""
+    return with_config(ConfigDict(extra="forbid"))(dataclass(frozen=True)(cls))
+
+
+def _by_name(value: Any) -> Any:
+    """An empty YAML key is no entries; a numeric YAML key (a folder named 0) is a name like any other."""
+    if value is None:
+        return {}
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+
+ByName = Annotated[dict[str, T], pydantic.BeforeValidator(_by_name)]
+
+
+def _check(holds: Callable[[Any], Any], message: str) -> pydantic.AfterValidator:
+    """Refuses a value for which `holds` is false, with `message` (formatted with the value)."""
+
+    def check(value: Any) -> Any:
+        if not holds(value):
+            raise ValueError(message.format(value=value))
+        return value
+
+    return pydantic.AfterValidator(check)
+
+
+PositiveInt = Annotated[StrictInt, _check(lambda v: v > 0, "{value} must be > 0")]
+PositiveFloat = Annotated[float, _check(lambda v: v > 0, "{value} must be > 0")]
+NonNegativeInt = Annotated[StrictInt, _check(lambda v: v >= 0, "{value} must be >= 0")]
+NonNegativeFloat = Annotated[float, _check(lambda v: v >= 0, "{value} must be >= 0")]
+Fraction = Annotated[float, _check(lambda v: 0 <= v < 1, "{value} must be in [0, 1)")]
+Probability = Annotated[float, _check(lambda v: 0 <= v <= 1, "{value} must be in [0, 1]")]
+Folds = Annotated[StrictInt, _check(lambda v: v >= 2, "{value} must be at least 2")]
+
+
+def _not_a_number(value: Any) -> Any:
+    """1 == True in Python, but 1 is not a choice of a true/false/auto key."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise PydanticCustomError("literal_error", "not a choice")
+    return value
+
+
+# An external set's name is a folder name (external/<dataset>/<cell>/<name>/) and an MLflow tag.
+EXTERNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+FolderName = Annotated[StrictStr, _check(
+    EXTERNAL_NAME.fullmatch, "{value!r} is not a folder-safe name; use letters, digits, '.', '_' and '-', "
+    "starting with a letter or digit (e.g. ct-external)")]
+
+
+def _fractions(fractions: dict[str, float]) -> dict[str, float]:
+    if set(fractions) != {"train", "val", "test"}:
+        raise ValueError(f"needs exactly train, val and test, got {sorted(fractions)}")
+    if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
+        raise ValueError(f"train + val + test = {sum(fractions.values()):.4g}, must be 1")
+    return fractions
+
+
+def _bounds(bounds: list[float]) -> list[float]:
+    if len(bounds) != 2:
+        raise ValueError(f"expected [low, high], got {bounds}")
+    low, high = bounds
+    if low <= 0 or high <= 0:
+        raise ValueError(f"learning-rate bounds must be > 0, got {bounds}")
+    if low >= high:
+        raise ValueError(f"lower bound {low} is not below upper {high}")
+    return bounds
+
+
+def parse_rule(text: str, where: str = "operating point") -> tuple[str, float | None]:
+    """'youden' -> ('youden', None); 'sensitivity:0.95' -> ('sensitivity', 0.95); else one ConfigError
+    line (a rule is a value of eval.operating_point)."""
+    name, sep, value = str(text).strip().lower().partition(":")
+    if name == "youden" and not sep:
+        return ("youden", None)
+    if name in ("sensitivity", "specificity") and sep:
+        try:
+            target = float(value)
+        except ValueError:
+            target = math.nan
+        if 0 < target <= 1:
+            return (name, target)
+    raise ConfigError(
+        f"{where}: {text!r} is not a rule; use youden, sensitivity:X or specificity:X "
+        "with 0 < X <= 1 (e.g. sensitivity:0.95)"
+    )
+
+
+def _operating_rule(rule: str) -> str:
+    parse_rule(rule, where="eval.operating_point")
+    return rule
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@group
 class SynthConfig:
-    out: str
-    images_per_class: int
-    slices_per_patient: int
-    size: int
-    seed: int
-    site2_images_per_class: int
+    out: StrictStr
+    images_per_class: PositiveInt
+    slices_per_patient: PositiveInt
+    size: PositiveInt
+    seed: StrictInt
+    site2_images_per_class: PositiveInt
 
 
-@dataclass
+@group
 class DatasetConfig:
-    path: str
-    subdir: str | None = None
-    series: bool = False
+    path: StrictStr
+    subdir: StrictStr | None = None
+    series: StrictBool = False
     # Slices share a fixed frame (full-field CT): compare them without it (see data.groups).
-    shared_frame: bool = False
+    shared_frame: StrictBool = False
     # A known limit of the data that every model card trained on it repeats (e.g. a shortcut).
-    caution: str | None = None
+    caution: StrictStr | None = None
 
 
-@dataclass
+@group
 class ExternalSet:
     """One external test folder of a dataset: scored, never trained or selected on."""
 
-    name: str
-    path: str
-    series: bool = False
-    shared_frame: bool = False  # as DatasetConfig.shared_frame
+    name: FolderName
+    path: Annotated[StrictStr, _check(bool, "empty; give the folder of class folders")]
+    series: StrictBool = False
+    shared_frame: StrictBool = False  # as DatasetConfig.shared_frame
 
 
-@dataclass
+@group
 class DataConfig:
-    workdir: str
-    datasets: dict[str, DatasetConfig]
-    labels: dict[str, str]
+    workdir: StrictStr
+    datasets: ByName[DatasetConfig]
+    labels: ByName[Literal["covid", "non_covid"]]
 
 
-@dataclass
+@group
 class CacheConfig:
     """The caches under <data.workdir>/cache (decoded images, backbone features): one budget."""
-    max_gb: float  # least recently used caches are removed past this total; 0 = no limit
+    max_gb: NonNegativeFloat  # least recently used caches are removed past this total; 0 = no limit
 
 
-@dataclass
+@group
 class IngestConfig:
-    hash_size: int
-    near_duplicate_bits: int
-    series_break: float
-    thumbnail: int
+    hash_size: PositiveInt
+    near_duplicate_bits: NonNegativeInt
+    series_break: Annotated[float, _check(lambda v: -1 <= v <= 1, "{value} must be in [-1, 1]")]
+    thumbnail: PositiveInt
     # Pillow's decompression-bomb guard in every reader (covidtl.data.images.set_pixel_limit).
-    max_megapixels: float
+    max_megapixels: PositiveFloat
 
 
-@dataclass
+@group
 class SplitConfig:
     strategy: Literal["grouped", "random"]
-    fractions: dict[str, float]
-    seed: int
+    fractions: Annotated[ByName[Probability], pydantic.AfterValidator(_fractions)]
+    seed: StrictInt
 
 
-@dataclass
+@group
 class IntensityConfig:
     """Photometric augmentation beside the paper's geometric one; 0 switches each off."""
-    brightness: float  # added offset, uniform in +/- this fraction of the [0, 1] range
-    contrast: float  # contrast factor uniform in [1 - c, 1 + c] about the image mean
-    gamma: float  # gamma uniform in [1 - g, 1 + g] on [0, 1] values
-    noise: float  # Gaussian noise, standard deviation as a fraction of the [0, 1] range
-    blur: float  # probability of a 3x3 Gaussian blur
+    brightness: Fraction  # added offset, uniform in +/- this fraction of the [0, 1] range
+    contrast: Fraction  # contrast factor uniform in [1 - c, 1 + c] about the image mean
+    gamma: Fraction  # gamma uniform in [1 - g, 1 + g] on [0, 1] values
+    noise: Fraction  # Gaussian noise, standard deviation as a fraction of the [0, 1] range
+    blur: Probability  # probability of a 3x3 Gaussian blur
 
 
-@dataclass
+@group
 class AugmentConfig:
     mode: Literal["online", "offline"]
-    rotation: float
-    zoom: float
-    horizontal_flip: bool
-    copies_per_image: int
-    max_images: int
-    seed: int
+    rotation: NonNegativeFloat
+    zoom: Fraction
+    horizontal_flip: StrictBool
+    copies_per_image: PositiveInt
+    max_images: NonNegativeInt
+    seed: StrictInt
     intensity: IntensityConfig
 
 
-@dataclass
+@group
 class StopConfig:
     rule: Literal["paper", "patience", "none"]
     val_accuracy: float
     val_loss: float
-    patience: int
+    patience: PositiveInt
 
 
-@dataclass
+@group
 class LinearProbeConfig:
     """`train.head: linear_probe`: L2 logistic regression on pooled frozen features."""
-    c_grid: list[float]  # inverse regularisation strengths tried
-    folds: int  # patient-grouped folds inside the training rows that choose C
+    # inverse regularisation strengths tried
+    c_grid: Annotated[list[PositiveFloat], _check(len, "{value} must be a non-empty list of numbers > 0")]
+    folds: Folds  # patient-grouped folds inside the training rows that choose C
 
 
-@dataclass
+@group
 class TrainConfig:
     # The recipe's model and init: what --model / --init auto (the CLI's default) resolve to.
-    model: str
-    init: str
-    batch_size: int
-    max_epochs: int
-    seed: int
+    model: StrictStr
+    init: StrictStr
+    batch_size: PositiveInt
+    max_epochs: PositiveInt
+    seed: StrictInt
     preprocessing: Literal["model", "rescale"]
     head: Literal["paper", "gap", "linear_probe"]
-    head_units: int
-    dropout: float
-    finetune_lr_factor: float
+    head_units: PositiveInt
+    dropout: Fraction
+    finetune_lr_factor: PositiveFloat
     stop: StopConfig
     select: Literal["last", "val_auc", "val_loss"]
-    image_size: dict[str, int]
-    max_train_samples: int
-    bn_recalibration_batches: int
+    image_size: ByName[Annotated[StrictInt, _check(lambda v: v >= 32, "{value} is below 32 px")]]
+    max_train_samples: NonNegativeInt
+    bn_recalibration_batches: NonNegativeInt
     # auto: eager for a training split of a few batches, graphs above (covidtl.distribute.eager_for)
-    run_eagerly: Literal["auto", True, False]
-    learning_rates: dict[str, float]
+    run_eagerly: Annotated[Literal["auto", True, False], pydantic.BeforeValidator(_not_a_number)]
+    learning_rates: ByName[PositiveFloat]
     # Where and how precisely it runs (covidtl.distribute; docs/gpus.md).
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
     strategy: Literal["auto", "default", "mirrored", "multiworker"]
@@ -157,50 +264,54 @@ class TrainConfig:
     # "The custom CNN's stronger recipe"); the defaults are the paper's.
     crop: Literal["none", "body"]  # body: crop to the body's bounding box inside the model
     normalize: Literal["none", "standardize", "equalize"]  # per image, inside the model
-    label_smoothing: float
-    weight_decay: float  # > 0: AdamW with this decoupled decay instead of Adam
+    label_smoothing: Fraction
+    weight_decay: NonNegativeFloat  # > 0: AdamW with this decoupled decay instead of Adam
     schedule: Literal["constant", "cosine"]  # cosine: decays to 0 at max_epochs
-    warmup_epochs: int  # linear warm-up from 0 over this many epochs (0: none)
+    warmup_epochs: NonNegativeInt  # linear warm-up from 0 over this many epochs (0: none)
     tta: Literal["none", "flip", "flip_zoom"]  # test-time augmentation the saved model applies itself
     # Frozen parts computed once per image (covidtl.features, covidtl.frozen).
     feature_cache: Literal["auto", "none"]
-    feature_copies: int  # augmented copies stored per training image (0: the images as decoded)
-    unfreeze_after: str  # none | top_block | a layer of the base: the layers after it train
+    # augmented copies stored per training image (0: the images as decoded)
+    feature_copies: Annotated[StrictInt, _check(
+        lambda v: v >= 0, "{value} must be >= 0 (0 trains on the images as decoded)")]
+    unfreeze_after: StrictStr  # none | top_block | a layer of the base: the layers after it train
     linear_probe: LinearProbeConfig
 
 
-@dataclass
+@group
 class PretrainConfig:
     """`covidtl pretrain`: a self-supervised (SimCLR) backbone from the training splits' images."""
-    epochs: int
-    batch_size: int  # images per step; each gives two views, so 2 x this many in the loss
-    temperature: float  # NT-Xent's softmax temperature
-    learning_rate: float  # the optimiser's (Adam, or AdamW when train.weight_decay > 0)
-    datasets: list[str]  # whose training split (never val, test or external) it learns from
-    out: str  # folder: <out>/<model>.weights.h5 and <model>.json
-    seed: int
+    epochs: PositiveInt
+    # images per step; each gives two views, so 2 x this many in the loss
+    batch_size: Annotated[StrictInt, _check(lambda v: v >= 2, "{value} must be at least 2 (each image's "
+                                            "other view is told apart from the rest of its batch)")]
+    temperature: PositiveFloat  # NT-Xent's softmax temperature
+    learning_rate: PositiveFloat  # the optimiser's (Adam, or AdamW when train.weight_decay > 0)
+    datasets: list[StrictStr]  # whose training split (never val, test or external) it learns from
+    out: StrictStr  # folder: <out>/<model>.weights.h5 and <model>.json
+    seed: StrictInt
 
 
-@dataclass
+@group
 class CVConfig:
-    folds: int
-    seed: int
-    out: str
+    folds: Folds
+    seed: StrictInt
+    out: StrictStr
 
 
-@dataclass
+@group
 class ProfileCells:
     """The cells trained with a named profile beside the paper's (on every study dataset)."""
-    models: list[str]
-    inits: list[str]
+    models: list[StrictStr]
+    inits: list[StrictStr]
 
 
-@dataclass
+@group
 class StudyConfig:
-    models: list[str]
-    inits: list[str]
-    datasets: list[str]
-    profiles: dict[str, ProfileCells]
+    models: list[StrictStr]
+    inits: list[StrictStr]
+    datasets: list[StrictStr]
+    profiles: ByName[ProfileCells]
 
     def cells(self) -> list[tuple[str, str, str]]:
         """(profile, model, init) of every cell per dataset: the paper's matrix, then each profile's."""
@@ -208,39 +319,41 @@ class StudyConfig:
         return paper + [(p, m, i) for p, c in self.profiles.items() for m in c.models for i in c.inits]
 
 
-@dataclass
+@group
 class TuneConfig:
-    trials: int
-    epochs: int
-    storage: str
+    trials: PositiveInt
+    epochs: PositiveInt
+    storage: StrictStr
     pruner: Literal["median", "halving", "none"]
-    sampler_seed: int
-    decades: float
-    bounds: dict[str, list[float]]
-    search_batch_size: bool
-    search_dropout: bool
-    init: str
+    sampler_seed: StrictInt
+    decades: PositiveFloat
+    bounds: ByName[Annotated[list[float], pydantic.AfterValidator(_bounds)]]
+    search_batch_size: StrictBool
+    search_dropout: StrictBool
+    init: StrictStr
     metric: Literal["val_loss", "val_accuracy"]
-    min_epochs: int
-    prune_after: int
-    stale_after: int
-    out: str
+    min_epochs: PositiveInt
+    prune_after: NonNegativeInt
+    stale_after: PositiveInt
+    out: StrictStr
 
 
-@dataclass
+@group
 class ReportConfig:
-    out: str
+    out: StrictStr
 
 
-@dataclass
+@group
 class EvalConfig:
-    bootstrap: int
-    confidence: float
-    seed: int
-    operating_point: str
+    # The 2.5% tail of fewer resamples is two or three values: an interval of noise.
+    bootstrap: Annotated[StrictInt, _check(lambda v: v == 0 or v >= 100,
+                                           "{value} must be 0 (no intervals) or >= 100")]
+    confidence: Annotated[float, _check(lambda v: 0 < v < 1, "{value} must be in (0, 1), e.g. 0.95")]
+    seed: StrictInt
+    operating_point: Annotated[StrictStr, pydantic.AfterValidator(_operating_rule)]
 
 
-@dataclass
+@group
 class Config:
     synth: SynthConfig
     data: DataConfig
@@ -253,12 +366,12 @@ class Config:
     tune: TuneConfig
     pretrain: PretrainConfig
     cv: CVConfig
-    external: dict[str, list[ExternalSet]]
+    external: ByName[list[ExternalSet]]
     report: ReportConfig
     eval: EvalConfig
     # A named set of overrides from `profiles` (params.yaml < profile < -S/CLI options).
-    profile: str
-    profiles: dict[str, dict[str, Any]]
+    profile: StrictStr
+    profiles: ByName[ByName[Any]]
 
     def dataset(self, name: str) -> DatasetConfig:
         """The named dataset, or one clear error listing the known names."""
@@ -318,9 +431,12 @@ def load_config(
     _apply_profile(raw, path)
     for key, value in overrides.items():
         _set_dotted(raw, key, value)
-    cfg = _build(Config, raw, "", source=path)
-    validate(cfg)
-    return cfg
+    try:
+        return _adapter().validate_python(raw)
+    except ValidationError as exc:
+        # An unknown key first: a misspelt key is also a missing one, and the misspelling is the news.
+        first = min(exc.errors(include_url=False), key=lambda e: e["type"] != "unexpected_keyword_argument")
+        raise ConfigError(_one_line(first, path)) from None
 
 
 def _apply_profile(raw: dict[str, Any], path: Path) -> None:
@@ -365,201 +481,20 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, where: str, source: Path = Path(PARAMS_FILE)) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'params'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"{key}: unknown key; known keys here: {', '.join(sorted(names))}")
-    required = [
-        f.name for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [name for name in required if name not in raw]
-    if missing:
-        key = f"{where}.{missing[0]}" if where else missing[0]
-        raise ConfigError(
-            f"{key}: missing from {source}; every key has its one default in {PARAMS_FILE}: "
-            "copy it from there"
-        )
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in raw:
-            key = f"{where}.{f.name}" if where else f.name
-            kwargs[f.name] = _coerce(hints[f.name], raw[f.name], key, source)
-    return cls(**kwargs)
+# --------------------------------------------------------------------------- checks
 
 
-def _coerce(tp: Any, value: Any, key: str, source: Path = Path(PARAMS_FILE)) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key, source)
-    if origin is Literal:
-        # By type too: 1 == True in Python, but 1 is not a choice of a true/false/auto key.
-        if not any(type(value) is type(a) and value == a for a in args):
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(_yaml_word, args))}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key, source)
-    if origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        ktype, vtype = args
-        return {str(k): _coerce(vtype, v, f"{key}.{k}", source) for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML reads 1e-3 (no dot) as a string; accept it as the number it means.
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value
+@functools.cache
+def _adapter() -> TypeAdapter:
+    """Built on first use: a command that never loads params does not pay for pydantic's schema."""
+    return TypeAdapter(Annotated[Config, pydantic.AfterValidator(_check_across_groups)])
 
 
-def _yaml_word(value: Any) -> str:
-    """A choice as params.yaml spells it (true, not True)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def validate(cfg: Config) -> None:
-    """Impossible values, each with the key that holds them."""
-    fr = cfg.split.fractions
-    if set(fr) != {"train", "val", "test"}:
-        raise ConfigError(f"split.fractions: needs exactly train, val and test, got {sorted(fr)}")
-    for name, value in fr.items():
-        if not 0 <= value <= 1:
-            raise ConfigError(f"split.fractions.{name}: {value} is outside [0, 1]")
-    if not math.isclose(sum(fr.values()), 1.0, abs_tol=1e-6):
-        raise ConfigError(f"split.fractions: train + val + test = {sum(fr.values()):.4g}, must be 1")
-    for name, rate in cfg.train.learning_rates.items():
-        if not rate > 0:
-            raise ConfigError(f"train.learning_rates.{name}: {rate} must be > 0")
-    positive = {
-        "train.batch_size": cfg.train.batch_size,
-        "train.max_epochs": cfg.train.max_epochs,
-        "train.head_units": cfg.train.head_units,
-        "train.finetune_lr_factor": cfg.train.finetune_lr_factor,
-        "synth.images_per_class": cfg.synth.images_per_class,
-        "synth.slices_per_patient": cfg.synth.slices_per_patient,
-        "synth.size": cfg.synth.size,
-        "synth.site2_images_per_class": cfg.synth.site2_images_per_class,
-        "ingest.hash_size": cfg.ingest.hash_size,
-        "ingest.thumbnail": cfg.ingest.thumbnail,
-        "ingest.max_megapixels": cfg.ingest.max_megapixels,
-        "augment.copies_per_image": cfg.augment.copies_per_image,
-        "tune.trials": cfg.tune.trials,
-        "tune.epochs": cfg.tune.epochs,
-        "tune.decades": cfg.tune.decades,
-        "tune.min_epochs": cfg.tune.min_epochs,
-        "tune.stale_after": cfg.tune.stale_after,
-        "train.stop.patience": cfg.train.stop.patience,
-        "pretrain.epochs": cfg.pretrain.epochs,
-        "pretrain.temperature": cfg.pretrain.temperature,
-        "pretrain.learning_rate": cfg.pretrain.learning_rate,
-    }
-    unit_interval = {
-        "train.label_smoothing": cfg.train.label_smoothing,
-        "augment.intensity.brightness": cfg.augment.intensity.brightness,
-        "augment.intensity.contrast": cfg.augment.intensity.contrast,
-        "augment.intensity.gamma": cfg.augment.intensity.gamma,
-        "augment.intensity.noise": cfg.augment.intensity.noise,
-        "augment.intensity.blur": cfg.augment.intensity.blur,
-    }
-    for key, value in unit_interval.items():
-        if not 0 <= value < 1 and not (key.endswith("blur") and value == 1):
-            raise ConfigError(f"{key}: {value} must be in [0, 1)" + (" or 1" if key.endswith("blur") else ""))
-    if cfg.train.weight_decay < 0 or cfg.train.warmup_epochs < 0:
-        raise ConfigError("train.weight_decay and train.warmup_epochs must be >= 0, got "
-                          f"{cfg.train.weight_decay} and {cfg.train.warmup_epochs}")
-
-    for key, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"{key}: {value} must be > 0")
+def _check_across_groups(cfg: Config) -> Config:
+    """The rules that tie keys together, once each key has its type."""
     if cfg.train.stop.rule == "patience" and cfg.train.select == "last":
         raise ConfigError("train.stop.rule: patience waits for `train.select` to improve, but "
                           "train.select is last; set train.select to val_auc or val_loss")
-    if cfg.train.feature_copies < 0:
-        raise ConfigError(f"train.feature_copies: {cfg.train.feature_copies} must be >= 0 "
-                          "(0 trains on the images as decoded)")
-    probe = cfg.train.linear_probe
-    if not probe.c_grid or any(not c > 0 for c in probe.c_grid):
-        raise ConfigError(f"train.linear_probe.c_grid: {probe.c_grid} must be a non-empty list of numbers > 0")
-    if probe.folds < 2:
-        raise ConfigError(f"train.linear_probe.folds: {probe.folds} must be at least 2")
-    if cfg.pretrain.batch_size < 2:
-        raise ConfigError(f"pretrain.batch_size: {cfg.pretrain.batch_size} must be at least 2 "
-                          "(each image's other view is told apart from the rest of its batch)")
-    if not cfg.cv.folds >= 2:
-        raise ConfigError(f"cv.folds: {cfg.cv.folds} must be at least 2")
-    non_negative = {
-        "train.max_train_samples": cfg.train.max_train_samples,
-        "train.bn_recalibration_batches": cfg.train.bn_recalibration_batches,
-        "augment.max_images": cfg.augment.max_images,
-        "augment.rotation": cfg.augment.rotation,
-        "ingest.near_duplicate_bits": cfg.ingest.near_duplicate_bits,
-        "tune.prune_after": cfg.tune.prune_after,
-        "cache.max_gb": cfg.cache.max_gb,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}: {value} must be >= 0")
-    if not 0 <= cfg.train.dropout < 1:
-        raise ConfigError(f"train.dropout: {cfg.train.dropout} must be in [0, 1)")
-    if not 0 <= cfg.augment.zoom < 1:
-        raise ConfigError(f"augment.zoom: {cfg.augment.zoom} must be in [0, 1)")
-    if not -1 <= cfg.ingest.series_break <= 1:
-        raise ConfigError(f"ingest.series_break: {cfg.ingest.series_break} must be in [-1, 1]")
-    for model, size in cfg.train.image_size.items():
-        if size < 32:
-            raise ConfigError(f"train.image_size.{model}: {size} is below 32 px")
-    for model, bounds in cfg.tune.bounds.items():
-        if len(bounds) != 2:
-            raise ConfigError(f"tune.bounds.{model}: expected [low, high], got {bounds}")
-        low, high = bounds
-        if low <= 0 or high <= 0:
-            raise ConfigError(f"tune.bounds.{model}: learning-rate bounds must be > 0, got {bounds}")
-        if low >= high:
-            raise ConfigError(f"tune.bounds.{model}: lower bound {low} is not below upper {high}")
-    if cfg.eval.bootstrap != 0 and cfg.eval.bootstrap < 100:
-        # The 2.5% tail of fewer resamples is two or three values: an interval of noise.
-        raise ConfigError(f"eval.bootstrap: {cfg.eval.bootstrap} must be 0 (no intervals) or >= 100")
-    if not 0 < cfg.eval.confidence < 1:
-        raise ConfigError(f"eval.confidence: {cfg.eval.confidence} must be in (0, 1), e.g. 0.95")
-    from covidtl.stats import parse_rule  # here, not above: stats imports paths, which imports this module
-
-    try:
-        parse_rule(cfg.eval.operating_point, where="eval.operating_point")
-    except UserError as exc:
-        raise ConfigError(str(exc)) from None
-    for name, cls in cfg.data.labels.items():
-        if cls not in ("covid", "non_covid"):
-            raise ConfigError(f"data.labels.{name}: {cls!r} must be covid or non_covid")
     _validate_external(cfg)
     _validate_recipe(cfg)
     for name in cfg.study.profiles:
@@ -567,6 +502,45 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"study.profiles.{name}: not a profile of `profiles` other than paper "
                               f"(known: {', '.join(sorted(set(cfg.profiles) - {'paper'})) or 'none'})")
     _validate_profile_cells(cfg)
+    return cfg
+
+
+_EXPECTED = {"int_type": "an integer", "bool_type": "true or false", "float_type": "a number",
+             "float_parsing": "a number", "string_type": "a string", "dict_type": "a mapping",
+             "dataclass_type": f"the group's keys as in {PARAMS_FILE}", "list_type": "a list"}
+
+
+def _one_line(error: ErrorDetails, source: Path) -> str:
+    """pydantic's complaint as the project's line: the dotted key, what is wrong, the fix."""
+    loc, kind, value = error["loc"], error["type"], error["input"]
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    if kind == "unexpected_keyword_argument":
+        known = sorted(f.name for f in dataclasses.fields(_type_at(loc[:-1])))
+        return f"{key}: unknown key; known keys here: {', '.join(known)}"
+    if kind == "missing":
+        return (f"{key}: missing from {source}; every key has its one default in {PARAMS_FILE}: "
+                "copy it from there")
+    if kind == "literal_error":
+        return f"{key}: {value!r} is not one of {', '.join(map(_yaml_word, typing.get_args(_type_at(loc))))}"
+    if kind == "value_error":
+        return f"{key}: {error['ctx']['error']}"
+    if kind in _EXPECTED:
+        return f"{key}: expected {_EXPECTED[kind]}, got {value!r}"
+    return f"{key}: {error['msg']} (got {value!r})"
+
+
+def _type_at(loc: tuple[str | int, ...]) -> Any:
+    """The declared type at an error's location: a group's dataclass, a choice's Literal."""
+    tp: Any = Config
+    for part in loc:
+        # A group's field, else a dict's values or a list's items.
+        tp = typing.get_type_hints(tp)[part] if dataclasses.is_dataclass(tp) else typing.get_args(tp)[-1]
+    return tp
+
+
+def _yaml_word(value: Any) -> str:
+    """A choice as params.yaml spells it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _validate_profile_cells(cfg: Config) -> None:
@@ -593,10 +567,6 @@ def _validate_recipe(cfg: Config) -> None:
                           "pretrained, a weights file (.weights.h5 or .h5) or finetune:FILE")
 
 
-# An external set's name is a folder name (external/<dataset>/<cell>/<name>/) and an MLflow tag.
-EXTERNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
 def _validate_external(cfg: Config) -> None:
     seen: dict[str, str] = {}
     for dataset, sets in cfg.external.items():
@@ -604,18 +574,10 @@ def _validate_external(cfg: Config) -> None:
             known = ", ".join(sorted(cfg.data.datasets)) or "none"
             raise ConfigError(f"external.{dataset}: no dataset {dataset!r} in data.datasets (known: {known})")
         for i, entry in enumerate(sets):
-            key = f"external.{dataset}[{i}].name"
-            if not EXTERNAL_NAME.fullmatch(entry.name):
-                raise ConfigError(
-                    f"{key}: {entry.name!r} is not a folder-safe name; use letters, digits, '.', '_' "
-                    "and '-', starting with a letter or digit (e.g. ct-external)"
-                )
             if entry.name in seen:
-                raise ConfigError(f"{key}: {entry.name!r} is already the name of {seen[entry.name]}; "
-                                  "give each external set its own name")
+                raise ConfigError(f"external.{dataset}[{i}].name: {entry.name!r} is already the name of "
+                                  f"{seen[entry.name]}; give each external set its own name")
             seen[entry.name] = f"external.{dataset}[{i}]"
-            if not entry.path:
-                raise ConfigError(f"external.{dataset}[{i}].path: empty; give the folder of class folders")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

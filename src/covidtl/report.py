@@ -211,13 +211,8 @@ def _markdown(frame: pd.DataFrame) -> str:
             return "—"
         return str(value)
 
-    header = "| " + " | ".join(c.removeprefix("test_") for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    rows = [
-        "| " + " | ".join(cell(c, v) for c, v in zip(frame.columns, row)) + " |"
-        for row in frame.itertuples(index=False)
-    ]
-    return "\n".join([header, rule, *rows])
+    shown = pd.DataFrame({c.removeprefix("test_"): [cell(c, v) for v in frame[c]] for c in frame.columns})
+    return shown.to_markdown(index=False, disable_numparse=True)  # "10.0" stays as written
 
 
 def plot_metrics(table: pd.DataFrame, dataset: str, out: Path) -> Path:
@@ -457,18 +452,16 @@ def cross_dataset_section(cross: pd.DataFrame, score_counts: dict[str, int] | No
     if cross.empty or set(cross["scored_on"]) == {"test split"}:
         return lines + ["No external test set scored (`external` in params.yaml, stage "
                         "external@<dataset>): nothing here says how the models fare elsewhere.", ""]
-    lines += ["Threshold 0.5; 95% intervals resample each set's groups. External sets were never "
-              "used for training or selection.", "",
-              "| dataset | cell | scored on | images | " + " | ".join(CROSS_METRICS) + " |",
-              "|" + "---|" * (4 + len(CROSS_METRICS))]
+    rows = []
     for row in cross.to_dict("records"):
-        values = [with_interval(*(row.get(f"{m}{s}") for s in ("", "_ci_low", "_ci_high")))
-                  for m in CROSS_METRICS]
         images = row["images"]
-        shown = "—" if images is None or pd.isna(images) else f"{images:.0f}"
-        lines.append(f"| {row['dataset']} | {row['cell']} | {row['scored_on']} | {shown} | "
-                     + " | ".join(values) + " |")
-    return lines + [""]
+        rows.append({"dataset": row["dataset"], "cell": row["cell"], "scored on": row["scored_on"],
+                     "images": "—" if images is None or pd.isna(images) else f"{images:.0f}",
+                     **{m: with_interval(*(row.get(f"{m}{s}") for s in ("", "_ci_low", "_ci_high")))
+                        for m in CROSS_METRICS}})
+    return lines + ["Threshold 0.5; 95% intervals resample each set's groups. External sets were never "
+                    "used for training or selection.", "",
+                    pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
 
 
 def _cell_of(row: dict | Any, models_root: str | Path = MODELS_ROOT) -> Cell:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from covidtl.config import parse_rule
 from covidtl.errors import UserError
 from covidtl.paths import CLASSES, POSITIVE_INDEX, p_covid
 
@@ -323,24 +324,6 @@ def reliability(y_true, prob, bins: int = 10) -> Reliability:
 
 
 # --------------------------------------------------------------------------- operating points
-
-
-def parse_rule(text: str, where: str = "operating point") -> tuple[str, float | None]:
-    """'youden' -> ('youden', None); 'sensitivity:0.95' -> ('sensitivity', 0.95); else one UserError line."""
-    name, sep, value = str(text).strip().lower().partition(":")
-    if name == "youden" and not sep:
-        return ("youden", None)
-    if name in ("sensitivity", "specificity") and sep:
-        try:
-            target = float(value)
-        except ValueError:
-            target = math.nan
-        if 0 < target <= 1:
-            return (name, target)
-    raise UserError(
-        f"{where}: {text!r} is not a rule; use youden, sensitivity:X or specificity:X "
-        "with 0 < X <= 1 (e.g. sensitivity:0.95)"
-    )
 
 
 def operating_point(y_true, prob, rule: str) -> float:
