@@ -673,9 +673,10 @@ def test_only_the_worker_that_creates_a_study_queues_the_papers_rate(tmp_path):
     # the others load it. Checking "already queued?" instead raced in CI: 1e-3 ran twice.
     from covidtl.tune import load_study, study_identity
 
-    cfg = load_config(PARAMS)
+    root = make_project(tmp_path)  # its own split table: the identity hashes it
+    cfg = config(root)
     identity = study_identity(cfg, "custom_cnn", "random", "tiny")
-    url = sqlite_url(tmp_path)
+    url = sqlite_url(root)
     first, created_first = load_study(cfg, identity, url)
     second, created_second = load_study(cfg, identity, url)
     assert (created_first, created_second) == (True, False)
