@@ -6,6 +6,9 @@ what evaluate, predict and the external sets need to score the model, and what i
 cell's card.json and test metrics, the split's leakage report, the external test sets'
 scores): written to `reports/cards/<cell>.json` and `.md` (`model_card`). The failure modes
 are the study's own measurements, stated as findings.
+
+Below training and the steps (they write card.json through it): it takes plain values, or reads
+training's plan by attribute, and imports none of theirs.
 """
 
 from __future__ import annotations
@@ -13,19 +16,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from covidtl import paths, pretrained, tracking
-from covidtl.cells import Cell
+from covidtl.cells import Cell, read_verdict
 from covidtl.config import Config
 from covidtl.files import atomic_path, atomic_write_text, json_text
-from covidtl.probe import read_verdict
 from covidtl.scores import DEFAULT_THRESHOLD, with_interval
-
-if TYPE_CHECKING:  # types only: training and the ensemble import this module
-    from covidtl.ensemble import Member
-    from covidtl.frozen import FrozenTraining
-    from covidtl.train import Fitted, Plan
 
 INTENDED_USE = (
     "Research only: not a diagnostic device. It has not been validated for clinical use; its "
@@ -125,9 +122,12 @@ def model_card(
     }
 
 
-def training_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, Any],
-                  frozen: FrozenTraining | None = None) -> dict[str, Any]:
-    """card.json beside model.keras: what evaluate and predict need, and what the model is."""
+def training_card(plan: Any, fitted: Any, run_id: str, operating: dict[str, Any],
+                  frozen: Any | None = None) -> dict[str, Any]:
+    """card.json beside model.keras: what evaluate and predict need, and what the model is.
+
+    `plan` and `fitted` are training's Plan and Fitted, `frozen` a frozen.FrozenTraining: read by
+    attribute, since training imports this module."""
     trained_on = {}
     if frozen is not None:  # which part was frozen and stored, and how many copies each image had
         trained_on["frozen_part"] = {"cut": frozen.parts.cut, "feature_view": frozen.clean_view.digest(),
@@ -153,14 +153,15 @@ def training_card(plan: Plan, fitted: Fitted, run_id: str, operating: dict[str, 
     }
 
 
-def ensemble_card(members: list[Member], dataset: str, operating: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """card.json beside the ensemble's model.keras: what evaluate and predict need, and its members."""
-    first = members[0]
+def ensemble_card(members: list[dict[str, Any]], *, model: str, image_size: int, preprocessing: str,
+                  dataset: str, operating: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """card.json beside the ensemble's model.keras: what evaluate and predict need, and its
+    members (each as the ensemble names it)."""
     return {
-        "kind": "ensemble", "model": first.loaded.name, "init": "ensemble", "dataset": dataset,
-        "image_size": first.size, "preprocessing": first.loaded.preprocessing,
+        "kind": "ensemble", "model": model, "init": "ensemble", "dataset": dataset,
+        "image_size": image_size, "preprocessing": preprocessing,
         "classes": list(paths.CLASSES), "positive": paths.POSITIVE,
-        "members": [m.about() for m in members], "tta": "none",  # members keep their own TTA
+        "members": members, "tta": "none",  # members keep their own TTA
         "operating_point": operating or {"threshold": DEFAULT_THRESHOLD},
         "run_id": run_id, "git_commit": tracking.git_commit(), "intended_use": INTENDED_USE,
     }

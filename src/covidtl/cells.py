@@ -290,6 +290,19 @@ class Cell:
         return metrics.get("run_id") or None
 
 
+def write_verdict(probe_dir: Path, summary: dict[str, Any]) -> Path:
+    """probe.json, the shortcut probe's summary and verdict, in a cell's or a cv run's probe/ folder."""
+    return atomic_write_text(probe_dir / "probe.json", json_text(summary))
+
+
+def read_verdict(probe_dir: str | Path) -> dict[str, Any] | None:
+    """probe.json's summary from a probe folder, or None where there is none (never probed)."""
+    try:
+        return json.loads((Path(probe_dir) / "probe.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def predictions_csv(predictions: pd.DataFrame | None, columns: tuple[str, ...] = PREDICTION_COLUMNS) -> str:
     """predictions.csv's text: `columns` of the table (quoted where needed: file names hold commas
     and brackets; NaN as empty); None: the header alone (no image scored, a skipped cell)."""

@@ -25,7 +25,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from covidtl.cells import is_init
 from covidtl.errors import UserError
-from covidtl.pretrained import IMAGENET_FILES
+from covidtl.catalog import MODEL_NAMES
 
 PARAMS_FILE = "params.yaml"
 
@@ -559,9 +559,9 @@ def _validate_profile_cells(cfg: Config) -> None:
 
 def _validate_recipe(cfg: Config) -> None:
     """train.model: a model of the registry; train.init: an init `--init` takes."""
-    if cfg.train.model not in IMAGENET_FILES:  # the registry's names, without importing TensorFlow
+    if cfg.train.model not in MODEL_NAMES:  # the registry's names, without importing TensorFlow
         raise ConfigError(f"train.model: {cfg.train.model!r} is not a model; choose one of "
-                          f"{', '.join(IMAGENET_FILES)}")
+                          f"{', '.join(MODEL_NAMES)}")
     if not is_init(cfg.train.init):
         raise ConfigError(f"train.init: {cfg.train.init!r} is not an init; give random, imagenet, finetune, "
                           "pretrained, a weights file (.weights.h5 or .h5) or finetune:FILE")

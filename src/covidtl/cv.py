@@ -35,16 +35,19 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from covidtl import locks, paths, tracking
-from covidtl.cells import (
-    CV_PREDICTION_COLUMNS,
-    FINETUNE_PREFIX,
-    Cell,
-    cell_name,
-    init_file,
-    is_finetune,
-    write_predictions,
-)
+from covidtl.cells import FINETUNE_PREFIX, Cell, cell_name, init_file, is_finetune
 from covidtl.config import Config
+# The run folder's record files are cv_records'; read_summary, write and REWRITE keep their names here.
+from covidtl.cv_records import (  # noqa: F401 - re-exported
+    FOLDS_FILE,
+    REWRITE,
+    SUMMARY_FILE,
+    Fold,
+    pooled_scores,
+    probe_dir,
+    read_summary,
+    write,
+)
 from covidtl.data import tables
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text, file_sha256, json_text
@@ -156,15 +159,14 @@ def cross_validate(
         mlflow.log_metrics({key: value for key, value in _flat(summary).items()
                             if isinstance(value, float) and math.isfinite(value)})
         write(out, per_fold, pooled, summary)
-        mlflow.log_artifact(str(out / "summary.json"))
-        mlflow.log_artifact(str(out / "folds.csv"))
+        mlflow.log_artifact(str(out / SUMMARY_FILE))
+        mlflow.log_artifact(str(out / FOLDS_FILE))
     return CVResult(out, per_fold, summary)
 
 
 # --------------------------------------------------------------------------- resuming
 
 
-REWRITE = "run the same cv command again to rewrite it"  # the fix for a damaged file of a cv run
 STATE_FILE = "cv_state.json"  # cv/<dataset>/<cell>/cv_state.json: the parent run and its settings
 COST_FILE = "cost.json"  # fold-<k>/cost.json: what the fold cost (FoldClock)
 
@@ -202,27 +204,6 @@ def parent_run(out: Path, digest: str, run_name: str, say: Callable[[str], None]
     return run
 
 
-@dataclass(frozen=True)
-class Fold:
-    """fold-<k>/ of a cv run: split.csv, cell/, and with --pretrain pretrain.weights.h5 (+ .json)."""
-
-    dir: Path
-    number: int
-    of: int
-
-    @property
-    def cell(self) -> Cell:
-        return Cell(self.dir / "cell")
-
-    @property
-    def split_file(self) -> Path:
-        return self.dir / "split.csv"
-
-    @property
-    def label(self) -> str:
-        return f"fold {self.number}/{self.of}"
-
-
 def fold_digest(cfg: Config, model: str, init: str, dataset: str, lr: float | None, fold: Fold) -> str:
     """The settings digest `train.train` records for this fold (its metrics.json, its checkpoint)."""
     from covidtl import distribute, train
@@ -250,7 +231,7 @@ def run_fold(
         say(f"{fold.label}: done before (run {done.get('run_id')}), reused")
         return {**fold_figures(fold), **FoldClock(fold, digest).recorded()}
     say(f"{fold.label}: {_counts(table)}")
-    shutil.rmtree(fold.dir.parent / "probe", ignore_errors=True)  # `probe --cv` judged the models replaced
+    shutil.rmtree(probe_dir(fold.dir.parent), ignore_errors=True)  # `probe --cv` judged the models replaced
     clock = FoldClock(fold, digest)
     restart = False
     if pretrain:  # on this fold's training rows (and other datasets' training splits) only
@@ -355,13 +336,6 @@ def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about
     }
 
 
-def pooled_scores(pooled: pd.DataFrame) -> Scores:
-    """A cv run's out-of-fold predictions (predictions.csv: actual, p_covid, group) as Scores."""
-    # Class indices in CLASSES order, as Scores expects them.
-    y_index = pooled["actual"].map(paths.CLASSES.index).to_numpy(int)
-    return Scores.of(y_index, pooled["p_covid"].to_numpy(float), pooled["group"].astype(str).to_numpy())
-
-
 def patient_scores(pooled: pd.DataFrame) -> tuple[Scores, int]:
     """One score per patient group: the mean p_covid over its slices, and its label, the majority
     of its slices' labels (a group of mixed labels, rare, takes its majority; a tie counts as
@@ -377,29 +351,6 @@ def patient_scores(pooled: pd.DataFrame) -> tuple[Scores, int]:
 
 def _clip01(value: float) -> float:
     return value if math.isnan(value) else min(1.0, max(0.0, value))
-
-
-def write(out: Path, per_fold: pd.DataFrame, pooled: pd.DataFrame, summary: dict[str, Any]) -> None:
-    """folds.csv and predictions.csv first, summary.json last: its presence means a complete run."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "folds.csv", per_fold.to_csv(index=False))
-    write_predictions(out / "predictions.csv", pooled, CV_PREDICTION_COLUMNS)
-    atomic_write_text(out / "summary.json", json_text(summary))
-
-
-def read_summary(out: str | Path) -> dict[str, Any]:
-    """A finished cv run's summary.json, or one line saying it is not one."""
-    path = Path(out) / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{out}: no summary.json, not a finished `covidtl cv` run; give "
-                        "cv/<dataset>/<cell> (or run the same cv command again to finish it)") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable ({exc}); {REWRITE}") from None
-    if not isinstance(summary, dict) or "dataset" not in summary:
-        raise UserError(f"{path}: not a cv summary (no dataset); {REWRITE}")
-    return summary
 
 
 def _counts(table: pd.DataFrame) -> str:

@@ -24,18 +24,18 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from covidtl import paths, tracking
+from covidtl import cv_records, paths, tracking
 from covidtl.cards import ensemble_card
-from covidtl.cells import Cell, read_predictions
+from covidtl.cells import Cell
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.data.pipeline import make_dataset, readable_rows
 from covidtl.errors import UserError
-from covidtl.evaluate import LoadedModel, load_trained, score_rows, scoring_config
 from covidtl.files import file_sha256
 from covidtl.models.registry import get_spec, preprocess_for
 from covidtl.models.wrappers import ensemble_of, tta_of
 from covidtl.scores import choose_operating_point
+from covidtl.trained import LoadedModel, load_trained, score_rows, scoring_config
 from covidtl.train import example_batch
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -88,15 +88,6 @@ def member_location(source: str) -> str:
                     "model_path, model_uri); give the model.keras or cell folder itself")
 
 
-def cv_members(cv_dir: str | Path) -> list[str]:
-    """The fold models of a `covidtl cv` run: <dir>/fold-<k>/cell, in fold order."""
-    folds = sorted(Path(cv_dir).glob("fold-*/cell"), key=lambda p: int(p.parent.name.split("-")[1]))
-    if not (Path(cv_dir) / "summary.json").is_file() or not folds:
-        raise UserError(f"--cv {cv_dir}: not a finished `covidtl cv` run (no summary.json and "
-                        "fold-<k>/cell folders); give cv/<dataset>/<cell>")
-    return [str(p) for p in folds]
-
-
 def check_members(members: list[Member]) -> str:
     """The members' one dataset; one line naming the first member that differs from the first."""
     if len(members) < 2:
@@ -138,7 +129,7 @@ def build_ensemble(
     """Load and check the members, average them in one model, pick its operating point, score its
     test split, write its cell folder and log one kind=ensemble MLflow run."""
     tracking.tracking_uri()  # a tracking server that does not answer: refused before loading
-    sources = [*sources, *(cv_members(cv_dir) if cv_dir is not None else [])]
+    sources = [*sources, *(cv_records.members(cv_dir) if cv_dir is not None else [])]
     members = [Member(s, load_trained(member_location(s), cfg)) for s in sources]
     dataset = check_members(members)
     first = members[0].loaded
@@ -178,7 +169,9 @@ def build_ensemble(
             tracking.log_metrics(metrics)
             tracking.log_evaluation(scored.scores.y_true, scored.scores.p_covid, prefix="test")
             tracking.log_curves(scored.scores, prefix="test")
-        card = ensemble_card(members, dataset, operating, run_id)
+        card = ensemble_card([m.about() for m in members], model=first.name, image_size=members[0].size,
+                             preprocessing=first.preprocessing, dataset=dataset, operating=operating,
+                             run_id=run_id)
         model_path = cell.save_model(model.save)
         root = tables.dataset_root(cfg, dataset)
         cell.write_results(
@@ -209,10 +202,8 @@ def input_example(cfg: Config, loaded: LoadedModel, dataset: str, size: int,
 def cv_operating_point(cfg: Config, cv_dir: str | Path) -> dict[str, Any]:
     """The threshold the rule picks on the cv run's pooled out-of-fold predictions: each image
     scored by the one fold that never saw it (no ensemble output exists for unseen data)."""
-    from covidtl.cv import REWRITE, pooled_scores
-
-    pooled = read_predictions(Path(cv_dir) / "predictions.csv", REWRITE)
-    chosen = choose_operating_point(pooled_scores(pooled), cfg.eval.operating_point)
+    pooled = cv_records.read_pooled(cv_dir)
+    chosen = choose_operating_point(cv_records.pooled_scores(pooled), cfg.eval.operating_point)
     if chosen["chosen_on"] == "validation":
         chosen["chosen_on"] = "the cv run's pooled out-of-fold predictions"
     return chosen

@@ -184,7 +184,7 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
                 log: bool, say: Callable[[str], None]) -> dict[str, Any]:
     import keras  # TensorFlow starts here, once per process
 
-    from covidtl.evaluate import load_trained, log_scored, score_rows
+    from covidtl.trained import load_trained, log_scored, score_rows
 
     loaded = load_trained(str(cell.dir), cfg)
     # The training run named by the cell's record, whatever card.json says.

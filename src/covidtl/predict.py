@@ -15,14 +15,14 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from covidtl.data.images import checked_bytes
+from covidtl.data.images import checked_bytes, image_files
 from covidtl.data.pipeline import image_from_bytes
 from covidtl.errors import UserError
-from covidtl.evaluate import LoadedModel
 from covidtl.files import atomic_write_text, json_text
 from covidtl.models.registry import get_spec, preprocess_for
 from covidtl.paths import CLASSES, POSITIVE, p_covid
 from covidtl.scores import DEFAULT_THRESHOLD
+from covidtl.trained import LoadedModel
 
 log = logging.getLogger(__name__)
 NEGATIVE = next(c for c in CLASSES if c != POSITIVE)
@@ -96,8 +96,6 @@ def read_files(files: Iterable[Path]) -> dict[str, bytes | str]:
 
 def predict_files(loaded: LoadedModel, inputs: Iterable[str | Path]) -> list[Prediction]:
     """A Prediction per image file given or found in the folders given (their subfolders too)."""
-    from covidtl.explain import image_files
-
     files = image_files(list(inputs), purpose="to predict")
     predictor = Predictor(loaded)
     results: list[Prediction] = []

@@ -14,7 +14,6 @@ of each dataset's split table only, never their labels, and never a val, test or
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +28,8 @@ from covidtl.cells import FINETUNE_PREFIX, PRETRAINED
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
-from covidtl.files import atomic_path, atomic_write_text, file_sha256
+from covidtl.files import atomic_path, file_sha256
+from covidtl.models import weights
 
 # The projection head SimCLR trains and then discards: Dense(PROJECTION_UNITS, relu) -> Dense(OUT).
 PROJECTION_UNITS = 256
@@ -57,24 +57,6 @@ def resolve_init(cfg: Config, model: str, init: str) -> str:
         raise UserError(f"--init {init}: {path} does not exist; run `covidtl pretrain --model {model}` "
                         f"with the same -S options first (the study: `dvc repro pretrain_{cfg.profile}@{model}`)")
     return init.removesuffix(PRETRAINED) + str(path)
-
-
-def record_path(weights_file: str | Path) -> Path:
-    """The record beside a weights file: x.weights.h5 -> x.json."""
-    path = Path(weights_file)
-    stem = path.name.removesuffix(".weights.h5")
-    return path.with_name(f"{stem}.json")
-
-
-def read_record(weights_file: str | Path) -> dict[str, Any] | None:
-    """The record `pretrain` wrote beside a weights file; None for a file it did not write."""
-    path = record_path(weights_file)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise UserError(f"{path}: not valid JSON; run `covidtl pretrain` again to rewrite it") from None
 
 
 def training_images(cfg: Config, datasets: list[str],
@@ -290,7 +272,7 @@ def pretrain(
             weights_file = _save_weights(saved, out)
             record = _record(cfg, model, size, used, losses, weights_file, run.info.run_id,
                              time.monotonic() - start)
-            record_file = atomic_write_text(record_path(out), json.dumps(record, indent=2) + "\n")
+            record_file = weights.write_pretrain_record(out, record)
             mlflow.log_metric("pretrain_seconds", record["seconds"])
             mlflow.log_artifact(str(weights_file))
             mlflow.log_artifact(str(record_file))
@@ -325,20 +307,21 @@ def reuse_problem(cfg: Config, model: str, weights_file: str | Path,
 
     weights_file = Path(weights_file)
     try:
-        record = read_record(weights_file) if weights_file.is_file() else None
+        record = weights.read_pretrain_record(weights_file) if weights_file.is_file() else None
     except UserError:
         record = None
+    record_name = weights.pretrain_record_path(weights_file).name
     if record is None:
-        return f"{weights_file}: missing, or without its record {record_path(weights_file).name}"
+        return f"{weights_file}: missing, or without its record {record_name}"
     if record.get("weights_sha256") != file_sha256(weights_file):
         return f"{weights_file}: not the file its record describes"
     now = settings(cfg, model, trainable_image_size(get_spec(model), cfg.train))
     for key, value in now.items():
         if record.get(key) != value:
-            return f"{record_path(weights_file).name}: {key} was {record.get(key)}, now {value}"
+            return f"{record_name}: {key} was {record.get(key)}, now {value}"
     made_from = record.get("datasets", {})
     if sorted(made_from) != sorted(cfg.pretrain.datasets):
-        return f"{record_path(weights_file).name}: made from {sorted(made_from)}, now {sorted(cfg.pretrain.datasets)}"
+        return f"{record_name}: made from {sorted(made_from)}, now {sorted(cfg.pretrain.datasets)}"
     for name in cfg.pretrain.datasets:
         split_file = Path((split_files or {}).get(name) or paths.split_path(cfg, name))
         if made_from[name].get("split_sha256") != file_sha256(split_file):
@@ -368,25 +351,10 @@ def _record(cfg: Config, model: str, size: int, used: pd.DataFrame, losses: list
     }
 
 
-def check_fits(weights_file: str | Path, model: str, head: str, image_size: int) -> None:
-    """A file `pretrain` wrote, refused in one line when it was made for another model, head or size."""
-    record = read_record(weights_file)
-    if not record or "method" not in record:
-        return  # not a pretrain file: the loader's own check names a mismatch
-    wanted = {"model": model, "image_size": image_size}
-    if model == "custom_cnn":  # its file holds the whole classifier, head included
-        wanted["head"] = head
-    for key, value in wanted.items():
-        if record.get(key) != value:
-            option = {"model": "--model", "image_size": f"-S train.image_size.{model}", "head": "-S train.head"}[key]
-            raise UserError(f"{weights_file}: pretrained with {key} {record.get(key)}, this run has {value}; "
-                            f"train with {option}={record.get(key)} or pretrain again with this run's settings")
-
-
 def check_not_leaking(init_path: str | Path, dataset: str) -> None:
     """Cross-validation: refuse a pretrained file that learnt from `dataset`'s split table, whose
     training rows hold other folds' test patients (pretrain inside each fold: `cv --pretrain`)."""
-    record = read_record(init_path)
+    record = weights.read_pretrain_record(init_path)
     if record and dataset in record.get("datasets", {}):
         raise UserError(
             f"{init_path}: pretrained on {record['datasets'][dataset]['split_file']}, whose training "

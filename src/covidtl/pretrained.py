@@ -13,19 +13,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from covidtl.catalog import CATALOG
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text, file_sha256
 
-# The files keras.applications downloads (no top) into $KERAS_HOME/models; None: no ImageNet
-# weights exist for that model.
-IMAGENET_FILES: dict[str, str | None] = {
-    "custom_cnn": None,
-    "densenet121": "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "inceptionv3": "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "resnet101v2": "resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "vgg16": "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-}
+# Each model's ImageNet file as keras.applications names it (covidtl.catalog's); None: it has none.
+IMAGENET_FILES: dict[str, str | None] = {name: facts.imagenet_file for name, facts in CATALOG.items()}
 PRETRAINED_INITS = ("imagenet", "finetune")
 # The project folder the weights stages declare as their dependency: a file dropped here is seen
 # by `dvc repro`. Keras' own cache lies outside the repository (and moves with KERAS_HOME), so

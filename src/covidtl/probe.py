@@ -5,27 +5,33 @@ kept, with only the centre kept, and shrunk or shifted a little. A model that st
 COVID from non-COVID with the lungs hidden, or whose Grad-CAM weight lies mostly outside the lung
 region, has learnt where its images came from: it will likely fail on X-rays from elsewhere.
 `covidtl probe` writes probe.csv / probe_classes.csv / probe.json / probe.png; a study cell's
-probe lives in `models/<cell>/probe/`, and its verdict goes into the cell's model card. A
+probe lives in `models/<cell>/probe/`, and its verdict (probe.json, `cells.read_verdict`) goes into
+the cell's model card. A
 cross-validated recipe (`covidtl probe --cv cv/<dataset>/<cell>`) is probed fold by fold, each
 model on its own test fold, and judged once on the pooled images, in `cv/<dataset>/<cell>/probe/`.
-
-The masks are numpy only; TensorFlow is imported where a model runs (cards read verdicts cheaply).
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import mlflow
 import numpy as np
 import pandas as pd
 
-from covidtl import stats
-from covidtl.files import atomic_path, atomic_write_text, json_text
+from covidtl import cv_records, stats, tracking
+from covidtl.cells import Cell, write_verdict
+from covidtl.data import tables
+from covidtl.data.pipeline import label_indices, readable_rows
+from covidtl.errors import UserError
+from covidtl.files import atomic_path, atomic_write_text
+from covidtl.gradcam import GradCam, load_image, overlay
+from covidtl.models.registry import get_spec, preprocess_for
 from covidtl.paths import CLASSES, p_covid
+from covidtl.trained import SPLITS, load_rows, load_trained, model_files
 
 # The lung region: the central box that leaves this fraction of each side out (0.10: the central
 # 80% x 80%, 64% of the area, so an even Grad-CAM map puts 36% of its weight outside). On a PA
@@ -266,8 +272,6 @@ def gradcam_summary(model, preprocess, images: np.ndarray, y_true: np.ndarray, p
                     samples: int = 3, batch_size: int = 16) -> CamSummary:
     """Mean Grad-CAM map (of the predicted class) per true class, its weight outside the lungs, and
     a few overlays per class."""
-    from covidtl.explain import GradCam
-
     try:
         cam = GradCam(model)
     except ValueError as exc:  # a model without a conv layer to explain
@@ -299,10 +303,8 @@ def gradcam_summary(model, preprocess, images: np.ndarray, y_true: np.ndarray, p
 def probe_figure(cams: CamSummary, classes: pd.DataFrame, title: str):
     """Per class: a few Grad-CAM overlays and the mean map with the lung box; below, p(COVID) per
     variant and class (median and quartiles)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib only where a figure is drawn
     from matplotlib.patches import Rectangle
-
-    from covidtl.explain import overlay
 
     labels = [c for c in CLASSES if c in cams.mean_map] or list(dict.fromkeys(classes["class"]))
     cols = max([len(cams.samples.get(c, [])) for c in labels] + [1]) + 1
@@ -356,16 +358,8 @@ def write_outputs(out: Path, table: pd.DataFrame, classes: pd.DataFrame, summary
         figure.savefig(tmp, dpi=80, format="png")
     files.append(out / "probe.png")
     # Written last: the verdict the card reads stands for a complete set of files.
-    files.append(atomic_write_text(out / "probe.json", json_text(summary)))
+    files.append(write_verdict(out, summary))
     return files
-
-
-def read_verdict(out: str | Path) -> dict[str, Any] | None:
-    """probe.json's summary from a probe folder, or None where there is none (never probed)."""
-    try:
-        return json.loads((Path(out) / "probe.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def probe(
@@ -373,11 +367,6 @@ def probe(
     *, samples: int = 3, log: bool = True, say: Callable[[str], None] = print,
 ) -> ProbeResult:
     """Score `model_uri` on `data` under every variant, explain it, judge it and write the files."""
-    from covidtl.cells import Cell
-    from covidtl.data.pipeline import readable_rows
-    from covidtl.errors import UserError
-    from covidtl.evaluate import SPLITS, load_rows, load_trained, model_files
-
     if split not in SPLITS:
         raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
     if out is None:
@@ -411,15 +400,8 @@ def probe_cv(
     """A cross-validated recipe's probe: each fold's model on its own test fold (fold-<k>/split.csv's
     test rows), the variants' p(COVID) pooled over folds and judged once; files in <cv_dir>/probe/
     (logged to the cv run's parent run)."""
-    from covidtl.cv import read_summary
-    from covidtl.data import tables
-    from covidtl.data.pipeline import readable_rows
-    from covidtl.ensemble import cv_members
-    from covidtl.errors import UserError
-    from covidtl.evaluate import load_trained
-
-    members = cv_members(cv_dir)  # a folder that is no finished cv run: one line, before any model loads
-    summary = read_summary(cv_dir)
+    members = cv_records.members(cv_dir)  # no finished cv run: one line, before any model loads
+    summary = cv_records.read_summary(cv_dir)
     probes, folds = [], []
     for member in map(Path, members):
         split_file = member.parent / "split.csv"
@@ -436,7 +418,7 @@ def probe_cv(
     about = {"cv": str(cv_dir), "model": summary.get("model"), "run_id": summary.get("run_id"),
              "data": summary["dataset"], "scored": scored, "folds": folds}
     title = f"Shortcut probe: {summary.get('cell') or Path(cv_dir).name} cross-validated, {scored}"
-    return judge_and_write(cfg, pool_probes(probes, samples), Path(out or Path(cv_dir) / "probe"), about, title,
+    return judge_and_write(cfg, pool_probes(probes, samples), Path(out or cv_records.probe_dir(cv_dir)), about, title,
                            log=log, say=say)
 
 
@@ -452,11 +434,7 @@ class Probed:
 
 
 def probe_rows(loaded, rows: pd.DataFrame, samples: int) -> Probed:
-    """A loaded model (`evaluate.load_trained`) scored and explained on readable `rows`."""
-    from covidtl.data.pipeline import label_indices
-    from covidtl.explain import load_image
-    from covidtl.models.registry import get_spec, preprocess_for
-
+    """A loaded model (`trained.load_trained`) scored and explained on readable `rows`."""
     preprocess = preprocess_for(get_spec(loaded.name), loaded.preprocessing)
     size = int(loaded.model.input_shape[1])
     images = np.stack([load_image(p, size) for p in rows["path"].astype(str)])
@@ -500,8 +478,6 @@ def pool_cams(parts: list[tuple[CamSummary, np.ndarray]], samples: int) -> CamSu
 def judge_and_write(cfg, probed: Probed, out: Path, about: dict[str, Any], title: str, *, log: bool,
                     say: Callable[[str], None]) -> ProbeResult:
     """The variant tables and verdict of `probed`, its files in `out`, logged to `about`'s run_id."""
-    from covidtl import tracking
-
     table = variant_table(probed.y_true, probed.p_covid, probed.groups, resamples=cfg.eval.bootstrap,
                           confidence=cfg.eval.confidence, seed=cfg.eval.seed)
     classes = class_table(probed.y_true, probed.p_covid)
@@ -517,7 +493,7 @@ def judge_and_write(cfg, probed: Probed, out: Path, about: dict[str, Any], title
     files = write_outputs(out, table, classes, summary, probe_figure(cams, classes, title))
     result = ProbeResult(table, classes, judged, cams, out, files)
     if log:
-        result.run_id = log_probe(about.get("run_id"), table, cams, judged, out, tracking, say)
+        result.run_id = log_probe(about.get("run_id"), table, cams, judged, out, say)
     return result
 
 
@@ -534,15 +510,11 @@ def probe_metrics(table: pd.DataFrame, cams: CamSummary, judged: dict[str, Any])
     return metrics
 
 
-def log_probe(run_id: str | None, table, cams, judged, out: Path, tracking, say) -> str | None:
+def log_probe(run_id: str | None, table, cams, judged, out: Path, say) -> str | None:
     """The probe's metrics and files on the model's own MLflow run (artifact folder probe/)."""
-    import mlflow
-
     if not run_id:
         say("Not logged to MLflow: the model has no run of its own (a model.keras without card.json)")
         return None
-    from covidtl.errors import UserError
-
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
         mlflow.get_run(run_id)

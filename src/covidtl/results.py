@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidtl import comparisons, cv, probe, stats
-from covidtl.cells import read_predictions
+from covidtl import comparisons, cv_records, stats
+from covidtl.cells import read_verdict
 from covidtl.config import Config, EvalConfig
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
@@ -51,10 +51,10 @@ class CVRun:
 
     def predictions(self) -> pd.DataFrame:
         """Every image (path as stored), its fold and out-of-fold p_covid."""
-        return read_predictions(self.dir / "predictions.csv", cv.REWRITE)
+        return cv_records.read_pooled(self.dir)
 
     def verdict(self) -> dict[str, Any] | None:
-        return probe.read_verdict(self.dir / "probe")
+        return read_verdict(cv_records.probe_dir(self.dir))
 
 
 def find_runs(cfg: Config, given: list[str | Path] = ()) -> list[CVRun]:
@@ -66,7 +66,7 @@ def find_runs(cfg: Config, given: list[str | Path] = ()) -> list[CVRun]:
         if not dirs:
             raise UserError(f"cv.out {cfg.cv.out}: no cv/<dataset>/<cell>/summary.json; run `covidtl cv` "
                             "first or give the cv folders")
-    return [CVRun(d, cv.read_summary(d)) for d in dirs]
+    return [CVRun(d, cv_records.read_summary(d)) for d in dirs]
 
 
 # --------------------------------------------------------------------------- the recipe table

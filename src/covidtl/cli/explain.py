@@ -17,8 +17,9 @@ from covidtl.cli import config_from, scored_data_options
 @click.pass_context
 def explain(ctx, inputs, model_uri, out, class_name) -> None:
     """Write a Grad-CAM overlay per image (folders: their images, subfolders too)."""
-    from covidtl.evaluate import load_trained
-    from covidtl.explain import explain_files, image_files
+    from covidtl.data.images import image_files
+    from covidtl.explain import explain_files
+    from covidtl.trained import load_trained
     from covidtl.paths import CLASSES
 
     image_files(inputs)  # a missing path or no image at all fails before the model loads

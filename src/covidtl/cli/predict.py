@@ -16,9 +16,9 @@ from covidtl.cli import config_from
 @click.pass_context
 def predict(ctx, inputs, model_uri, out) -> None:
     """p_covid and the label at the model's operating point, per image (folders: subfolders too)."""
-    from covidtl.evaluate import load_trained
-    from covidtl.explain import image_files
+    from covidtl.data.images import image_files
     from covidtl.predict import Predictor, check_out, predict_files, write_predictions
+    from covidtl.trained import load_trained
 
     image_files(inputs, purpose="to predict")  # a missing path fails before the model loads
     if out is not None:

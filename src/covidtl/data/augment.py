@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidtl import paths
+from covidtl import catalog, paths
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
@@ -24,9 +24,7 @@ BATCH = 32
 
 def sizes_needed(cfg: Config) -> list[int]:
     """Every distinct input size of the study's models (native, or train.image_size's override)."""
-    from covidtl.models.registry import get_spec, image_size_for
-
-    return sorted({image_size_for(get_spec(m), cfg.train) for m in cfg.study.models})
+    return sorted({catalog.image_size(m, cfg.train.image_size) for m in cfg.study.models})
 
 
 def training_rows(cfg: Config, dataset: str) -> pd.DataFrame:

@@ -13,10 +13,12 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from covidtl.errors import UserError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 # The formats the training pipeline is built and tested for; TIFF is recognised only to be quarantined.
@@ -226,3 +228,22 @@ def _stretch(values: np.ndarray) -> Image.Image:
     lo, hi = float(values.min()), float(values.max())
     scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
     return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8))
+
+
+def image_files(inputs: Iterable[str | Path], purpose: str = "to explain") -> list[Path]:
+    """Files as given, and the image files in each folder (its subfolders too), sorted."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        # Not is_file(): a broken link, a link loop or a FIFO is listed, so its reason is shown, not skipped.
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*")
+                                if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif os.path.lexists(path):
+            found.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder; give image files or folders of images")
+    if not found:
+        names = ", ".join(str(i) for i in inputs) or "nothing"
+        raise UserError(f"{names}: no image files (.png, .jpg, .bmp) {purpose}")
+    return found

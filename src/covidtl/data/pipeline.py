@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,10 +19,8 @@ from PIL import Image
 
 from covidtl.config import AugmentConfig, Config, IntensityConfig
 from covidtl.data.images import load_rgb, open_regular
+from covidtl.data.preprocess import NamedModel, preprocess_for
 from covidtl.paths import CLASSES
-
-if TYPE_CHECKING:
-    from covidtl.models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +181,7 @@ def _load_rgb_array(path: bytes | np.ndarray) -> np.ndarray:
 
 
 def make_dataset(
-    table: pd.DataFrame, spec: ModelSpec, cfg: Config, image_size: int, training: bool,
+    table: pd.DataFrame, spec: NamedModel, cfg: Config, image_size: int, training: bool,
     *, cache: bool = False, batch_size: int | None = None,
 ) -> tf.data.Dataset:
     """Batches of (preprocessed float32 images, one-hot labels); shuffled and augmented if training.
@@ -192,8 +189,6 @@ def make_dataset(
     `cache`: read the images from the decoded uint8 cache (`covidtl.data.cache`), built on first
     use, instead of decoding every file each epoch; the pixels are the decode's, rounded to uint8.
     """
-    from covidtl.models.registry import preprocess_for
-
     table = readable_rows(table)
     batch_size = batch_size or cfg.train.batch_size
     if cache:
@@ -250,10 +245,9 @@ def cache_dir(cfg: Config) -> Path:
     return Path(cfg.data.workdir) / "cache"
 
 
-def make_offline_dataset(cfg: Config, dataset: str, spec: ModelSpec, image_size: int) -> tf.data.Dataset:
+def make_offline_dataset(cfg: Config, dataset: str, spec: NamedModel, image_size: int) -> tf.data.Dataset:
     """augment.mode=offline: the stored augmented training set (`covidtl augment`), batched."""
     from covidtl.data.augment import load_offline_dataset
-    from covidtl.models.registry import preprocess_for
 
     if intensity_on(cfg.augment.intensity):
         log.warning("augment.intensity is applied online only: the offline set %s is read as stored", dataset)

@@ -1,7 +1,8 @@
 """One entry per architecture: builder, native input size, preprocessing, learning-rate key.
 
-Adding a seventh model is one `ModelSpec` in `MODELS` (and one line in params.yaml's
-`train.learning_rates`).
+Adding a seventh model is one entry in `covidtl.catalog` (its input size, preprocessing and
+ImageNet file), one `ModelSpec` in `MODELS` (its network) and one line in params.yaml's
+`train.learning_rates`.
 """
 
 from __future__ import annotations
@@ -12,33 +13,36 @@ from typing import Callable
 import keras
 from keras import layers
 
+from covidtl import catalog
 from covidtl.cells import init_file, init_label, is_finetune
-from covidtl.pretrained import IMAGENET_FILES
 from covidtl.config import TrainConfig
+from covidtl.data.preprocess import own_preprocessing, preprocess_for  # noqa: F401 - preprocess_for: re-exported
 from covidtl.errors import UserError
 from covidtl.models import weights
 from covidtl.models.input_layers import input_layers
 from covidtl.models.custom_cnn import MIN_INPUT_SIZE, build_custom_cnn
 from covidtl.models.wrappers import unwrap
 
-def rescale(images):
-    """The paper's preprocessing: pixel values to [0, 1]."""
-    return images / 255.0
-
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str
-    input_size: int
+    name: str  # a key of covidtl.catalog, which holds its input size, preprocessing and ImageNet file
     # keras.applications constructor (include_top=False) for backbones; None for the custom CNN.
     backbone: Callable[..., keras.Model] | None
-    # What the backbone's ImageNet weights were trained with; `rescale` for the custom CNN.
-    preprocess_input: Callable
     # The smallest input the network accepts (keras.applications: 32, InceptionV3 75).
     min_input_size: int = 32
     # The base's layer before its last block (`train.unfreeze_after: top_block`): a single tensor
     # through which everything flows, so the layers after it can train on its stored output.
     top_block_cut: str | None = None
+
+    @property
+    def input_size(self) -> int:
+        return catalog.CATALOG[self.name].input_size
+
+    @property
+    def preprocess_input(self) -> Callable:
+        """What the backbone's ImageNet weights were trained with; `rescale` for the custom CNN."""
+        return own_preprocessing(self.name)
 
     @property
     def lr_key(self) -> str:
@@ -47,52 +51,29 @@ class ModelSpec:
     @property
     def imagenet_file(self) -> str | None:
         """Keras' cache file of the ImageNet weights without the top ($KERAS_HOME/models)."""
-        return IMAGENET_FILES[self.name]
+        return catalog.CATALOG[self.name].imagenet_file
 
 
-MODELS: dict[str, ModelSpec] = {
-    "custom_cnn": ModelSpec("custom_cnn", 200, None, rescale, min_input_size=MIN_INPUT_SIZE),
-    "densenet121": ModelSpec(
-        "densenet121", 224, keras.applications.DenseNet121,
-        keras.applications.densenet.preprocess_input,
-        top_block_cut="pool4_pool",
-    ),
-    "resnet50": ModelSpec(
-        "resnet50", 224, keras.applications.ResNet50,
-        keras.applications.resnet.preprocess_input,
-        top_block_cut="conv4_block6_out",
-    ),
-    "inceptionv3": ModelSpec(
-        "inceptionv3", 299, keras.applications.InceptionV3,
-        keras.applications.inception_v3.preprocess_input, min_input_size=75,
-        top_block_cut="mixed8",
-    ),
-    "resnet101v2": ModelSpec(
-        "resnet101v2", 224, keras.applications.ResNet101V2,
-        keras.applications.resnet_v2.preprocess_input,
-        top_block_cut="conv4_block23_out",
-    ),
-    "vgg16": ModelSpec(
-        "vgg16", 224, keras.applications.VGG16,
-        keras.applications.vgg16.preprocess_input,
-        top_block_cut="block4_pool",
-    ),
-}
+_SPECS = (
+    ModelSpec("custom_cnn", None, min_input_size=MIN_INPUT_SIZE),
+    ModelSpec("densenet121", keras.applications.DenseNet121, top_block_cut="pool4_pool"),
+    ModelSpec("resnet50", keras.applications.ResNet50, top_block_cut="conv4_block6_out"),
+    ModelSpec("inceptionv3", keras.applications.InceptionV3, min_input_size=75, top_block_cut="mixed8"),
+    ModelSpec("resnet101v2", keras.applications.ResNet101V2, top_block_cut="conv4_block23_out"),
+    ModelSpec("vgg16", keras.applications.VGG16, top_block_cut="block4_pool"),
+)
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
 
 
 def get_spec(name: str) -> ModelSpec:
     """The registry entry, or one line listing the known names."""
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise UserError(
-            f"--model {name!r}: unknown model; choose one of {', '.join(MODELS)}"
-        ) from None
+    catalog.facts(name)  # an unknown name: the catalog's one line
+    return MODELS[name]
 
 
 def image_size_for(spec: ModelSpec, train_cfg: TrainConfig) -> int:
     """Native input size unless params override it (train.image_size.<model>)."""
-    return int(train_cfg.image_size.get(spec.name, spec.input_size))
+    return catalog.image_size(spec.name, train_cfg.image_size)
 
 
 def trainable_image_size(spec: ModelSpec, train_cfg: TrainConfig) -> int:
@@ -114,11 +95,6 @@ def learning_rate_for(spec: ModelSpec, train_cfg: TrainConfig) -> float:
         raise UserError(
             f"train.learning_rates.{spec.lr_key}: missing in params.yaml; add the model's rate"
         ) from None
-
-
-def preprocess_for(spec: ModelSpec, mode: str) -> Callable:
-    """`model`: the backbone's own preprocess_input; `rescale`: the paper's [0, 1]."""
-    return spec.preprocess_input if mode == "model" else rescale
 
 
 def base_of(model: keras.Model) -> keras.Model | None:
@@ -203,9 +179,7 @@ def build_model(
     front = input_layers(train_cfg.crop, train_cfg.normalize)
     weights_file = init_file(init)  # PATH or finetune:PATH; None for random, imagenet, finetune
     if weights_file is not None:  # a `covidtl pretrain` file made for another model, head or size
-        from covidtl.pretrain import check_fits
-
-        check_fits(weights_file, spec.name, train_cfg.head, size)
+        weights.check_fits(weights_file, spec.name, train_cfg.head, size)
     check_frozen_recipe(spec, init, train_cfg)
     if spec.backbone is None:
         model = build_custom_cnn(shape, dropout=train_cfg.dropout, head=train_cfg.head, front=front)

@@ -1,4 +1,5 @@
-"""Where initial weights come from: the ImageNet file the weights stage recorded, or a user's file.
+"""Where initial weights come from: the ImageNet file the weights stage recorded, or a user's file
+(`covidtl pretrain`'s with its record beside it).
 
 ImageNet files are the ones keras.applications downloads; `covidtl.pretrained` finds them
 (`weights/`, then Keras' cache `$KERAS_HOME/models`) and records which file, with its sha256.
@@ -10,29 +11,43 @@ with one line naming the file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Callable, Protocol
 
 import keras
 
 from covidtl import pretrained
 from covidtl.errors import UserError
+from covidtl.files import atomic_write_text
 
-if TYPE_CHECKING:
-    from covidtl.models.registry import ModelSpec
+
+class ImageNetModel(Protocol):
+    """What loading ImageNet weights reads of a registry entry (registry.ModelSpec; that module
+    imports this one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def imagenet_file(self) -> str | None: ...
+
+    @property
+    def backbone(self) -> Callable[..., keras.Model] | None: ...
+
 
 DOWNLOAD_TIMEOUT_S = 10
 
 
-def imagenet_weights_path(spec: ModelSpec) -> Path:
+def imagenet_weights_path(spec: ImageNetModel) -> Path:
     """Where Keras keeps (and downloads) `spec`'s ImageNet file."""
     return pretrained.imagenet_weights_path(spec.name)  # the one table of Keras' file names
 
 
-def load_imagenet(base: keras.Model, spec: ModelSpec) -> None:
+def load_imagenet(base: keras.Model, spec: ImageNetModel) -> None:
     """Load `spec`'s ImageNet weights into `base`: the recorded file, else found or downloaded."""
     path = pretrained.recorded_imagenet_file(spec.name)
     if path is None:
@@ -47,7 +62,7 @@ def load_imagenet(base: keras.Model, spec: ModelSpec) -> None:
     load_weights_file(base, str(path), what="ImageNet weights")
 
 
-def download_imagenet(spec: ModelSpec) -> Path:
+def download_imagenet(spec: ImageNetModel) -> Path:
     """Download `spec`'s ImageNet file through Keras into its cache; UserError(Keras' reason) if not."""
     # keras.applications downloads (and checks the hash of) the file into its cache; a short
     # socket timeout makes an offline machine fail in seconds instead of hanging.
@@ -105,3 +120,44 @@ def unreadable(file: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001 - h5py raises OSError, KeyError, RuntimeError ... for damage
         return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
     return None
+
+
+# --------------------------------------------------------------------------- `covidtl pretrain`'s files
+
+
+def pretrain_record_path(weights_file: str | Path) -> Path:
+    """The record beside a weights file: x.weights.h5 -> x.json."""
+    path = Path(weights_file)
+    stem = path.name.removesuffix(".weights.h5")
+    return path.with_name(f"{stem}.json")
+
+
+def write_pretrain_record(weights_file: str | Path, record: dict[str, Any]) -> Path:
+    """The record `covidtl pretrain` writes beside its weights file (what made it, and how)."""
+    return atomic_write_text(pretrain_record_path(weights_file), json.dumps(record, indent=2) + "\n")
+
+
+def read_pretrain_record(weights_file: str | Path) -> dict[str, Any] | None:
+    """The record `pretrain` wrote beside a weights file; None for a file it did not write."""
+    path = pretrain_record_path(weights_file)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON; run `covidtl pretrain` again to rewrite it") from None
+
+
+def check_fits(weights_file: str | Path, model: str, head: str, image_size: int) -> None:
+    """A file `pretrain` wrote, refused in one line when it was made for another model, head or size."""
+    record = read_pretrain_record(weights_file)
+    if not record or "method" not in record:
+        return  # not a pretrain file: the loader's own check names a mismatch
+    wanted = {"model": model, "image_size": image_size}
+    if model == "custom_cnn":  # its file holds the whole classifier, head included
+        wanted["head"] = head
+    for key, value in wanted.items():
+        if record.get(key) != value:
+            option = {"model": "--model", "image_size": f"-S train.image_size.{model}", "head": "-S train.head"}[key]
+            raise UserError(f"{weights_file}: pretrained with {key} {record.get(key)}, this run has {value}; "
+                            f"train with {option}={record.get(key)} or pretrain again with this run's settings")

@@ -29,8 +29,8 @@ class ImageModel(mlflow.pyfunc.PythonModel):
     """Loads the .keras file and card logged beside it (`covidtl register`) with the one loader."""
 
     def load_context(self, context) -> None:
-        from covidtl.evaluate import PYFUNC_CARD_KEY, PYFUNC_WRAPPER_KEY, load_model_files
         from covidtl.predict import Predictor
+        from covidtl.trained import PYFUNC_CARD_KEY, PYFUNC_WRAPPER_KEY, load_model_files
 
         loaded = load_model_files(context.artifacts[PYFUNC_WRAPPER_KEY],
                                   context.artifacts[PYFUNC_CARD_KEY])

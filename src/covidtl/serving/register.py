@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from covidtl import tracking
 from covidtl.config import Config
 from covidtl.errors import UserError
-from covidtl.evaluate import PYFUNC_CARD_KEY, PYFUNC_WRAPPER_KEY, load_model_files, model_files
+from covidtl.trained import PYFUNC_CARD_KEY, PYFUNC_WRAPPER_KEY, load_model_files, model_files
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 # Registered names and aliases as MLflow accepts them; an alias may not look like a version (v3).
