@@ -23,7 +23,7 @@ from PIL import Image
 from mlflow.tracking import MlflowClient
 
 from covidtl.cli import main
-from covidtl.train import train
+from covidtl.train import RunOptions, plan_run, train
 from helpers_train import make_workdir
 from test_bad_input import (BAD_FILES, NOT_REGULAR, as_user, shared_tmp,  # noqa: F401
                              _needs_a_user_without_rights)
@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         cfg, _ = make_workdir(tmp)
-        train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell", log_model=False)
+        train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell"), RunOptions(log_model=False))
     return tmp, uri, tmp / "cell"
 
 

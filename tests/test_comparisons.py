@@ -54,7 +54,7 @@ def test_report_compares_a_pretrained_init_with_random_weights(tmp_path, monkeyp
     against the custom CNN, trained on the same tiny split, in the report's words."""
     from covidtl.cli import main
     from covidtl.models.registry import base_of, build_model, get_spec
-    from covidtl.train import train
+    from covidtl.train import RunOptions, plan_run, train
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -62,7 +62,7 @@ def test_report_compares_a_pretrained_init_with_random_weights(tmp_path, monkeyp
     donor = tmp_path / "donor.weights.h5"
     base_of(build_model(get_spec("vgg16"), "random", cfg.train, 32)).save_weights(donor)
     for model, init in (("custom_cnn", "random"), ("vgg16", "random"), ("vgg16", str(donor))):
-        train(cfg, model, init, "tiny", log_model=False)
+        train(plan_run(cfg, model, init, "tiny"), RunOptions(log_model=False))
     result = CliRunner().invoke(main, [
         "--params", str(ROOT_PARAMS), "-S", f"data.workdir={tmp_path / 'data'}",
         "-S", f"data.datasets.tiny.path={tmp_path / 'images'}", "-S", "study.models=[custom_cnn, vgg16]",

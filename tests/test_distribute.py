@@ -134,14 +134,15 @@ def test_a_run_records_its_precision_and_strategy_and_keeps_a_float32_output(tmp
     import keras
     import mlflow
 
-    from covidtl.train import train
+    from covidtl.train import RunOptions, plan_run, train
     from helpers_train import make_workdir
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg, _ = make_workdir(tmp_path, **{"train.precision": "mixed_bfloat16", "train.strategy": "mirrored",
                                        "train.lr_scaling": "linear", "train.max_train_samples": 8})
-    result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell", log_model=False)
+    result = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell"),
+                   RunOptions(log_model=False))
 
     ran = {"precision": "mixed_bfloat16", "strategy": "mirrored", "replicas": 1, "lr_scaling": "linear",
            "global_batch_size": 8}

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from covidtl.cli import main
 from covidtl.evaluate import evaluate
-from covidtl.train import train
+from covidtl.train import plan_run, train
 from helpers_train import make_workdir
 
 ROOT = Path(__file__).parents[1]
@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         cfg, _ = make_workdir(tmp)
-        result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell")
+        result = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell"))
     return tmp, cfg, result, uri
 
 

@@ -26,7 +26,7 @@ from covidtl.explain import (
 )
 from covidtl.models.registry import MODELS, base_of, build_model, preprocess_for
 from covidtl.paths import CLASSES
-from covidtl.train import train
+from covidtl.train import RunOptions, plan_run, train
 from helpers_train import make_workdir
 
 ROOT = Path(__file__).parents[1]
@@ -67,7 +67,7 @@ def blob_model(tmp_path_factory):
                 # No flips: the disc stays in its one place (upper left).
                 "augment.horizontal_flip": False, "augment.zoom": 0.0, "augment.rotation": 10,
             })
-        result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell", log_model=False)
+        result = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell"), RunOptions(log_model=False))
     assert result.metrics["test_accuracy"] == 1.0, result.metrics
     return tmp, cfg, table, load_trained(str(tmp / "cell"), cfg)
 

@@ -27,7 +27,7 @@ def files_under(root: Path) -> dict[str, float]:
 def study(tmp_path_factory):
     """A tiny study in tmp: one trained cell, one skipped, one missing; a second-site folder with
     a corrupt file; params.yaml there naming them all. (tmp, train result, tracking URI)"""
-    from covidtl.train import train
+    from covidtl.train import RunOptions, plan_run, train
 
     tmp = tmp_path_factory.mktemp("external")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -41,8 +41,8 @@ def study(tmp_path_factory):
             "study.datasets": ["tiny"],
             "external.tiny": [{"name": SET, "path": str(site2), "series": True}],
         })
-        result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "models" / "custom_cnn-random-tiny",
-                       log_model=False)
+        result = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "models" / "custom_cnn-random-tiny"),
+                       RunOptions(log_model=False))
     Cell(tmp / "models" / "vgg16-random-tiny").write_skipped("no weights here")
     (tmp / "params.yaml").write_text(tracking.config_yaml(cfg))  # a complete params file
     return tmp, result, uri

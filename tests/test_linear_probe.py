@@ -49,7 +49,7 @@ def probed(tmp_path_factory):
         mp.setattr(linear_probe, "select_c", spy)
         cfg, _ = make_workdir(tmp, **PROBE)
         init = str(donor_file(tmp, size=32))
-        result = train(cfg, "vgg16", init, "tiny", out_dir=tmp / "cell")
+        result = train(plan_run(cfg, "vgg16", init, "tiny", out_dir=tmp / "cell"))
     return tmp, cfg, result, uri, seen, init
 
 

@@ -15,7 +15,8 @@ from covidtl.cli import main
 from covidtl.config import load_config
 from covidtl.errors import UserError
 from covidtl.models import weights
-from covidtl.models.registry import MODELS, base_of, build_model, get_spec, init_label
+from covidtl.inits import init_label
+from covidtl.models.registry import MODELS, base_of, build_model, get_spec
 from helpers_train import save_keras_cache_file
 
 ROOT = Path(__file__).parents[1]

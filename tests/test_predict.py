@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from covidtl.cli import main
 from covidtl.evaluate import evaluate
-from covidtl.train import train
+from covidtl.train import RunOptions, plan_run, train
 from helpers_train import make_workdir
 
 ROOT = Path(__file__).parents[1]
@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         cfg, table = make_workdir(tmp)
-        result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell", log_model=False)
+        result = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell"), RunOptions(log_model=False))
     return tmp, cfg, result, uri, table
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from covidtl.cells import init_label
+from covidtl.inits import init_label
 from covidtl.errors import UserError
 from helpers_train import make_workdir
 
@@ -85,12 +85,12 @@ def test_loss_is_finite_and_the_body_moves_while_the_head_stays_fresh(pretrained
 
 @pytest.mark.parametrize("how", ["file", "finetune"])
 def test_train_loads_the_file_as_a_warm_start(how, pretrained, monkeypatch):
-    from covidtl.train import train
+    from covidtl.train import RunOptions, plan_run, train
 
     cfg, _, result, _, tmp = pretrained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
     init = str(result.weights_file) if how == "file" else f"finetune:{result.weights_file}"
-    run = train(cfg, "custom_cnn", init, "tiny", out_dir=tmp / f"cell-{how}", log_model=False)
+    run = train(plan_run(cfg, "custom_cnn", init, "tiny", out_dir=tmp / f"cell-{how}"), RunOptions(log_model=False))
     card = json.loads((tmp / f"cell-{how}" / "model" / "card.json").read_text())
     rate = cfg.train.learning_rates["custom_cnn"]
     assert card["learning_rate"] == pytest.approx(rate * (cfg.train.finetune_lr_factor if how == "finetune" else 1))
@@ -105,7 +105,7 @@ def test_init_pretrained_is_the_file_pretrain_wrote_with_these_params(pretrained
 
     from covidtl.cv import cross_validate
     from covidtl.files import file_sha256
-    from covidtl.train import train
+    from covidtl.train import RunOptions, plan_run, train
 
     cfg, _, result, _, tmp = pretrained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
@@ -113,8 +113,8 @@ def test_init_pretrained_is_the_file_pretrain_wrote_with_these_params(pretrained
     def with_out(folder):
         return dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, out=str(folder)))
 
-    run = train(with_out(tmp / "out"), "custom_cnn", "pretrained", "tiny", out_dir=tmp / "cell-named",
-                log_model=False)
+    run = train(plan_run(with_out(tmp / "out"), "custom_cnn", "pretrained", "tiny", out_dir=tmp / "cell-named"),
+                RunOptions(log_model=False))
     params = MlflowClient().get_run(run.run_id).data.params
     assert params["init"] == "pretrained" and params["init_file"] == str(result.weights_file)
     assert params["init_sha256"] == file_sha256(result.weights_file)
@@ -123,8 +123,8 @@ def test_init_pretrained_is_the_file_pretrain_wrote_with_these_params(pretrained
         cross_validate(with_out(tmp / "out"), "custom_cnn", "pretrained", "tiny", out_root=tmp / "cv-named")
     with pytest.raises(UserError, match=r"none/custom_cnn.weights.h5 does not exist; run `covidtl pretrain "
                                         r"--model custom_cnn` with the same -S options"):
-        train(with_out(tmp / "none"), "custom_cnn", "finetune:pretrained", "tiny", out_dir=tmp / "cell-missing",
-              log_model=False)
+        train(plan_run(with_out(tmp / "none"), "custom_cnn", "finetune:pretrained", "tiny",
+                       out_dir=tmp / "cell-missing"), RunOptions(log_model=False))
     assert not (tmp / "cell-missing").exists()  # refused before anything was written
 
 

@@ -18,7 +18,7 @@ from covidtl.cards import card_markdown, model_card, write_cards
 from covidtl.cells import Cell
 from covidtl.cli import main
 from covidtl.paths import CLASSES
-from covidtl.train import train
+from covidtl.train import RunOptions, plan_run, train
 from helpers_train import make_workdir
 
 SIZE = 40  # the masks' pixel checks
@@ -180,7 +180,7 @@ def trained(tmp: Path, marker: bool):
         # The marker stays in its corner: no geometric augmentation.
         "augment.horizontal_flip": False, "augment.zoom": 0.0, "augment.rotation": 0,
     })
-    result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell", log_model=False)
+    result = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell"), RunOptions(log_model=False))
     return cfg, table, result
 
 

@@ -18,7 +18,7 @@ from covidtl.cells import Cell
 from covidtl.cli import main
 from covidtl import cv
 from covidtl.cv import fold_tables
-from covidtl.train import CovidAUC, SelectBest, train
+from covidtl.train import CovidAUC, RunOptions, SelectBest, plan_run, train
 from conftest import config
 from helpers_train import make_workdir
 
@@ -86,7 +86,8 @@ def test_a_run_that_selects_by_val_loss_keeps_its_best_epoch(tmp_path):
         "train.select": "val_loss", "train.stop.rule": "patience", "train.stop.patience": 2,
         "train.max_epochs": 4, "train.learning_rates.custom_cnn": 0.03,
     })
-    result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell", log_model=False)
+    result = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell"),
+                   RunOptions(log_model=False))
     losses = result.history["val_loss"]
     best = int(np.argmin(losses)) + 1
     record = json.loads((tmp_path / "cell" / "metrics.json").read_text())
@@ -107,7 +108,8 @@ def test_a_fixed_budget_trains_every_epoch_and_keeps_the_last(tmp_path):
         "train.stop.rule": "none", "train.select": "last", "train.max_epochs": 2,
         "train.stop.val_accuracy": 0.0, "train.stop.val_loss": 1.0e9,
     })
-    result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell", log_model=False)
+    result = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell"),
+                   RunOptions(log_model=False))
     record = json.loads((tmp_path / "cell" / "metrics.json").read_text())
     assert result.epochs_used == 2 and len(result.history["val_loss"]) == 2
     assert (record["selected_by"], record["best_epoch"]) == ("last", 2)
@@ -146,13 +148,13 @@ def test_a_resumed_run_still_knows_its_best_epoch(tmp_path):
                                        "train.learning_rates.custom_cnn": 0.03})
     cell = tmp_path / "cell"
     with pytest.raises(_Killed):
-        train(cfg, "custom_cnn", "random", "tiny", out_dir=cell, log_model=False,
-              extra_callbacks=[_KillAfterEpoch(2)])
+        train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=cell),
+              RunOptions(log_model=False, extra_callbacks=(_KillAfterEpoch(2),)))
     state = json.loads((cell / "checkpoint" / "state.json").read_text())
     assert state["epochs_done"] == 2 and (cell / "checkpoint" / state["best_file"]).is_file()
     assert len(list((cell / "checkpoint").glob("best-epoch-*.weights.h5"))) == 1
 
-    result = train(cfg, "custom_cnn", "random", "tiny", out_dir=cell, log_model=False)
+    result = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=cell), RunOptions(log_model=False))
     losses = result.history["val_loss"]
     assert len(losses) == 3 and losses[:2] == state["history"]["val_loss"]
     best = int(np.argmin(losses)) + 1

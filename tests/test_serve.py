@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from covidtl.cli import main
 from covidtl.evaluate import load_trained
 from covidtl.predict import predict_files
-from covidtl.train import train
+from covidtl.train import RunOptions, plan_run, train
 from helpers_train import make_workdir
 
 ROOT = Path(__file__).parents[1]
@@ -37,7 +37,7 @@ def registered(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         cfg, _ = make_workdir(tmp)
-        train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell", log_model=False)
+        train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell"), RunOptions(log_model=False))
         run = CliRunner().invoke(main, ["--params", str(ROOT / "params.yaml"), "-S",
                                         f"data.workdir={tmp / 'data'}", "register", str(tmp / "cell"),
                                         "--name", NAME, "--alias", "champion"])

@@ -20,8 +20,9 @@ from keras.src.legacy.saving import legacy_h5_format
 from mlflow.tracking import MlflowClient
 
 from covidtl.cli import main
+from covidtl.inits import Init
 from covidtl.models.registry import base_of, build_model, get_spec
-from covidtl.train import PaperStopRule, RecalibrateBatchNorm, train
+from covidtl.train import PaperStopRule, RecalibrateBatchNorm, RunOptions, plan_run, train
 from helpers_train import make_workdir
 
 ROOT = Path(__file__).parents[1]
@@ -113,7 +114,7 @@ def trained(tmp_path_factory, tracking_uri):
         cfg, table = make_workdir(tmp, **{
             "train.max_epochs": 3, "train.stop.val_accuracy": 0.0, "train.stop.val_loss": 1.0e9,
         })
-        result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell")
+        result = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "cell"))
     return tmp, cfg, result
 
 
@@ -227,7 +228,7 @@ def test_every_init_mode_trains_end_to_end(init, tmp_path, monkeypatch, tracking
         file = tmp_path / "base.weights.h5"
         base_of(build_model(get_spec("vgg16"), "imagenet", cfg.train, 32)).save_weights(file)
         init = str(file)
-    result = train(cfg, "vgg16", init, "tiny", out_dir=tmp_path / "cell")
+    result = train(plan_run(cfg, "vgg16", init, "tiny", out_dir=tmp_path / "cell"))
     assert result.epochs_used == 1 and 0 <= result.metrics["test_accuracy"] <= 1
     run = tracked(tracking_uri).get_run(result.run_id)
     rate = cfg.train.learning_rates["vgg16"]
@@ -239,6 +240,50 @@ def test_every_init_mode_trains_end_to_end(init, tmp_path, monkeypatch, tracking
     saved = base_of(keras.models.load_model(result.model_path)).get_weights()
     moved = any(not np.allclose(a, b) for a, b in zip(saved, start))
     assert moved == (init == "finetune")  # frozen bases keep the loaded weights
+
+
+class RecordOptimizerRate(keras.callbacks.Callback):
+    """Spy: the rate the optimiser starts with."""
+
+    def on_train_begin(self, logs=None) -> None:
+        self.rate = float(np.asarray(self.model.optimizer.learning_rate))
+
+
+def test_the_learning_rate_is_settled_once_with_its_source(tmp_path, tracking_uri):
+    """--lr with a fine-tuned start: the factor applies once; config.yaml keeps the base rate, the
+    optimiser runs the plan's rate, and MLflow and the card record that same rate and its source."""
+    cfg, _ = make_workdir(tmp_path)
+    donor = tmp_path / "cnn.weights.h5"
+    plan = plan_run(cfg, "custom_cnn", f"finetune:{donor}", "tiny", lr=2e-3, out_dir=tmp_path / "cell")
+    factor = cfg.train.finetune_lr_factor
+    assert factor != 1
+    assert (plan.lr.base, plan.learning_rate, plan.lr_source) == (2e-3, pytest.approx(2e-3 * factor), "--lr")
+    assert plan.cfg.train.learning_rates["custom_cnn"] == 2e-3
+    build_model(get_spec("custom_cnn"), "random", cfg.train, plan.image_size).save_weights(donor)
+    spy = RecordOptimizerRate()
+    result = train(plan, RunOptions(log_model=False, extra_callbacks=(spy,)))
+    params = tracked(tracking_uri).get_run(result.run_id).data.params
+    assert spy.rate == pytest.approx(plan.learning_rate, rel=1e-6)
+    assert (float(params["learning_rate"]), params["lr_source"]) == (plan.learning_rate, "--lr")
+    assert float(params["train.learning_rates.custom_cnn"]) == 2e-3
+    card = json.loads((tmp_path / "cell" / "model" / "card.json").read_text())
+    assert (card["learning_rate"], card["lr_source"]) == (plan.learning_rate, "--lr")
+
+
+def test_the_replicas_scale_the_settled_rate_once():
+    """train.lr_scaling: distribute's rule scales the rate fine-tuning settled, in the same step."""
+    from types import SimpleNamespace
+
+    from covidtl.config import load_config
+    from covidtl.distribute import scaled_rate
+    from covidtl.train.plan import settle_learning_rate
+
+    cfg = load_config(ROOT / "params.yaml")
+    four = SimpleNamespace(learning_rate=lambda rate: scaled_rate(rate, 4, "linear"))
+    _, rate = settle_learning_rate(cfg, get_spec("vgg16"), Init.parse("finetune"), four,
+                                   lr=1e-3, lr_source="tuned/x.yaml")
+    expected = pytest.approx(4e-3 * cfg.train.finetune_lr_factor)
+    assert (rate.base, rate.rate, rate.source) == (1e-3, expected, "tuned/x.yaml")
 
 
 # --------------------------------------------------------------------------- real images, data stages
@@ -256,7 +301,7 @@ def test_trains_on_real_ct_images(model, init, shared_data, tmp_path, monkeypatc
     if init == "imagenet":
         fake_imagenet_cache(tmp_path / "keras", cfg)
     assert table["path"].str.startswith(str(shared_data)).all()
-    result = train(cfg, model, init, "tiny", out_dir=tmp_path / "cell")
+    result = train(plan_run(cfg, model, init, "tiny", out_dir=tmp_path / "cell"))
     assert result.epochs_used == 1
     assert set(TEST_METRICS) <= set(result.metrics)
 
@@ -357,7 +402,7 @@ def test_a_rate_that_cannot_train_is_refused(rate, tmp_path):
 
 
 def test_a_run_is_identified_by_its_settings_not_by_the_other_profiles(tmp_path):
-    from covidtl.train import plan_run, run_digest
+    from covidtl.train import run_digest
 
     cfg, _ = make_workdir(tmp_path)
     with_another, _ = make_workdir(tmp_path, **{"profiles.unused": {"train.head": "gap"}})
@@ -385,9 +430,7 @@ def with_run_eagerly(cfg, setting):
 def test_auto_runs_eagerly_for_a_few_batches_and_in_graphs_for_more(tmp_path):
     """train.run_eagerly auto: eager up to EAGER_MAX_BATCHES training batches an epoch; true and
     false win over the count."""
-    from covidtl import distribute
     from covidtl.distribute import EAGER_MAX_BATCHES, eager_for
-    from covidtl.train import plan_run
     from helpers_train import write_images
 
     assert [eager_for("auto", n) for n in (1, EAGER_MAX_BATCHES, EAGER_MAX_BATCHES + 1)] == [True, True, False]
@@ -402,9 +445,9 @@ def test_auto_runs_eagerly_for_a_few_batches_and_in_graphs_for_more(tmp_path):
     }
     assert decided == {("tiny", "auto"): True, ("more", "auto"): False, ("tiny", True): True,
                        ("more", True): True, ("tiny", False): False, ("more", False): False}
-    # As it runs here (one replica, so the same global batch): the same decision.
+    # The plan asks distribute where it runs: here one replica, so the global batch is the batch.
     plan = plan_run(more, "custom_cnn", "random", "tiny")
-    assert distribute.adapt(plan, distribute.setup(more.train)).run_eagerly is False
+    assert plan.run_eagerly is False and plan.run_on["global_batch_size"] == more.train.batch_size
 
 
 def test_a_larger_split_trains_in_graphs_and_the_run_records_it(tmp_path, tracking_uri):
@@ -413,8 +456,8 @@ def test_a_larger_split_trains_in_graphs_and_the_run_records_it(tmp_path, tracki
     cfg, _ = make_workdir(tmp_path, files=write_images(tmp_path / "images", per_class=60, size=32))
     assert cfg.train.run_eagerly == "auto"  # params.yaml's default
     spy = RecordRunMode()
-    result = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell", log_model=False,
-                   extra_callbacks=(spy,))
+    result = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp_path / "cell"),
+                   RunOptions(log_model=False, extra_callbacks=(spy,)))
     assert spy.run_eagerly is False
     assert tracked(tracking_uri).get_run(result.run_id).data.params["run_eagerly_used"] == "False"
     assert json.loads((tmp_path / "cell" / "model" / "card.json").read_text())["run_eagerly_used"] is False

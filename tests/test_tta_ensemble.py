@@ -24,7 +24,7 @@ from covidtl.explain import GradCam, NetworkCam
 from covidtl.paths import CLASSES, POSITIVE
 from covidtl.models.wrappers import CentreZoom, is_ensemble, networks_of, tta_of, unwrap, with_tta
 from covidtl.tracking import config_yaml, experiment_name
-from covidtl.train import train
+from covidtl.train import RunOptions, plan_run, train
 from helpers_train import make_workdir
 
 TOL = 1e-5
@@ -42,9 +42,10 @@ def trained(tmp_path_factory):
         # No bootstrap intervals and few BatchNorm batches: nothing here measures them, and they
         # cost most of each run's time.
         cfg, _ = make_workdir(tmp, **{"eval.bootstrap": 0, "train.bn_recalibration_batches": 2})
-        plain = train(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "plain", log_model=False)
+        plain = train(plan_run(cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "plain"), RunOptions(log_model=False))
         flip_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tta="flip", seed=1))
-        flip = train(flip_cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "flip", log_model=False)
+        flip = train(plan_run(flip_cfg, "custom_cnn", "random", "tiny", out_dir=tmp / "flip"),
+                     RunOptions(log_model=False))
     # The resolved config as the CLI's params file: it names the tiny dataset.
     (tmp / "params.yaml").write_text(config_yaml(cfg))
     return tmp, cfg, uri, plain, flip

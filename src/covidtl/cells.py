@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from covidtl.errors import UserError
 from covidtl.files import atomic_path, atomic_write_text, json_text
+from covidtl.inits import Init, init_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -31,58 +32,17 @@ MODELS_ROOT = "models"
 PREDICTION_COLUMNS = ("path", "group", "actual", "predicted", "p_covid")
 CV_PREDICTION_COLUMNS = ("fold", *PREDICTION_COLUMNS)
 SCORE_COLUMNS = ("actual", "predicted", "p_covid")
-# `pretrained`: the file `covidtl pretrain --model M` writes with the run's params (its
-# pretrain.out); like a PATH, and `finetune:pretrained` like finetune:PATH. Or a path to a weights file.
-PRETRAINED = "pretrained"
-INITS = ("random", "imagenet", "finetune", PRETRAINED)
 PAPER_PROFILE = "paper"  # params.yaml `profile`: the paper's protocol; cells of another are suffixed
 
 
 # --------------------------------------------------------------------------- the cell's files
 
 
-def cell_name(model: str, init: str, dataset: str, profile: str = PAPER_PROFILE) -> str:
+def cell_name(model: str, init: Init | str, dataset: str, profile: str = PAPER_PROFILE) -> str:
     """The study-matrix cell name, as in `train@densenet121-imagenet-ct`; a cell trained with
     another profile than the paper's carries its name: `custom_cnn-random-ct-best`."""
     name = f"{model}-{init_label(init)}-{dataset}"
     return name if profile == PAPER_PROFILE else f"{name}-{profile}"
-
-
-FINETUNE_PREFIX = "finetune:"  # finetune:PATH: a weights file's base, fine-tuned like ImageNet's
-WEIGHTS_SUFFIXES = (".weights.h5", ".h5", ".hdf5")  # what a weights file's name ends in (Keras 3, legacy)
-
-
-def is_init(init: str) -> bool:
-    """Whether `--init` takes it: a named init, `finetune:pretrained`, or a weights file ([finetune:]PATH)."""
-    name = init.removeprefix(FINETUNE_PREFIX)
-    return init in INITS or name == PRETRAINED or name.endswith(WEIGHTS_SUFFIXES)
-
-
-def init_file(init: str) -> str | None:
-    """The weights file an init names (`PATH` or `finetune:PATH`); None for a named init
-    (random|imagenet|finetune|pretrained: `covidtl.pretrain.resolve_init` finds pretrained's file)."""
-    name = init.removeprefix(FINETUNE_PREFIX)
-    return None if name in INITS else name
-
-
-def is_finetune(init: str) -> bool:
-    """Pre-trained weights that train at lr x train.finetune_lr_factor: `finetune`, `finetune:PATH`."""
-    return init == "finetune" or init.startswith(FINETUNE_PREFIX)
-
-
-def init_label(init: str) -> str:
-    """`random|imagenet|finetune` as given; a weights file becomes `file-<stem>`, `finetune:PATH`
-    `finetune-file-<stem>` (a label stays as it is)."""
-    if init in INITS or (init.startswith(("file-", "finetune-file-")) and "/" not in init and "." not in init):
-        return init
-    if init.startswith(FINETUNE_PREFIX):
-        return f"finetune-{init_label(init.removeprefix(FINETUNE_PREFIX))}"
-    name = init.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in WEIGHTS_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return f"file-{name}"
 
 
 @dataclass(frozen=True)
@@ -103,7 +63,7 @@ class Cell:
     dir: Path
 
     @classmethod
-    def of(cls, model: str, init: str, dataset: str, root: str | Path = MODELS_ROOT,
+    def of(cls, model: str, init: Init | str, dataset: str, root: str | Path = MODELS_ROOT,
            profile: str = PAPER_PROFILE) -> Cell:
         return cls(Path(root) / cell_name(model, init, dataset, profile))
 

@@ -23,7 +23,7 @@ import yaml
 from pydantic import ConfigDict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError, with_config
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from covidtl.cells import is_init
+from covidtl.inits import is_init
 from covidtl.errors import UserError
 from covidtl.catalog import MODEL_NAMES
 

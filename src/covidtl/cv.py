@@ -35,7 +35,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from covidtl import locks, paths, tracking
-from covidtl.cells import FINETUNE_PREFIX, Cell, cell_name, init_file, is_finetune
+from covidtl.cells import Cell, cell_name
 from covidtl.config import Config
 # The run folder's record files are cv_records'; read_summary, write and REWRITE keep their names here.
 from covidtl.cv_records import (  # noqa: F401 - re-exported
@@ -51,6 +51,7 @@ from covidtl.cv_records import (  # noqa: F401 - re-exported
 from covidtl.data import tables
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text, file_sha256, json_text
+from covidtl.inits import Init
 from covidtl.scores import Scores
 
 # The figures summarised across folds (each fold's test split, at 0.5 and at its operating point).
@@ -103,14 +104,14 @@ class CVResult:
     summary: dict[str, Any]
 
 
-def pretrained_init(init: str, weights_file: str | Path) -> str:
+def pretrained_init(init: Init, weights_file: str | Path) -> Init:
     """`cv --pretrain`: the fold's own pretrained file, fine-tuned (`--init finetune`, `finetune:...`)
     or as a plain weights file (any other init: a warm start for the custom CNN, a frozen base otherwise)."""
-    return f"{FINETUNE_PREFIX}{weights_file}" if is_finetune(init) else str(weights_file)
+    return init.with_file(str(weights_file))
 
 
 def cross_validate(
-    cfg: Config, model: str, init: str, dataset: str, *, out_root: str | Path | None = None,
+    cfg: Config, model: str, init: Init | str, dataset: str, *, out_root: str | Path | None = None,
     lr: float | None = None, pretrain: bool = False, command: str | None = None,
     say: Callable[[str], None] = lambda line: None,
 ) -> CVResult:
@@ -125,11 +126,12 @@ def cross_validate(
     from covidtl import train
     from covidtl.pretrain import check_not_leaking, resolve_init
 
-    cfg = cfg.with_recipe(model, init)
+    init = Init.of(init)
+    cfg = cfg.with_recipe(model, init.text)
     if pretrain:  # the fold's file replaces any file the init names (`pretrained`'s is never read)
         init = pretrained_init(init, PRETRAINED_FILE)  # the fold's file, by the name it gets
     else:
-        weights_file = init_file(resolve_init(cfg, model, init))
+        weights_file = resolve_init(cfg, model, init).file
         if weights_file is not None:  # pretraining is fitted to data: a file from another split leaks
             check_not_leaking(weights_file, dataset)
     k = cfg.cv.folds
@@ -154,7 +156,7 @@ def cross_validate(
                 f"accuracy {row.get('accuracy', math.nan):.3f}")
         per_fold = pd.DataFrame(rows)
         pooled = pd.concat(predictions, ignore_index=True)
-        summary = summarise(cfg, per_fold, pooled, model=model, init=init, dataset=dataset, cell=name,
+        summary = summarise(cfg, per_fold, pooled, model=model, init=init.text, dataset=dataset, cell=name,
                             profile=cfg.profile, run_id=parent.info.run_id, command=command)
         mlflow.log_metrics({key: value for key, value in _flat(summary).items()
                             if isinstance(value, float) and math.isfinite(value)})
@@ -171,9 +173,9 @@ STATE_FILE = "cv_state.json"  # cv/<dataset>/<cell>/cv_state.json: the parent ru
 COST_FILE = "cost.json"  # fold-<k>/cost.json: what the fold cost (FoldClock)
 
 
-def cv_digest(cfg: Config, model: str, init: str, dataset: str, lr: float | None) -> str:
+def cv_digest(cfg: Config, model: str, init: Init, dataset: str, lr: float | None) -> str:
     """What must not change for a rerun to continue the same parent run: the settings and data."""
-    parts = [tracking.settings_yaml(cfg), model, init, dataset, repr(lr),
+    parts = [tracking.settings_yaml(cfg), model, init.text, dataset, repr(lr),
              file_sha256(paths.manifest_path(cfg, dataset))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -204,16 +206,10 @@ def parent_run(out: Path, digest: str, run_name: str, say: Callable[[str], None]
     return run
 
 
-def fold_digest(cfg: Config, model: str, init: str, dataset: str, lr: float | None, fold: Fold) -> str:
-    """The settings digest `train.train` records for this fold (its metrics.json, its checkpoint)."""
-    from covidtl import distribute, train
-
-    plan = train.plan_run(cfg, model, init, dataset, lr=lr, out_dir=fold.cell.dir, split_file=fold.split_file)
-    return train.run_digest(distribute.adapt(plan, distribute.setup(cfg.train)))
 
 
 def run_fold(
-    cfg: Config, model: str, init: str, dataset: str, fold: Fold, table: pd.DataFrame, *,
+    cfg: Config, model: str, init: Init, dataset: str, fold: Fold, table: pd.DataFrame, *,
     lr: float | None, pretrain: bool, say: Callable[[str], None],
 ) -> dict[str, Any]:
     """One fold's figures: read back from its cell when it finished with these settings before,
@@ -223,7 +219,8 @@ def run_fold(
 
     split_file = tables.write_split_at(cfg, dataset, table, fold.split_file)
     fold_init = pretrained_init(init, fold.dir / PRETRAINED_FILE) if pretrain else init
-    digest = fold_digest(cfg, model, fold_init, dataset, lr, fold)
+    plan = train.plan_run(cfg, model, fold_init, dataset, lr=lr, out_dir=fold.cell.dir, split_file=split_file)
+    digest = train.run_digest(plan)  # what the fold's metrics.json and checkpoint record
     pretrain_problem = (reuse_problem(cfg, model, fold.dir / PRETRAINED_FILE, {dataset: split_file})
                         if pretrain else None)
     done = fold.cell.read_metrics() or {}
@@ -246,9 +243,8 @@ def run_fold(
     if _other_checkpoint(fold.cell, digest):
         say(f"{fold.label}: {fold.cell.checkpoint_dir} holds a run of other settings; training anew")
         restart = True
-    train.train(cfg, model, fold_init, dataset, lr=lr, run_name=fold.label, nested=True,
-                out_dir=fold.cell.dir, split_file=split_file, log_model=False, restart=restart, say=say,
-                extra_callbacks=[clock.callback()])
+    train.train(plan, train.RunOptions(run_name=fold.label, nested=True, log_model=False, restart=restart,
+                                       extra_callbacks=(clock.callback(),)), say=say)
     return {**fold_figures(fold), **clock.save(complete=True)}
 
 

@@ -2,8 +2,9 @@
 
 `setup(train_cfg)` resolves params.yaml's `train.precision`, `train.strategy` and `train.lr_scaling`
 against what this process sees (its GPUs, `TF_CONFIG`) into a `Distribution`: the tf.distribute
-strategy, the Keras dtype policy, the global batch and the learning rate that then run. `train()`
-builds the model with `Distribution.build` and batches its data with `Distribution.data_config`.
+strategy, the Keras dtype policy, the global batch and the learning rate that then run. A run's plan
+(`covidtl.train.plan_run`) asks it for its rate, eager mode and record; `train()` builds the model
+with `Distribution.build` and batches its data with `Distribution.data_config`.
 
 `train.batch_size` is the batch of one replica (one GPU, or the CPU); a step reads
 `batch_size x replicas` images. BatchNorm statistics are synchronised across replicas, so a step on
@@ -21,18 +22,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import keras
 import mlflow
 import tensorflow as tf
 
-from covidtl import optim
 from covidtl.config import Config, TrainConfig
 from covidtl.errors import UserError
-
-if TYPE_CHECKING:
-    from covidtl.train import Plan
 
 # train.run_eagerly auto: eager up to this many training batches an epoch, graphs above. Eager skips
 # tracing the train and test steps but pays per op on every step; here DenseNet121's trace took
@@ -221,16 +218,6 @@ def synchronise_batchnorm(model: keras.Model) -> None:
             synchronise_batchnorm(layer)
         elif isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
-
-
-def adapt(plan: Plan, dist: Distribution) -> Plan:
-    """The plan as it runs on `dist`: the rate for the global batch, eager or graphs for its batches
-    an epoch (graphs on several workers), and where it ran, recorded for MLflow and the card."""
-    global_batch = dist.global_batch(plan.cfg.train.batch_size)
-    batches = optim.steps_per_epoch(len(plan.train_rows), global_batch)
-    run_on = {**dist.record(), "global_batch_size": global_batch}
-    return dataclasses.replace(plan, learning_rate=dist.learning_rate(plan.learning_rate), run_on=run_on,
-                               run_eagerly=dist.run_eagerly(plan.cfg.train.run_eagerly, batches))
 
 
 def worker_scratch() -> Path:

@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 
 from covidtl import locks, paths, tracking
-from covidtl.cells import FINETUNE_PREFIX, PRETRAINED
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
 from covidtl.files import atomic_path, file_sha256
+from covidtl.inits import PRETRAINED, Init
 from covidtl.models import weights
 
 # The projection head SimCLR trains and then discards: Dense(PROJECTION_UNITS, relu) -> Dense(OUT).
@@ -47,16 +47,17 @@ def default_out(cfg: Config, model: str) -> Path:
     return Path(cfg.pretrain.out) / f"{model}.weights.h5"
 
 
-def resolve_init(cfg: Config, model: str, init: str) -> str:
+def resolve_init(cfg: Config, model: str, init: Init | str) -> Init:
     """`pretrained` (`finetune:pretrained`) as the file `covidtl pretrain --model M` writes with
     these params, which must exist; any other init as given."""
-    if init.removeprefix(FINETUNE_PREFIX) != PRETRAINED:
+    init = Init.of(init)
+    if init.source != PRETRAINED:
         return init
     path = default_out(cfg, model)
     if not path.is_file():
         raise UserError(f"--init {init}: {path} does not exist; run `covidtl pretrain --model {model}` "
                         f"with the same -S options first (the study: `dvc repro pretrain_{cfg.profile}@{model}`)")
-    return init.removesuffix(PRETRAINED) + str(path)
+    return init.with_file(str(path))
 
 
 def training_images(cfg: Config, datasets: list[str],

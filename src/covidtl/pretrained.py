@@ -16,6 +16,7 @@ from typing import Any, Callable
 from covidtl.catalog import CATALOG
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text, file_sha256
+from covidtl.inits import Init
 
 # Each model's ImageNet file as keras.applications names it (covidtl.catalog's); None: it has none.
 IMAGENET_FILES: dict[str, str | None] = {name: facts.imagenet_file for name, facts in CATALOG.items()}
@@ -37,23 +38,21 @@ KNOWN_SOURCES = {
 }
 
 
-def provenance(model: str, init: str) -> dict[str, Any] | None:
+def provenance(model: str, init: Init | str) -> dict[str, Any] | None:
     """The file a run starts from (name, sha256, where it came from); None for random weights, or
     an ImageNet file not found here (building the model then fails with its own line)."""
-    from covidtl.cells import FINETUNE_PREFIX, INITS
-
-    given = init.removeprefix(FINETUNE_PREFIX)
-    if given not in INITS:  # a weights file: covidtl pretrain's, or the user's own
-        path = Path(given)
+    init = Init.of(init)
+    if init.file is not None:  # a weights file: covidtl pretrain's, or the user's own
+        path = Path(init.file)
         if not path.is_file():
             return None
         made_by = "covidtl pretrain" if path.with_name(path.name.removesuffix(".weights.h5") + ".json").is_file() \
             else "a weights file given as --init"
-        return {"file": given, "sha256": file_sha256(path), "source": made_by}
-    if given not in PRETRAINED_INITS or not IMAGENET_FILES.get(model):
+        return {"file": init.file, "sha256": file_sha256(path), "source": made_by}
+    if init.source != "imagenet" or not IMAGENET_FILES.get(model):
         return None
     record = next((r for r in (read_record(model, i) for i in PRETRAINED_INITS) if r and r["status"] == "available"),
-                  None) or locate(model, given)
+                  None) or locate(model, init.text)
     if record["status"] != "available":
         return None
     sha = record["sha256"]
@@ -131,11 +130,12 @@ def read_record(model: str, init: str, root: Path = RECORDS_DIR) -> dict[str, An
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def unavailable_reason(model: str, init: str) -> str | None:
+def unavailable_reason(model: str, init: Init | str) -> str | None:
     """Why a cell cannot run here: its weights stage's record, else a look on disk (no download)."""
-    if init not in PRETRAINED_INITS or model not in IMAGENET_FILES:
+    init = Init.of(init)
+    if init.source != "imagenet" or model not in IMAGENET_FILES:
         return None
-    record = read_record(model, init) or locate(model, init)
+    record = read_record(model, init.text) or locate(model, init.text)
     return message(record) if record["status"] == "unavailable" else None
 
 

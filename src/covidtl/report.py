@@ -18,7 +18,8 @@ import pandas as pd
 
 from covidtl import paths, tracking
 from covidtl.cards import model_card, write_cards
-from covidtl.cells import PAPER_PROFILE, Cell, init_label
+from covidtl.cells import PAPER_PROFILE, Cell
+from covidtl.inits import init_label
 from covidtl.comparisons import CellPredictions, comparison_table, in_words
 from covidtl.config import Config
 from covidtl.errors import UserError

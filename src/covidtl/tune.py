@@ -34,14 +34,15 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from covidtl import paths, pretrained, tracking
-from covidtl.cells import PAPER_PROFILE, cell_name, init_label
+from covidtl.cells import PAPER_PROFILE, cell_name
 from covidtl.config import Config, TuneConfig
 from covidtl.data import tables
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text, file_sha256
+from covidtl.inits import Init, init_label
 from covidtl.models.registry import get_spec, trainable_image_size
 from covidtl.pretrain import resolve_init
-from covidtl.train import train
+from covidtl.train import RunOptions, plan_run, train
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def _differences(made: dict[str, Any], now: dict[str, Any], prefix: str = "") ->
     return out
 
 
-def tuned_path(cfg: Config, model: str, init: str, dataset: str) -> Path:
+def tuned_path(cfg: Config, model: str, init: Init | str, dataset: str) -> Path:
     """tuned/<model>-<init>-<dataset>.yaml, with `-<profile>` for a profile other than the paper's."""
     return Path(cfg.tune.out) / f"{cell_name(model, init_label(init), dataset, cfg.profile)}.yaml"
 
@@ -201,7 +202,7 @@ def _tune_command(cfg: Config, model: str, dataset: str, init: str) -> str:
     return f"covidtl {profile}tune --model {model} --dataset {dataset} --init {init}"
 
 
-def tuned_learning_rate(cfg: Config, model: str, dataset: str, init: str | None = None) -> float:
+def tuned_learning_rate(cfg: Config, model: str, dataset: str, init: Init | str | None = None) -> float:
     """The best rate a finished search wrote for this cell and profile; one clear error when there
     is none, or when it was tuned under other settings."""
     init = init or cfg.tune.init
@@ -466,14 +467,12 @@ def objective(
         state = "failed"
         try:
             with tempfile.TemporaryDirectory(prefix="covidtl-trial-") as out_dir:
-                train(
-                    trial_config(cfg, params), model, init, dataset,
-                    lr=params["lr"], extra_callbacks=(reporter,),
-                    run_name=f"{study}-trial-{trial.number}", nested=True,
+                plan = plan_run(trial_config(cfg, params), model, init, dataset, lr=params["lr"], out_dir=out_dir)
+                train(plan, RunOptions(
+                    extra_callbacks=(reporter,), run_name=f"{study}-trial-{trial.number}", nested=True,
                     evaluate_test=False,  # the test split never steers the search
-                    out_dir=out_dir,
                     log_model=False,  # a trial's model is thrown away; only its rate matters
-                )
+                ))
             values = reporter.values.get(metric, [])
             val_acc = reporter.values.get("val_accuracy", [])
             if val_acc:

@@ -14,6 +14,7 @@ import click
 
 from covidtl.config import Config, load_config, parse_override
 from covidtl.errors import UserError
+from covidtl.inits import Init
 
 # COVIDTL_DEBUG=1: an unexpected error is raised with its traceback instead of written to a log.
 DEBUG_ENV = "COVIDTL_DEBUG"
@@ -127,12 +128,27 @@ def is_auto(value: str | None) -> bool:
     return value is None or value.strip().lower() in ("", AUTO)
 
 
-def recipe_from(ctx: click.Context, model: str, init: str) -> tuple[str, str]:
+class InitType(click.ParamType):
+    """`--init` parsed once into an Init (one line naming a bad value and the forms it takes);
+    `auto` (the params file's value) as None."""
+
+    name = "init|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, Init):
+            return value
+        return None if is_auto(value) else Init.parse(value)
+
+
+INIT = InitType()
+
+
+def recipe_from(ctx: click.Context, model: str, init: Init | None) -> tuple[str, Init]:
     """--model / --init, each `auto` resolved to train.model / train.init (the profile and -S applied)."""
-    if not (is_auto(model) or is_auto(init)):
+    if not (is_auto(model) or init is None):
         return model, init  # both given: no params file is read
     train = config_from(ctx).train
-    return (train.model if is_auto(model) else model), (train.init if is_auto(init) else init)
+    return (train.model if is_auto(model) else model), (Init.parse(train.init) if init is None else init)
 
 
 def model_from(ctx: click.Context, model: str) -> str:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import AUTO, AUTO_INT, INIT_HELP, MODEL_HELP, command_line, config_from, recipe_from
+from covidtl.cli import AUTO, AUTO_INT, INIT, INIT_HELP, MODEL_HELP, command_line, config_from, recipe_from
 from covidtl.cli.train import _rate
 
 
 @click.command("cv")
 @click.option("--model", default=AUTO, show_default=True, help=MODEL_HELP)
-@click.option("--init", default=AUTO, show_default=True, help=INIT_HELP)
+@click.option("--init", type=INIT, default=AUTO, show_default=True, help=INIT_HELP)
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
 @click.option("--folds", type=AUTO_INT, default=None, help="Number of folds; auto = cv.folds.")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Cap on epochs per fold; auto = train.max_epochs.")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from covidtl.cli import AUTO, AUTO_INT, INIT_HELP, MODEL_HELP, config_from, recipe_from, scored_data_options
+from covidtl.cli import AUTO, AUTO_INT, INIT, INIT_HELP, MODEL_HELP, config_from, recipe_from, scored_data_options
 
 
 def _rate(value: str | None) -> float | None:
@@ -24,7 +24,7 @@ def _rate(value: str | None) -> float | None:
 
 @click.command()
 @click.option("--model", default=AUTO, show_default=True, help=MODEL_HELP)
-@click.option("--init", default=AUTO, show_default=True, help=INIT_HELP)
+@click.option("--init", type=INIT, default=AUTO, show_default=True, help=INIT_HELP)
 @click.option("--dataset", required=True, help="A dataset of params.yaml (data.datasets).")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Cap on epochs; auto = train.max_epochs.")
 @click.option("--lr", default=None, help="Learning rate (Adam, or AdamW when train.weight_decay > 0); auto = train.learning_rates.<model>; "
@@ -73,7 +73,8 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
     from covidtl.mlflow_store import tracking_uri
 
     tracking_uri()  # an unreachable tracking server: one line now, not after MLflow and TensorFlow load
-    from covidtl.train import TrainingInterrupted, train as run  # TensorFlow loads here, after the cheap checks
+    # TensorFlow loads here, after the cheap checks.
+    from covidtl.train import RunOptions, TrainingInterrupted, plan_run, train as run
 
     if prepare:
         from covidtl.data.prepare import ensure_split
@@ -87,10 +88,11 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
         source = str(tuned_path(cfg, model, init, dataset))
     else:
         rate = _rate(lr)
+    plan = plan_run(cfg, model, init, dataset, lr=rate, lr_source=source, out_dir=out)
+    options = RunOptions(log_model=log_model or None,  # --no-log-model: only to a tracking server
+                         restart=restart)
     try:
-        result = run(cfg, model, init, dataset, lr=rate, lr_source=source, out_dir=out,
-                     log_model=log_model or None,  # --no-log-model: only to a tracking server
-                     restart=restart, say=lambda line: click.echo(line, err=True))
+        result = run(plan, options, say=lambda line: click.echo(line, err=True))
     except TrainingInterrupted as exc:
         click.echo(str(exc), err=True)
         sys.exit(130)  # 128 + SIGINT, as a shell reports Ctrl-C

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import AUTO, AUTO_INT, MODEL_HELP, config_from, is_auto, model_from
+from covidtl.cli import AUTO, AUTO_INT, INIT, MODEL_HELP, config_from, model_from
 
 
 @click.command("tune")
@@ -19,7 +19,7 @@ from covidtl.cli import AUTO, AUTO_INT, MODEL_HELP, config_from, is_auto, model_
     "--total", is_flag=True,
     help="Count the study's finished trials towards --trials: stop once it holds that many.",
 )
-@click.option("--init", default=AUTO, show_default=True,
+@click.option("--init", type=INIT, default=AUTO, show_default=True,
               help="Init whose rate is searched; auto = tune.init (its own key: tune/dvc.yaml names its outputs by it).")
 @click.option("--epochs", type=AUTO_INT, default=None, help="Epochs per trial [tune.epochs].")
 @click.option(
@@ -40,7 +40,7 @@ def tune(ctx, model, dataset, trials, total, init, epochs, storage, bounds, enqu
     """Search the learning rate of MODEL on DATASET with Optuna (validation split only)."""
     model = model_from(ctx, model)  # the searched init is tune.init's, not train.init's
     cfg = config_from(
-        ctx, **{"tune.trials": trials, "tune.epochs": epochs, "tune.init": None if is_auto(init) else init,
+        ctx, **{"tune.trials": trials, "tune.epochs": epochs, "tune.init": None if init is None else init.text,
                 "tune.storage": storage}
     )
     from covidtl.mlflow_store import tracking_uri

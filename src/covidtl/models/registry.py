@@ -14,7 +14,7 @@ import keras
 from keras import layers
 
 from covidtl import catalog
-from covidtl.cells import init_file, init_label, is_finetune
+from covidtl.inits import Init
 from covidtl.config import TrainConfig
 from covidtl.data.preprocess import own_preprocessing, preprocess_for  # noqa: F401 - preprocess_for: re-exported
 from covidtl.errors import UserError
@@ -126,12 +126,12 @@ POOLED_HEADS = ("gap", "linear_probe")
 FROZEN_INITS = "imagenet or a weights file (its base frozen)"
 
 
-def has_frozen_base(spec: ModelSpec, init: str) -> bool:
+def has_frozen_base(spec: ModelSpec, init: Init | str) -> bool:
     """Whether `init` leaves a pre-trained base frozen: imagenet, or a weights file (not finetune)."""
-    return spec.backbone is not None and init not in ("random", "finetune") and not is_finetune(init)
+    return spec.backbone is not None and Init.of(init).frozen_base
 
 
-def check_frozen_recipe(spec: ModelSpec, init: str, train_cfg: TrainConfig) -> None:
+def check_frozen_recipe(spec: ModelSpec, init: Init, train_cfg: TrainConfig) -> None:
     """A linear probe and `train.unfreeze_after` need a frozen pre-trained base; refuse the rest."""
     wants = [f"train.head {train_cfg.head}"] if train_cfg.head == "linear_probe" else []
     if train_cfg.unfreeze_after != "none":
@@ -169,7 +169,7 @@ def unfreeze_after(base: keras.Model, cut: str) -> None:
 
 
 def build_model(
-    spec: ModelSpec, init: str, train_cfg: TrainConfig, image_size: int | None = None
+    spec: ModelSpec, init: Init | str, train_cfg: TrainConfig, image_size: int | None = None
 ) -> keras.Model:
     """The paper's network: backbone (or Table 1's CNN) -> Flatten -> Dense(1000) -> Dense(2);
     with `train.head: gap`, backbone -> GlobalAveragePooling -> Dense(2)."""
@@ -177,13 +177,14 @@ def build_model(
     shape = (size, size, 3)
     # train.crop / train.normalize: layers of the model, so every saved file applies them.
     front = input_layers(train_cfg.crop, train_cfg.normalize)
-    weights_file = init_file(init)  # PATH or finetune:PATH; None for random, imagenet, finetune
+    init = Init.of(init)
+    weights_file = init.file  # PATH or finetune:PATH; None for random, imagenet, finetune
     if weights_file is not None:  # a `covidtl pretrain` file made for another model, head or size
         weights.check_fits(weights_file, spec.name, train_cfg.head, size)
     check_frozen_recipe(spec, init, train_cfg)
     if spec.backbone is None:
         model = build_custom_cnn(shape, dropout=train_cfg.dropout, head=train_cfg.head, front=front)
-        if init in ("imagenet", "finetune"):
+        if init.source == "imagenet":
             raise UserError(
                 f"--init {init}: {spec.name} has no ImageNet weights; use --init random "
                 "or a weights file saved from this model"
@@ -195,26 +196,26 @@ def build_model(
         return model
 
     base = spec.backbone(include_top=False, weights=None, input_shape=shape)
-    if init == "random":
+    if init.source == "random":
         base.trainable = True
-    elif init in ("imagenet", "finetune"):
+    elif init.source == "imagenet":
         weights.load_imagenet(base, spec)
-        base.trainable = init == "finetune"
+        base.trainable = init.finetune
     else:  # PATH: the file's base frozen, like imagenet; finetune:PATH: fine-tuned, like finetune
         weights.load_weights_file(base, weights_file)
-        base.trainable = is_finetune(init)
+        base.trainable = init.finetune
 
     cut = unfreeze_cut(spec, train_cfg.unfreeze_after)
     if cut is not None:  # the frozen base's last layers train: the ones after `cut`
         unfreeze_after(base, cut)
-    if init != "random":
+    if init.source != "random":
         freeze_batchnorm(base)
     inputs = keras.Input(shape=shape, name="image")
     x = inputs
     for layer in front:
         x = layer(x)
     # training=False documents the intent; it is freeze_batchnorm that keeps the statistics.
-    x = base(x, training=False) if init != "random" else base(x)
+    x = base(x, training=False) if init.source != "random" else base(x)
     x = layers.GlobalAveragePooling2D()(x) if train_cfg.head in POOLED_HEADS else layers.Flatten()(x)
     if train_cfg.dropout:
         x = layers.Dropout(train_cfg.dropout)(x)
@@ -222,4 +223,4 @@ def build_model(
         x = layers.Dense(train_cfg.head_units, activation="relu")(x)
     # float32 under mixed precision too: a float16 softmax saturates (covidtl.distribute).
     outputs = layers.Dense(2, activation="softmax", name="probabilities", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name=f"{spec.name}_{init_label(init)}")
+    return keras.Model(inputs, outputs, name=f"{spec.name}_{init.label}")
