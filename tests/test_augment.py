@@ -95,7 +95,7 @@ def test_augment_cap_and_offline_dataset(split_dir):
 
 def test_training_reads_the_offline_set_when_mode_is_offline(split_dir):
     """augment.mode=offline: train's input pipeline batches the stored copies, preprocessed, one-hot."""
-    from covidtl.data.pipeline import make_offline_dataset
+    from covidtl.data.augment import make_offline_dataset
     from covidtl.models.registry import get_spec
 
     _augment("-S", "augment.copies_per_image=2")

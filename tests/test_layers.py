@@ -8,6 +8,7 @@ reads the source, it imports nothing of covidtl.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -104,3 +105,63 @@ def test_every_module_has_a_layer():
         if not any(module == p or module.startswith(p + ".") for p in placed):
             outside.add(module)
     assert outside == {"covidtl", "covidtl.data"}
+
+
+# --------------------------------------------------------------------------- no circles
+# The layers contract lets the modules of one ':' layer import each other, so it cannot see a
+# circle inside a layer (data.pipeline -> data.cache -> data.pipeline): this looks for any.
+
+
+def import_circles(src: Path) -> list[list[str]]:
+    """The package's import circles (strongly connected modules), TYPE_CHECKING and function-level
+    imports included, read from the source under `src` in a subprocess (grimp, import-linter's own)."""
+    code = (
+        "import json, sys, grimp\n"
+        "g = grimp.build_graph('covidtl', exclude_type_checking_imports=False, cache_dir=None)\n"
+        "print(json.dumps({m: sorted(g.find_modules_directly_imported_by(m)) for m in g.modules}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    return strongly_connected(json.loads(done.stdout))
+
+
+def strongly_connected(edges: dict[str, list[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of more than one module, each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for imported in edges.get(module, ()):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            component = []
+            while component[-1:] != [module]:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(edges):
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_the_package_has_no_import_circle():
+    assert import_circles(ROOT / "src") == []
+
+
+def test_a_planted_circle_inside_one_layer_is_found(tmp_path):
+    # files and locks share the foundation layer, so the layers contract allows both directions
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "covidtl", src / "covidtl", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(src / "covidtl" / "files.py", "a") as f:
+        f.write("\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from covidtl.cells import Cell  # planted\n")
+    assert ["covidtl.cells", "covidtl.files"] in import_circles(src)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import AUTO, AUTO_INT, INIT, INIT_HELP, MODEL_HELP, command_line, config_from, recipe_from
+from covidtl.cli.options import AUTO, AUTO_INT, INIT, INIT_HELP, MODEL_HELP, command_line, config_from, recipe_from
 from covidtl.cli.train import _rate
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import config_from, scored_data_options
+from covidtl.cli.options import config_from, scored_data_options
 
 
 @click.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from covidtl.cli import AUTO, AUTO_INT, MODEL_HELP, config_from, model_from
+from covidtl.cli.options import AUTO, AUTO_INT, MODEL_HELP, config_from, model_from
 
 
 @click.command()

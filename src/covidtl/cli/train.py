@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from covidtl.cli import AUTO, AUTO_INT, INIT, INIT_HELP, MODEL_HELP, config_from, recipe_from, scored_data_options
+from covidtl.cli.options import AUTO, AUTO_INT, INIT, INIT_HELP, MODEL_HELP, config_from, recipe_from, scored_data_options
 
 
 def _rate(value: str | None) -> float | None:

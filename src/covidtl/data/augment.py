@@ -8,8 +8,10 @@ files instead of thousands of small ones is what DVC hashes quickly; same params
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -18,6 +20,9 @@ from covidtl import catalog, paths
 from covidtl.config import Config
 from covidtl.data import tables
 from covidtl.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: data.preprocess loads Keras, this module does not
+    from covidtl.data.preprocess import NamedModel
 
 BATCH = 32
 
@@ -117,3 +122,20 @@ def load_offline_dataset(cfg: Config, dataset: str, image_size: int):
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
     ds = ds.apply(tf.data.experimental.assert_cardinality(len(rows)))
     return ds.shuffle(min(len(rows), 4096), seed=cfg.train.seed, reshuffle_each_iteration=True)
+
+
+def make_offline_dataset(cfg: Config, dataset: str, spec: NamedModel, image_size: int) -> tf.data.Dataset:
+    """augment.mode=offline: the stored augmented training set (`covidtl augment`), batched."""
+    # Here, not above: this module loads without TensorFlow (the CLI's start-up).
+    import tensorflow as tf
+
+    from covidtl.data.pipeline import intensity_on, preprocess_for
+
+    if intensity_on(cfg.augment.intensity):
+        logging.getLogger(__name__).warning("augment.intensity is applied online only: the offline set %s is read as stored", dataset)
+    preprocess = preprocess_for(spec, cfg.train.preprocessing)
+    ds = load_offline_dataset(cfg, dataset, image_size)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, len(paths.CLASSES))))
+    ds = ds.batch(cfg.train.batch_size)
+    ds = ds.map(lambda x, y: (preprocess(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -46,6 +46,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+def cache_dir(cfg: Config) -> Path:
+    """Where decoded images are cached: git-ignored, beside the dataset's other derived files."""
+    return Path(cfg.data.workdir) / "cache"
+
+
+def resize_rgb(image, image_size: int):
+    """uint8 RGB (h, w, 3) -> float32 RGB in [0, 255] at image_size x image_size (bilinear)."""
+    import tensorflow as tf  # here, not above: this module loads without TensorFlow (CLI start-up)
+
+    image = tf.image.resize(tf.ensure_shape(image, (None, None, 3)), (image_size, image_size))
+    image.set_shape((image_size, image_size, 3))
+    return image
+
+
 # Bump when decode_image changes what it makes of a file: every cache then rebuilds.
 DECODE_RULES = "pillow load_rgb, tf.image.resize bilinear, round to uint8; v1"
 
@@ -71,8 +85,6 @@ def cache_key(table: pd.DataFrame, image_size: int) -> str:
 def cached_images(table: pd.DataFrame, image_size: int, cfg: Config) -> Cached:
     """The cache of `table`'s images at `image_size` under `cfg`'s cache root; built first if it is
     missing or damaged, then the root pruned to `cache.max_gb`."""
-    from covidtl.data.pipeline import cache_dir
-
     key = cache_key(table, image_size)
     npy, index = cache_dir(cfg) / f"{key}.npy", cache_dir(cfg) / f"{key}.json"
     _in_use.add(npy.resolve())
@@ -121,8 +133,6 @@ def build(table: pd.DataFrame, image_size: int, npy: Path, index: Path) -> dict:
     """Decode every row in parallel into a temporary file, then rename; the index (returned) is
     written last, so a killed build leaves no cache that looks complete."""
     import tensorflow as tf
-
-    from covidtl.data.pipeline import resize_rgb
 
     paths = table["path"].astype(str).tolist()
     log.info("caching %d images at %d px in %s", len(paths), image_size, npy)
@@ -284,8 +294,6 @@ def budget_bytes(max_gb: float) -> int | None:
 def enforce_budget(cfg: Config, protect: Iterable[str | Path] = ()) -> Pruned:
     """Prune `cfg`'s cache root to `cache.max_gb`, least recently used first, never a unit in
     `protect` or a decode cache this process opened. Walks every file of the feature views."""
-    from covidtl.data.pipeline import cache_dir
-
     limit = budget_bytes(cfg.cache.max_gb)
     if limit is None:
         return Pruned()

@@ -18,6 +18,7 @@ import tensorflow as tf
 from PIL import Image
 
 from covidtl.config import AugmentConfig, Config, IntensityConfig
+from covidtl.data.cache import cache_dir, cached_images, resize_rgb  # noqa: F401 - cache_dir: re-exported
 from covidtl.data.images import load_rgb, open_regular
 from covidtl.data.preprocess import NamedModel, preprocess_for
 from covidtl.paths import CLASSES
@@ -159,13 +160,6 @@ def decode_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     return resize_rgb(image, image_size)
 
 
-def resize_rgb(image, image_size: int) -> tf.Tensor:
-    """uint8 RGB (h, w, 3) -> float32 RGB in [0, 255] at image_size x image_size (bilinear)."""
-    image = tf.image.resize(tf.ensure_shape(image, (None, None, 3)), (image_size, image_size))
-    image.set_shape((image_size, image_size, 3))
-    return image
-
-
 def image_from_bytes(data: bytes, image_size: int) -> np.ndarray:
     """An image file's bytes -> what `decode_image` makes of the same file: the model's raw input.
 
@@ -222,8 +216,6 @@ def _decoded_batches(table, cfg: Config, image_size: int, training: bool, batch_
 
 def _cached_batches(table, cfg: Config, image_size: int, training: bool, batch_size: int) -> tf.data.Dataset:
     """Batches gathered from the memory-mapped cache by index: no decoding after the first build."""
-    from covidtl.data.cache import cached_images
-
     cached = cached_images(table, image_size, cfg)
     images = cached.images
     labels = tf.one_hot(label_indices(table)[cached.kept], len(CLASSES))
@@ -238,22 +230,3 @@ def _cached_batches(table, cfg: Config, image_size: int, training: bool, batch_s
         ds = ds.shuffle(max(len(images), 1), seed=cfg.train.seed, reshuffle_each_iteration=True)
     # Batch the indices, then gather: one copy of 32 images instead of 32 small reads.
     return ds.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
-def cache_dir(cfg: Config) -> Path:
-    """Where decoded images are cached: git-ignored, beside the dataset's other derived files."""
-    return Path(cfg.data.workdir) / "cache"
-
-
-def make_offline_dataset(cfg: Config, dataset: str, spec: NamedModel, image_size: int) -> tf.data.Dataset:
-    """augment.mode=offline: the stored augmented training set (`covidtl augment`), batched."""
-    from covidtl.data.augment import load_offline_dataset
-
-    if intensity_on(cfg.augment.intensity):
-        log.warning("augment.intensity is applied online only: the offline set %s is read as stored", dataset)
-    preprocess = preprocess_for(spec, cfg.train.preprocessing)
-    ds = load_offline_dataset(cfg, dataset, image_size)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, len(CLASSES))))
-    ds = ds.batch(cfg.train.batch_size)
-    ds = ds.map(lambda x, y: (preprocess(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)

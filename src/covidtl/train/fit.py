@@ -13,7 +13,8 @@ import mlflow
 
 from covidtl import linear_probe, optim
 from covidtl.config import Config
-from covidtl.data.pipeline import label_indices, make_dataset, make_offline_dataset, readable_rows
+from covidtl.data.augment import make_offline_dataset
+from covidtl.data.pipeline import label_indices, make_dataset, readable_rows
 from covidtl.frozen import BASE, FrozenTraining, cache_cut
 from covidtl.train.callbacks import (
     CovidAUC,
