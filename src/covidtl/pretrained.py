@@ -38,6 +38,13 @@ KNOWN_SOURCES = {
 }
 
 
+def pretrain_record_path(weights_file: str | Path) -> Path:
+    """The record beside a weights file: x.weights.h5 -> x.json."""
+    path = Path(weights_file)
+    stem = path.name.removesuffix(".weights.h5")
+    return path.with_name(f"{stem}.json")
+
+
 def provenance(model: str, init: Init | str) -> dict[str, Any] | None:
     """The file a run starts from (name, sha256, where it came from); None for random weights, or
     an ImageNet file not found here (building the model then fails with its own line)."""
@@ -46,7 +53,7 @@ def provenance(model: str, init: Init | str) -> dict[str, Any] | None:
         path = Path(init.file)
         if not path.is_file():
             return None
-        made_by = "covidtl pretrain" if path.with_name(path.name.removesuffix(".weights.h5") + ".json").is_file() \
+        made_by = "covidtl pretrain" if pretrain_record_path(path).is_file() \
             else "a weights file given as --init"
         return {"file": init.file, "sha256": file_sha256(path), "source": made_by}
     if init.source != "imagenet" or not IMAGENET_FILES.get(model):

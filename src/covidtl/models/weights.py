@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 import keras
 
 from covidtl import pretrained
+from covidtl.pretrained import pretrain_record_path
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
 
@@ -123,13 +124,6 @@ def unreadable(file: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------- `covidtl pretrain`'s files
-
-
-def pretrain_record_path(weights_file: str | Path) -> Path:
-    """The record beside a weights file: x.weights.h5 -> x.json."""
-    path = Path(weights_file)
-    stem = path.name.removesuffix(".weights.h5")
-    return path.with_name(f"{stem}.json")
 
 
 def write_pretrain_record(weights_file: str | Path, record: dict[str, Any]) -> Path:
