@@ -52,7 +52,7 @@ def test_a_bad_value_is_one_line_naming_it_and_the_forms(text):
     with pytest.raises(UserError) as caught:
         Init.parse(text)
     message = str(caught.value)
-    assert "\n" not in message and message.startswith(f"--init {text}: not an init; give random, imagenet")
+    assert "\n" not in message and message.startswith(f"--init {text}: no such weights file; give random, imagenet")
 
 
 @pytest.mark.parametrize("command", [["train", "--dataset", "ct"], ["cv", "--dataset", "ct"],
@@ -61,5 +61,5 @@ def test_every_init_option_refuses_a_bad_value_in_one_line(command):
     result = CliRunner().invoke(main, [*command, "--init", "imagenett"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "Error: --init imagenett: not an init; give random, imagenet, finetune, pretrained, finetune:pretrained, "
-        "a PATH to a .weights.h5 file or finetune:PATH"]
+        "Error: --init imagenett: no such weights file; give random, imagenet, finetune or an existing file "
+        "saved with model.save_weights(...)"]

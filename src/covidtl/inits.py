@@ -21,7 +21,8 @@ FINETUNE_PREFIX = "finetune:"
 PRETRAINED = "pretrained"
 NAMED = ("random", "imagenet", "finetune", PRETRAINED)
 WEIGHTS_SUFFIXES = (".weights.h5", ".h5", ".hdf5")  # what a weights file's name ends in (Keras 3, legacy)
-FORMS = "random, imagenet, finetune, pretrained, finetune:pretrained, a PATH to a .weights.h5 file or finetune:PATH"
+# The words a bad --init gets (as before Init existed: tests/test_bad_input_model.py holds them).
+BAD_INIT = "no such weights file; give random, imagenet, finetune or an existing file saved with model.save_weights(...)"
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Init:
 
     @classmethod
     def parse(cls, text: str) -> Init:
-        """`text` as an Init, or one line naming it and the forms `--init` takes."""
+        """`text` as an Init, or one line naming it and the fix."""
         if text in ("random", "imagenet"):
             return cls(text, text)
         if text == "finetune":
@@ -47,7 +48,7 @@ class Init:
             return cls(text, PRETRAINED, finetune)
         if name.endswith(WEIGHTS_SUFFIXES):
             return cls(text, "file", finetune, file=name)
-        raise UserError(f"--init {text}: not an init; give {FORMS}")
+        raise UserError(f"--init {text}: {BAD_INIT}")
 
     @classmethod
     def of(cls, value: Init | str) -> Init:
