@@ -160,9 +160,7 @@ def is_dataset_name(cfg: Config, data: str) -> bool:
     return data in cfg.data.datasets and "/" not in data and os.sep not in data
 
 
-def load_rows(
-    cfg: Config, data: str, split: str, workdir: Path,
-) -> tuple[pd.DataFrame, str, Path, bool]:
+def load_rows(cfg: Config, data: str, split: str, workdir: Path) -> tuple[pd.DataFrame, str, Path, bool]:
     """(rows, experiment name, manifest path, is a dataset) for a dataset name or any image folder."""
     if is_dataset_name(cfg, data):
         if Path(data).is_dir():
