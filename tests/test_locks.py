@@ -4,6 +4,7 @@ a lock left by a killed holder is taken over, and DVC never sees the lock file."
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -186,7 +187,7 @@ def test_every_command_that_writes_a_folder_of_results_refuses_one_in_use(workdi
     assert not target.exists()  # refused before anything was written
 
 
-def test_a_cache_build_waits_for_the_process_building_it(tmp_path):
+def test_a_cache_build_waits_for_the_process_building_it(tmp_path, caplog):
     """Caches are locked only while an entry is built: a second builder waits, saying for whom."""
     from covidtl import locks
 
@@ -197,10 +198,11 @@ def test_a_cache_build_waits_for_the_process_building_it(tmp_path):
          "    time.sleep(1.5)\n    pathlib.Path(sys.argv[2]).touch()\n", str(target), str(built)],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
-    said: list[str] = []
-    with locks.hold(target, "a second build", say=said.append, wait=True):
+    caplog.set_level(logging.INFO, logger="covidtl")
+    with locks.hold(target, "a second build", wait=True):
         assert built.exists()  # the lock came only once the first had finished
     assert holder.wait(timeout=60) == 0
+    said = caplog.messages
     assert len(said) == 1 and said[0].startswith(f"{target}: waiting for a decode-cache build (pid {holder.pid} ")
     assert not lock_file(target).exists()
 

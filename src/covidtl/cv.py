@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,8 @@ from covidtl.scores import Scores
 # The figures summarised across folds (each fold's test split, at 0.5 and at its operating point).
 FOLD_METRICS = ("roc_auc", "accuracy", "op_accuracy", "op_balanced_accuracy", "op_recall_covid",
                 "op_recall_non_covid", "ece")
+
+log = logging.getLogger(__name__)
 
 # A frozen base's feature entries per fold (metrics.json): computed here, or read from earlier folds/runs.
 FEATURE_COUNTS = ("feature_entries_computed", "feature_entries_read")
@@ -113,7 +116,6 @@ def pretrained_init(init: Init, weights_file: str | Path) -> Init:
 def cross_validate(
     cfg: Config, model: str, init: Init | str, dataset: str, *, out_root: str | Path | None = None,
     lr: float | None = None, pretrain: bool = False, command: str | None = None,
-    say: Callable[[str], None] = lambda line: None,
 ) -> CVResult:
     """Train and test `model` from `init` once per fold; write and log the folds and their summary.
     `pretrain`: first pretrain (SimCLR) on the fold's training rows, and train from that file.
@@ -141,19 +143,19 @@ def cross_validate(
     folds = fold_tables(manifest, k, cfg.cv.seed, val_share(cfg))
     tracking.use_experiment(dataset)
     rows, predictions = [], []
-    with (locks.hold(out, "covidtl cv", say),  # before cv_state.json is read: one cv per folder
-          parent_run(out, cv_digest(cfg, model, init, dataset, lr), f"cv {name}", say) as parent):
+    with (locks.hold(out, "covidtl cv"),  # before cv_state.json is read: one cv per folder
+          parent_run(out, cv_digest(cfg, model, init, dataset, lr), f"cv {name}") as parent):
         mlflow.set_tags({**train.run_tags(cfg, model, init, dataset, kind="cv"), "cv_folds": str(k)})
         tracking.log_config(cfg)
         for i, table in enumerate(folds, start=1):
             fold = Fold(out / f"fold-{i}", i, k)
-            row = run_fold(cfg, model, init, dataset, fold, table, lr=lr, pretrain=pretrain, say=say)
+            row = run_fold(cfg, model, init, dataset, fold, table, lr=lr, pretrain=pretrain)
             fold_predictions = fold.cell.read_predictions()
             fold_predictions.insert(0, "fold", i)
             predictions.append(fold_predictions)
             rows.append(row)
-            say(f"fold {i}/{k}: AUC {row.get('roc_auc', math.nan):.3f}, "
-                f"accuracy {row.get('accuracy', math.nan):.3f}")
+            log.info(f"fold {i}/{k}: AUC {row.get('roc_auc', math.nan):.3f}, "
+                     f"accuracy {row.get('accuracy', math.nan):.3f}")
         per_fold = pd.DataFrame(rows)
         pooled = pd.concat(predictions, ignore_index=True)
         summary = summarise(cfg, per_fold, pooled, model=model, init=init.text, dataset=dataset, cell=name,
@@ -180,7 +182,7 @@ def cv_digest(cfg: Config, model: str, init: Init, dataset: str, lr: float | Non
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def parent_run(out: Path, digest: str, run_name: str, say: Callable[[str], None]):
+def parent_run(out: Path, digest: str, run_name: str):
     """The parent MLflow run: the one cv_state.json names when it ran these settings, else a new
     one, recorded there (so one parent holds each fold once, across kills)."""
     import mlflow
@@ -199,7 +201,7 @@ def parent_run(out: Path, digest: str, run_name: str, say: Callable[[str], None]
                 f"{state_file}: its run {state['run_id']} cannot be continued in {mlflow.get_tracking_uri()} "
                 f"({str(exc).splitlines()[0][:200]}); use the tracking URI it ran in, or delete "
                 f"{state_file} to start a new parent run") from None
-        say(f"cv: continuing run {state['run_id']} ({state_file})")
+        log.info(f"cv: continuing run {state['run_id']} ({state_file})")
         return run
     run = mlflow.start_run(run_name=run_name)
     atomic_write_text(state_file, json_text({"run_id": run.info.run_id, "digest": digest}))
@@ -210,7 +212,7 @@ def parent_run(out: Path, digest: str, run_name: str, say: Callable[[str], None]
 
 def run_fold(
     cfg: Config, model: str, init: Init, dataset: str, fold: Fold, table: pd.DataFrame, *,
-    lr: float | None, pretrain: bool, say: Callable[[str], None],
+    lr: float | None, pretrain: bool,
 ) -> dict[str, Any]:
     """One fold's figures: read back from its cell when it finished with these settings before,
     else after (pretraining and) training it; a checkpoint of these settings is continued."""
@@ -225,26 +227,26 @@ def run_fold(
                         if pretrain else None)
     done = fold.cell.read_metrics() or {}
     if done.get("status") == "ok" and done.get("digest") == digest and pretrain_problem is None:
-        say(f"{fold.label}: done before (run {done.get('run_id')}), reused")
+        log.info(f"{fold.label}: done before (run {done.get('run_id')}), reused")
         return {**fold_figures(fold), **FoldClock(fold, digest).recorded()}
-    say(f"{fold.label}: {_counts(table)}")
+    log.info(f"{fold.label}: {_counts(table)}")
     shutil.rmtree(probe_dir(fold.dir.parent), ignore_errors=True)  # `probe --cv` judged the models replaced
     clock = FoldClock(fold, digest)
     restart = False
     if pretrain:  # on this fold's training rows (and other datasets' training splits) only
         if pretrain_problem is None:
-            say(f"{fold.label}: {PRETRAINED_FILE} made from this split and these params before, reused")
+            log.info(f"{fold.label}: {PRETRAINED_FILE} made from this split and these params before, reused")
         else:
-            say(f"{fold.label}: pretraining ({pretrain_problem})")
+            log.info(f"{fold.label}: pretraining ({pretrain_problem})")
             fit_pretrain(cfg, model, out=fold.dir / PRETRAINED_FILE, split_files={dataset: split_file},
-                         nested=True, say=say)
+                         nested=True)
             clock.save()
             restart = True  # a checkpoint trained from the file it replaced is no start
     if _other_checkpoint(fold.cell, digest):
-        say(f"{fold.label}: {fold.cell.checkpoint_dir} holds a run of other settings; training anew")
+        log.info(f"{fold.label}: {fold.cell.checkpoint_dir} holds a run of other settings; training anew")
         restart = True
     train.train(plan, train.RunOptions(run_name=fold.label, nested=True, log_model=False, restart=restart,
-                                       extra_callbacks=(clock.callback(),)), say=say)
+                                       extra_callbacks=(clock.callback(),)))
     return {**fold_figures(fold), **clock.save(complete=True)}
 
 

@@ -15,6 +15,7 @@ with `covidtl evaluate` on data none of the folds saw, e.g. an external set).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from covidtl.trained import LoadedModel, load_trained, score_rows, scoring_confi
 from covidtl.train import example_batch
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,7 +127,6 @@ def build_ensemble(
     cv_dir: str | Path | None = None,
     run_name: str | None = None,
     log_model: bool = True,
-    say: Callable[[str], None] = lambda line: None,
 ) -> EnsembleResult:
     """Load and check the members, average them in one model, pick its operating point, score its
     test split, write its cell folder and log one kind=ensemble MLflow run."""
@@ -145,8 +147,8 @@ def build_ensemble(
         operating = choose_operating_point(val.scores if val else None, cfg.eval.operating_point)
         scored = score_rows(cfg, loaded, test_rows) if len(test_rows) else None
         example_rows = val_rows if len(val_rows) else test_rows
-    say(f"ensemble of {len(members)} on {dataset}: threshold {operating['threshold']:.4g} "
-        f"(chosen on: {operating['chosen_on']})")
+    log.info(f"ensemble of {len(members)} on {dataset}: threshold {operating['threshold']:.4g} "
+             f"(chosen on: {operating['chosen_on']})")
     metrics = scored.scores.summary("test", cfg.eval, operating["threshold"]) if scored else {}
 
     cell = Cell(Path(out_dir))

@@ -11,7 +11,6 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from covidtl import locks, tracking
 from covidtl.cells import SCORE_COLUMNS, cell_name, write_predictions
@@ -53,7 +52,6 @@ def evaluate(
     split: str = "test",
     out_dir: str | Path | None = None,
     run_name: str | None = None,
-    say: Callable[[str], None] = print,
     tta: str = "none",
 ) -> EvaluateResult:
     """Score `model_uri` on `data` (split of a dataset, or a whole folder); one MLflow run.
@@ -64,17 +62,17 @@ def evaluate(
         raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
     tracking.tracking_uri()  # a tracking server that does not answer: refused before any scoring
     # Without --out nothing is written here but the MLflow run: no folder to lock.
-    with locks.hold(out_dir, "covidtl evaluate", say) if out_dir is not None else contextlib.nullcontext():
-        return _evaluate(cfg, model_uri, data, split, out_dir, run_name, say, tta)
+    with locks.hold(out_dir, "covidtl evaluate") if out_dir is not None else contextlib.nullcontext():
+        return _evaluate(cfg, model_uri, data, split, out_dir, run_name, tta)
 
 
 def _evaluate(cfg: Config, model_uri: str, data: str, split: str, out_dir: str | Path | None,
-              run_name: str | None, say: Callable[[str], None], tta: str) -> EvaluateResult:
+              run_name: str | None, tta: str) -> EvaluateResult:
     """`evaluate`, the --out folder's lock held."""
     loaded = load_trained(model_uri, cfg)
     loaded = dataclasses.replace(loaded, model=with_tta(loaded.model, tta))
     with tempfile.TemporaryDirectory(prefix="covidtl-eval-") as tmp:
-        rows, dataset, manifest, is_dataset = load_rows(cfg, data, split, Path(tmp), say)
+        rows, dataset, manifest, is_dataset = load_rows(cfg, data, split, Path(tmp))
         scored_split = split if is_dataset else "all"
         if rows.empty:
             raise UserError(f"--data {data}: the {scored_split} split holds no image")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ from covidtl.errors import UserError
 from covidtl.files import atomic_write_text, file_sha256, json_text
 
 EXTERNAL_ROOT = "external"
+
+logger = logging.getLogger(__name__)  # `log` is the MLflow switch of this module's functions
 
 
 @dataclass(frozen=True)
@@ -135,27 +137,26 @@ def score_dataset(
     out_root: str | Path = EXTERNAL_ROOT,
     log: bool = True,
     progress: bool = True,
-    say: Callable[[str], None] = print,
 ) -> ExternalResult:
     """Ingest each external set of `dataset` once, score every trained study cell on each, write
     external/<dataset>/ afresh (and a kind=evaluate MLflow run per cell and set)."""
     cfg.dataset(dataset)  # an unknown dataset: one clear line
     out = ExternalDir.of(dataset, out_root)
-    with locks.hold(out.root, "covidtl external", say):
-        return _score_dataset(cfg, dataset, models_root, out, log, progress, say)
+    with locks.hold(out.root, "covidtl external"):
+        return _score_dataset(cfg, dataset, models_root, out, log, progress)
 
 
 def _score_dataset(cfg: Config, dataset: str, models_root: str | Path, out: ExternalDir, log: bool,
-                   progress: bool, say: Callable[[str], None]) -> ExternalResult:
+                   progress: bool) -> ExternalResult:
     """`score_dataset`, external/<dataset>/'s lock held."""
     entries = cfg.external.get(dataset, [])
     shutil.rmtree(out.root, ignore_errors=True)  # no stale cell or set from an earlier study
     sets = [ingest_set(cfg, dataset, i, e, out.sets_dir, progress) for i, e in enumerate(entries)]
     for s in sets:
         for row in s.quarantine.itertuples():
-            say(f"Quarantined ({s.entry.name}): {row.path}: {row.reason}")
+            logger.warning(f"Quarantined ({s.entry.name}): {row.path}: {row.reason}")
         for note in s.notes:
-            say(f"Warning ({s.entry.name}): {note}")
+            logger.warning(f"Warning ({s.entry.name}): {note}")
 
     cells: dict[str, Any] = {}
     for profile, model, init in cfg.study.cells():
@@ -166,7 +167,7 @@ def _score_dataset(cfg: Config, dataset: str, models_root: str | Path, out: Exte
             record["reason"] = reason
         elif sets:
             record["run_id"] = cell.run_id()
-            record["scores"] = _score_cell(cfg, dataset, cell, sets, out, log, say)
+            record["scores"] = _score_cell(cfg, dataset, cell, sets, out, log)
         cells[cell.name] = record
     results = {
         "dataset": dataset,
@@ -181,7 +182,7 @@ def _score_dataset(cfg: Config, dataset: str, models_root: str | Path, out: Exte
 
 
 def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], out: ExternalDir,
-                log: bool, say: Callable[[str], None]) -> dict[str, Any]:
+                log: bool) -> dict[str, Any]:
     import keras  # TensorFlow starts here, once per process
 
     from covidtl.trained import load_trained, log_scored, score_rows
@@ -209,8 +210,8 @@ def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], 
             )
         scores[s.entry.name] = entry
         auc = metrics["all_roc_auc"]
-        say(f"external {cell.name} on {s.entry.name}: {len(scored.scores)} images; accuracy "
-            f"{metrics['all_accuracy']:.4f}, ROC AUC {'n/a' if math.isnan(auc) else f'{auc:.4f}'}")
+        logger.info(f"external {cell.name} on {s.entry.name}: {len(scored.scores)} images; accuracy "
+                    f"{metrics['all_accuracy']:.4f}, ROC AUC {'n/a' if math.isnan(auc) else f'{auc:.4f}'}")
     del loaded
     keras.backend.clear_session()  # the next cell's model starts from a clean graph
     return scores

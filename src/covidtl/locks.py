@@ -12,18 +12,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from covidtl.errors import UserError
 
 LOCK_SUFFIX = ".covidtl.lock"  # .dvcignore and .gitignore: .*.covidtl.lock
 HOLDER_WRITE_WAIT_S = 2.0  # a holder writes its name just after locking: how long to wait for it
+
+log = logging.getLogger(__name__)
 
 
 class FolderBusy(UserError):
@@ -37,17 +40,16 @@ def lock_path(target: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def hold(target: str | Path, what: str, say: Callable[[str], None] = lambda line: None,
-         wait: bool = False) -> Iterator[Path]:
+def hold(target: str | Path, what: str, wait: bool = False) -> Iterator[Path]:
     """Hold `target`'s lock for the block (`what`: what the holder does, e.g. "covidtl train").
     Another holder: FolderBusy naming it, or with `wait` (a cache entry being built) wait for it."""
     path = lock_path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, target, say if wait else None)
+    fd = _acquire(path, target, wait)
     try:
         gone = _read(fd)
         if gone:
-            say(f"Note: {target}: took over the lock of {describe(gone)}, a process that is gone (killed?)")
+            log.warning(f"Note: {target}: took over the lock of {describe(gone)}, a process that is gone (killed?)")
         _write(fd, {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
                     "started": datetime.now().astimezone().isoformat(timespec="seconds"),
                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]})
@@ -65,9 +67,9 @@ def describe(holder: dict) -> str:
             f"started {holder.get('started', '?')}: {holder.get('command', '?')})")
 
 
-def _acquire(path: Path, target: str | Path, wait_saying: Callable[[str], None] | None) -> int:
-    """An fd of the lock file there now, locked. Another holder: FolderBusy naming it, or, given
-    `wait_saying`, a line naming it and a wait for the lock."""
+def _acquire(path: Path, target: str | Path, wait: bool) -> int:
+    """An fd of the lock file there now, locked. Another holder: FolderBusy naming it, or, with
+    `wait`, a warning naming it and a wait for the lock."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -75,11 +77,11 @@ def _acquire(path: Path, target: str | Path, wait_saying: Callable[[str], None] 
         except BlockingIOError:
             holder = _holder(fd)
             named = describe(holder) if holder else "another process"
-            if wait_saying is None:
+            if not wait:
                 os.close(fd)
                 raise FolderBusy(f"{target}: in use by {named}; two at once would mix their files: wait "
                                  "for it to end (or stop it) and run this again") from None
-            wait_saying(f"{target}: waiting for {named}")
+            log.warning(f"{target}: waiting for {named}")
             fcntl.flock(fd, fcntl.LOCK_EX)
         if _same_file(fd, path):
             return fd

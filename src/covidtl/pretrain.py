@@ -14,11 +14,12 @@ of each dataset's split table only, never their labels, and never a val, test or
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,8 @@ MIN_CROP_SIDE = 0.6
 BRIGHTNESS = 0.3  # offset in +/- this fraction of [0, 255]
 CONTRAST = 0.4  # factor in [1 - c, 1 + c] about each image's mean
 NOISE = 0.03  # Gaussian noise sd, fraction of [0, 255]
+
+log = logging.getLogger(__name__)
 
 
 def default_out(cfg: Config, model: str) -> Path:
@@ -195,7 +198,6 @@ class PretrainResult:
 def pretrain(
     cfg: Config, model: str, *, out: str | Path | None = None,
     split_files: dict[str, Path] | None = None, nested: bool = False,
-    say: Callable[[str], None] = lambda line: None,
 ) -> PretrainResult:
     """SimCLR on the training splits of `cfg.pretrain.datasets`; one MLflow run (kind=pretrain)."""
     import keras
@@ -215,7 +217,7 @@ def pretrain(
     out = Path(out) if out is not None else default_out(cfg, model)
     if not out.name.endswith(".weights.h5"):
         raise UserError(f"--out {out}: Keras writes weights only to a name ending in .weights.h5")
-    with locks.hold(out, "covidtl pretrain", say):  # one writer of the weights file and its record
+    with locks.hold(out, "covidtl pretrain"):  # one writer of the weights file and its record
         if not pc.datasets:
             raise UserError("pretrain.datasets: empty; name at least one dataset, e.g. [ct, xray]")
         for name in pc.datasets:  # checked here, not at load: a project without one of them still runs
@@ -229,8 +231,8 @@ def pretrain(
             kept_rows.append(group.reset_index(drop=True)[cached.kept])
         images = np.concatenate(parts)
         used = pd.concat(kept_rows, ignore_index=True)
-        say(f"pretrain {model}: {len(images)} training images of {', '.join(pc.datasets)} at {size} px, "
-            f"{pc.epochs} epochs")
+        log.info(f"pretrain {model}: {len(images)} training images of {', '.join(pc.datasets)} at {size} px, "
+                 f"{pc.epochs} epochs")
 
         keras.utils.set_random_seed(pc.seed)
         saved, body = encoder_parts(spec, cfg, size)
@@ -269,7 +271,7 @@ def pretrain(
                     raise UserError(f"pretrain: the loss became {losses[-1]} at epoch {epoch}; lower "
                                     "pretrain.learning_rate or raise pretrain.temperature")
                 mlflow.log_metric("pretrain_loss", losses[-1], step=epoch)
-                say(f"pretrain epoch {epoch}/{pc.epochs}: loss {losses[-1]:.4f} ({time.monotonic() - start:.0f} s)")
+                log.info(f"pretrain epoch {epoch}/{pc.epochs}: loss {losses[-1]:.4f} ({time.monotonic() - start:.0f} s)")
             weights_file = _save_weights(saved, out)
             record = _record(cfg, model, size, used, losses, weights_file, run.info.run_id,
                              time.monotonic() - start)

@@ -13,6 +13,7 @@ model on its own test fold, and judged once on the pooled images, in `cv/<datase
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from covidtl.gradcam import GradCam, load_image, overlay
 from covidtl.models.registry import get_spec, preprocess_for
 from covidtl.paths import CLASSES, p_covid
 from covidtl.trained import SPLITS, load_rows, load_trained, model_files
+
+logger = logging.getLogger(__name__)  # `log` is the MLflow switch of this module's functions
 
 # The lung region: the central box that leaves this fraction of each side out (0.10: the central
 # 80% x 80%, 64% of the area, so an even Grad-CAM map puts 36% of its weight outside). On a PA
@@ -364,7 +367,7 @@ def write_outputs(out: Path, table: pd.DataFrame, classes: pd.DataFrame, summary
 
 def probe(
     cfg, model_uri: str, data: str, split: str = "test", out: str | Path | None = None,
-    *, samples: int = 3, log: bool = True, say: Callable[[str], None] = print,
+    *, samples: int = 3, log: bool = True,
 ) -> ProbeResult:
     """Score `model_uri` on `data` under every variant, explain it, judge it and write the files."""
     if split not in SPLITS:
@@ -381,7 +384,7 @@ def probe(
         out = Cell(local if (local / "model").is_dir() else local.parent).probe_dir
     loaded = load_trained(model_uri, cfg)
     with tempfile.TemporaryDirectory(prefix="covidtl-probe-") as tmp:
-        rows, _, _, is_dataset = load_rows(cfg, data, split, Path(tmp), say)
+        rows, _, _, is_dataset = load_rows(cfg, data, split, Path(tmp))
         rows = readable_rows(rows).reset_index(drop=True)
         if rows.empty:
             raise UserError(f"--data {data}: no readable image in the {split if is_dataset else 'folder'}")
@@ -390,12 +393,12 @@ def probe(
     about = {"model_uri": model_uri, "model": loaded.name, "run_id": loaded.source_run_id,
              "data": str(data), "scored": scored}
     return judge_and_write(cfg, probed, Path(out), about, f"Shortcut probe: {loaded.name} on the {scored}",
-                           log=log, say=say)
+                           log=log)
 
 
 def probe_cv(
     cfg, cv_dir: str | Path, out: str | Path | None = None,
-    *, samples: int = 3, log: bool = True, say: Callable[[str], None] = print,
+    *, samples: int = 3, log: bool = True,
 ) -> ProbeResult:
     """A cross-validated recipe's probe: each fold's model on its own test fold (fold-<k>/split.csv's
     test rows), the variants' p(COVID) pooled over folds and judged once; files in <cv_dir>/probe/
@@ -410,7 +413,7 @@ def probe_cv(
         if rows.empty:
             raise UserError(f"{split_file}: no readable test image to probe; run the same cv command again")
         loaded = load_trained(str(member), cfg)
-        say(f"probe {member.parent.name}: its model on its {len(rows)} test images")
+        logger.info(f"probe {member.parent.name}: its model on its {len(rows)} test images")
         probes.append(probe_rows(loaded, rows, samples))
         folds.append({"fold": member.parent.name, "model_uri": str(member), "run_id": loaded.source_run_id,
                       "images": int(len(rows))})
@@ -419,7 +422,7 @@ def probe_cv(
              "data": summary["dataset"], "scored": scored, "folds": folds}
     title = f"Shortcut probe: {summary.get('cell') or Path(cv_dir).name} cross-validated, {scored}"
     return judge_and_write(cfg, pool_probes(probes, samples), Path(out or cv_records.probe_dir(cv_dir)), about, title,
-                           log=log, say=say)
+                           log=log)
 
 
 @dataclass
@@ -475,8 +478,9 @@ def pool_cams(parts: list[tuple[CamSummary, np.ndarray]], samples: int) -> CamSu
     return pooled
 
 
-def judge_and_write(cfg, probed: Probed, out: Path, about: dict[str, Any], title: str, *, log: bool,
-                    say: Callable[[str], None]) -> ProbeResult:
+def judge_and_write(
+    cfg, probed: Probed, out: Path, about: dict[str, Any], title: str, *, log: bool,
+) -> ProbeResult:
     """The variant tables and verdict of `probed`, its files in `out`, logged to `about`'s run_id."""
     table = variant_table(probed.y_true, probed.p_covid, probed.groups, resamples=cfg.eval.bootstrap,
                           confidence=cfg.eval.confidence, seed=cfg.eval.seed)
@@ -493,7 +497,7 @@ def judge_and_write(cfg, probed: Probed, out: Path, about: dict[str, Any], title
     files = write_outputs(out, table, classes, summary, probe_figure(cams, classes, title))
     result = ProbeResult(table, classes, judged, cams, out, files)
     if log:
-        result.run_id = log_probe(about.get("run_id"), table, cams, judged, out, say)
+        result.run_id = log_probe(about.get("run_id"), table, cams, judged, out)
     return result
 
 
@@ -510,10 +514,10 @@ def probe_metrics(table: pd.DataFrame, cams: CamSummary, judged: dict[str, Any])
     return metrics
 
 
-def log_probe(run_id: str | None, table, cams, judged, out: Path, say) -> str | None:
+def log_probe(run_id: str | None, table, cams, judged, out: Path) -> str | None:
     """The probe's metrics and files on the model's own MLflow run (artifact folder probe/)."""
     if not run_id:
-        say("Not logged to MLflow: the model has no run of its own (a model.keras without card.json)")
+        logger.warning("Not logged to MLflow: the model has no run of its own (a model.keras without card.json)")
         return None
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 import mlflow
@@ -32,6 +32,8 @@ from covidtl.scores import Scored
 from covidtl.train import predict, rows_of
 
 SPLITS = ("test", "val", "train", "all")  # what `--split` scores of a dataset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -158,14 +160,12 @@ def is_dataset_name(cfg: Config, data: str) -> bool:
     return data in cfg.data.datasets and "/" not in data and os.sep not in data
 
 
-def load_rows(
-    cfg: Config, data: str, split: str, workdir: Path, say: Callable[[str], None] = print,
-) -> tuple[pd.DataFrame, str, Path, bool]:
+def load_rows(cfg: Config, data: str, split: str, workdir: Path) -> tuple[pd.DataFrame, str, Path, bool]:
     """(rows, experiment name, manifest path, is a dataset) for a dataset name or any image folder."""
     if is_dataset_name(cfg, data):
         if Path(data).is_dir():
-            say(f"Note: --data {data} is the dataset {data} of params.yaml ({cfg.dataset(data).path}); "
-                f"to score the folder ./{data} instead, give --data ./{data}")
+            log.info(f"Note: --data {data} is the dataset {data} of params.yaml ({cfg.dataset(data).path}); "
+                     f"to score the folder ./{data} instead, give --data ./{data}")
         table = tables.read_split(cfg, data)
         return rows_of(table, split), data, paths.manifest_path(cfg, data), True
     folder = Path(data).expanduser()
@@ -185,9 +185,9 @@ def load_rows(
     ))
     result = ingest.run(on_the_fly, name, progress=False, strict=True)
     for row in result.quarantine.itertuples():
-        say(f"Quarantined: {row.path}: {row.reason}")
+        log.warning(f"Quarantined: {row.path}: {row.reason}")
     for note in result.notes:
-        say(f"Warning: {note}")
+        log.warning(f"Warning: {note}")
     return result.manifest, name, paths.manifest_path(on_the_fly, name), False
 
 

@@ -6,9 +6,11 @@ only call these commands. Each stage's commands live in their own file of this p
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -20,6 +22,39 @@ from covidtl.errors import UserError
 DEBUG_ENV = "COVIDTL_DEBUG"
 
 
+class EchoHandler(logging.Handler):
+    """A record of the covidtl logger as the command's own line on stderr, its message only, as the
+    commands have always written them; click's stream is taken per line, so CliRunner catches it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:  # noqa: BLE001 - logging's rule: a line that cannot be written ends nothing
+            self.handleError(record)
+
+
+ECHO = EchoHandler(logging.INFO)
+
+
+@contextlib.contextmanager
+def echo_logging() -> Iterator[None]:
+    """The covidtl logger's progress lines and warnings said on stderr while a command runs. The
+    handler comes off at its end (library calls after it print nothing again); a command run inside
+    another leaves the outer one's in place, so no line is said twice. Records still propagate, so
+    pytest's caplog and an application's own handlers see them."""
+    logger = logging.getLogger("covidtl")
+    if ECHO in logger.handlers:
+        yield
+        return
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(ECHO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(ECHO)
+        logger.setLevel(level)
 
 
 class CovidtlGroup(click.Group):
@@ -94,6 +129,7 @@ def _bug(exc: BaseException) -> None:
 def main(ctx: click.Context, params_path: str, overrides: tuple[str, ...]) -> None:
     """Transfer learning for COVID-19 detection in chest X-rays and CT scans."""
     ctx.ensure_object(dict)
+    ctx.with_resource(echo_logging())
     ctx.obj["params_path"] = params_path
     ctx.obj["overrides"] = dict(parse_override(o) for o in overrides)
 

@@ -36,9 +36,9 @@ def cv(ctx, model, init, dataset, folds, epochs, lr, out, pretrain, prepare) -> 
         from covidtl.data.prepare import ensure_split
 
         for name in {dataset, *(cfg.pretrain.datasets if pretrain else [])}:
-            ensure_split(cfg, name, say=lambda line: click.echo(line, err=True))
+            ensure_split(cfg, name)
     result = cross_validate(cfg, model, init, dataset, out_root=out, lr=_rate(lr), pretrain=pretrain,
-                            command=command_line(ctx), say=lambda line: click.echo(line, err=True))
+                            command=command_line(ctx))
     s = result.summary
     for name in ("roc_auc", "accuracy", "op_accuracy", "op_balanced_accuracy"):
         a = s["across_folds"][name]

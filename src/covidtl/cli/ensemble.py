@@ -27,8 +27,7 @@ def ensemble(ctx, members, cv_dir, out, log_model) -> None:
     tracking_uri()  # an unreachable tracking server: one line before MLflow and TensorFlow load
     from covidtl.ensemble import build_ensemble
 
-    result = build_ensemble(config_from(ctx), list(members), out, cv_dir=cv_dir, log_model=log_model,
-                            say=lambda line: click.echo(line, err=True))
+    result = build_ensemble(config_from(ctx), list(members), out, cv_dir=cv_dir, log_model=log_model)
     m = result.metrics
     shown = ", ".join(f"{k} {m[f'test_{k}']:.4f}" for k in ("accuracy", "roc_auc") if f"test_{k}" in m)
     click.echo(f"ensemble of {len(result.members)}: test {shown or 'not scored'}; operating threshold "

@@ -61,18 +61,15 @@ def probe(ctx, model_uri, data, split, cv_dir, out, samples, no_log) -> None:
     from covidtl.errors import UserError
     from covidtl.probe import probe as run, probe_cv
 
-    def say(line: str) -> None:
-        click.echo(line, err=True)
-
     if cv_dir is not None:
         if model_uri or data or split != "test":
             raise UserError(f"--cv {cv_dir}: its folds' own models and test folds are probed; drop "
                             "--model-uri, --data and --split")
-        result = probe_cv(config_from(ctx), cv_dir, out, samples=samples, log=not no_log, say=say)
+        result = probe_cv(config_from(ctx), cv_dir, out, samples=samples, log=not no_log)
     elif not (model_uri and data):
         raise UserError("probe: give --model-uri and --data (one model), or --cv CV_DIR (a cv run's folds)")
     else:
-        result = run(config_from(ctx), model_uri, data, split, out, samples=samples, log=not no_log, say=say)
+        result = run(config_from(ctx), model_uri, data, split, out, samples=samples, log=not no_log)
     click.echo(f"{'variant':<14} {'images':>6}  {'ROC AUC [95% CI]':<24} accuracy [95% CI]")
     for row in result.table.to_dict("records"):
         auc = f"{row['roc_auc']:.3f} [{row['roc_auc_ci_low']:.3f}, {row['roc_auc_ci_high']:.3f}]"

@@ -22,7 +22,7 @@ def external(ctx: click.Context, dataset: str, models_root: str, out_root: str, 
 
     cfg = config_from(ctx)
     result = score_dataset(cfg, dataset, models_root=models_root, out_root=out_root, log=not no_log,
-                           progress=not quiet, say=lambda line: click.echo(line, err=True))
+                           progress=not quiet)
     sets = result.results["sets"]
     for name, s in sets.items():
         click.echo(f"set {name}: {s['images']} images ({s['classes']['covid']} covid) in {s['groups']} "

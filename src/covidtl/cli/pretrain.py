@@ -29,10 +29,10 @@ def pretrain(ctx, model, datasets, epochs, out, prepare) -> None:
         from covidtl.data.prepare import ensure_split
 
         for name in cfg.pretrain.datasets:
-            ensure_split(cfg, name, say=lambda line: click.echo(line, err=True))
+            ensure_split(cfg, name)
     from covidtl.pretrain import pretrain as run  # TensorFlow loads here
 
-    result = run(cfg, model, out=out, say=lambda line: click.echo(line, err=True))
+    result = run(cfg, model, out=out)
     click.echo(f"pretrain {model}: {result.images} training images, loss {result.losses[0]:.4f} -> "
                f"{result.losses[-1]:.4f}; run {result.run_id}; weights {result.weights_file}, "
                f"record {result.record_file}")

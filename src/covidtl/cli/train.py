@@ -79,7 +79,7 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
     if prepare:
         from covidtl.data.prepare import ensure_split
 
-        ensure_split(cfg, dataset, say=lambda line: click.echo(line, err=True))
+        ensure_split(cfg, dataset)
     source = None
     if lr is not None and lr.strip().lower() == "tuned":
         from covidtl.tune import tuned_learning_rate, tuned_path
@@ -92,7 +92,7 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
     options = RunOptions(log_model=log_model or None,  # --no-log-model: only to a tracking server
                          restart=restart)
     try:
-        result = run(plan, options, say=lambda line: click.echo(line, err=True))
+        result = run(plan, options)
     except TrainingInterrupted as exc:
         click.echo(str(exc), err=True)
         sys.exit(130)  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -121,8 +121,7 @@ def evaluate(ctx, model_uri, data, split, out, tta) -> None:
     tracking_uri()  # an unreachable tracking server: one line before MLflow and TensorFlow load
     from covidtl.evaluate import evaluate as run
 
-    result = run(config_from(ctx), model_uri, data, split=split, out_dir=out, tta=tta,
-                 say=lambda line: click.echo(line, err=True))
+    result = run(config_from(ctx), model_uri, data, split=split, out_dir=out, tta=tta)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
                       if k.endswith(("accuracy", "recall_covid", "precision_covid", "f1_covid", "roc_auc")))
     click.echo(f"evaluate {model_uri} on {data}: {result.images} images ({result.scored}); {shown}; "

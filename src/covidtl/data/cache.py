@@ -92,7 +92,7 @@ def cached_images(table: pd.DataFrame, image_size: int, cfg: Config) -> Cached:
     if record is None:
         # One build per cache: a second process that needs it (another cell of the dataset) waits
         # for the first, then reads what it built.
-        with locks.hold(npy, "a decode-cache build", say=log.warning, wait=True):
+        with locks.hold(npy, "a decode-cache build", wait=True):
             record = _whole(npy, index)
             if record is None:
                 record = build(table, image_size, npy, index)

@@ -6,14 +6,16 @@ through the same modules; an existing split table is never touched.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Callable
 
 from covidtl import paths
 from covidtl.config import Config
 
+log = logging.getLogger(__name__)
 
-def ensure_split(cfg: Config, dataset: str, say: Callable[[str], None] = print) -> Path:
+
+def ensure_split(cfg: Config, dataset: str) -> Path:
     """The split table of `dataset`, made first (with its manifest) if it does not exist."""
     from covidtl.data import ingest, split, synth
 
@@ -22,12 +24,12 @@ def ensure_split(cfg: Config, dataset: str, say: Callable[[str], None] = print) 
         return table
     root = Path(cfg.dataset(dataset).path)
     if not root.exists() and root.resolve().is_relative_to(Path(cfg.synth.out).resolve()):
-        say(f"{root} is missing: writing the embedded synthetic data (covidtl synth)")
+        log.info(f"{root} is missing: writing the embedded synthetic data (covidtl synth)")
         synth.generate(cfg.synth)
     if not paths.manifest_path(cfg, dataset).is_file():
-        say(f"{paths.manifest_path(cfg, dataset)} is missing: ingesting {root} (covidtl ingest {dataset})")
+        log.info(f"{paths.manifest_path(cfg, dataset)} is missing: ingesting {root} (covidtl ingest {dataset})")
         for folder, count in ingest.run(cfg, dataset, progress=False).unmapped.items():
-            say(f"Warning: {ingest.unmapped_warning(folder, count)}")
-    say(f"{table} is missing: splitting ({cfg.split.strategy}; covidtl split {dataset})")
+            log.warning(f"Warning: {ingest.unmapped_warning(folder, count)}")
+    log.info(f"{table} is missing: splitting ({cfg.split.strategy}; covidtl split {dataset})")
     split.run(cfg, dataset)
     return table

@@ -12,9 +12,9 @@ same command after a kill or Ctrl-C continues that run from there (`checkpoint_t
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 import mlflow
@@ -54,6 +54,8 @@ __all__ = [
     "run_digest", "run_tags", "train", "trainable_batchnorms",
 ]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class TrainResult:
@@ -80,8 +82,7 @@ class RunOptions:
     extra_callbacks: tuple[keras.callbacks.Callback, ...] = ()
 
 
-def train(plan: Plan, options: RunOptions = RunOptions(), *,
-          say: Callable[[str], None] = lambda line: None) -> TrainResult:
+def train(plan: Plan, options: RunOptions = RunOptions()) -> TrainResult:
     """Train the planned run: one MLflow run, the cell's files on disk.
 
     A checkpoint of the same settings in the cell continues its run; `options.restart` starts over."""
@@ -89,16 +90,16 @@ def train(plan: Plan, options: RunOptions = RunOptions(), *,
     if not plan.on.is_chief:  # the chief records the run; the other workers only train
         plan = dataclasses.replace(plan, cell=Cell(distribute.worker_scratch()))
     # Before the checkpoint is looked at: a second process would otherwise resume this one's run.
-    with locks.hold(plan.cell.dir, "covidtl train", say):
-        return _train_plan(plan, options, say)
+    with locks.hold(plan.cell.dir, "covidtl train"):
+        return _train_plan(plan, options)
 
 
-def _train_plan(plan: Plan, options: RunOptions, say: Callable[[str], None]) -> TrainResult:
+def _train_plan(plan: Plan, options: RunOptions) -> TrainResult:
     """`train` of a planned run, its cell's lock held."""
     resume = checkpoint_to_resume(plan, options.restart)
     if resume is not None:
-        say(f"Resuming run {resume.run_id} after epoch {resume.epochs_done} from {plan.cell.checkpoint_dir} "
-            "(--restart starts over)")
+        log.info(f"Resuming run {resume.run_id} after epoch {resume.epochs_done} from {plan.cell.checkpoint_dir} "
+                 "(--restart starts over)")
     cfg = plan.on.data_config(plan.cfg)  # train.batch_size: the global batch, split across replicas
     keras.utils.set_random_seed(cfg.train.seed)
     # First: a missing weights file fails fast. In the run's precision, mirrored across replicas.
@@ -107,8 +108,8 @@ def _train_plan(plan: Plan, options: RunOptions, say: Callable[[str], None]) -> 
     if frozen is None:
         train_ds, val_ds = fit_datasets(plan, cfg)
     elif cfg.train.head != "linear_probe":
-        say(f"Training {plan.model}'s layers after its frozen part ({frozen.parts.cut}) on stored features "
-            f"({frozen.cache.root})")
+        log.info(f"Training {plan.model}'s layers after its frozen part ({frozen.parts.cut}) on stored features "
+                 f"({frozen.cache.root})")
         train_ds, val_ds = frozen.datasets(cfg.train.batch_size, VALIDATION_BATCH_FACTOR * cfg.train.batch_size)
     else:
         train_ds = val_ds = None
