@@ -23,7 +23,7 @@ from covidtl.cli import main
 from covidtl.data import synth
 from covidtl.models.registry import build_model, get_spec
 from covidtl.paths import POSITIVE_INDEX
-from conftest import config
+from conftest import PARAMS, config
 from helpers_train import write_images
 
 # One effect test per registry entry: adding a method without its test fails here.
@@ -201,8 +201,7 @@ def study(tmp_path_factory):
 def invoke(tmp, monkeypatch, *args):
     monkeypatch.chdir(tmp)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-    params = str(config.__globals__["PARAMS"])
-    return CliRunner().invoke(main, ["--params", params, *args])
+    return CliRunner().invoke(main, ["--params", str(PARAMS), *args])
 
 
 def test_adapt_writes_a_model_that_evaluate_and_predict_score(study, monkeypatch):

@@ -13,7 +13,7 @@ from covidtl.adapt.network import (batchnorm_layers, copy_of, head_layers, optim
 from covidtl.adapt.settings import AdaptSettings
 from covidtl.adapt.site import Labelled, SiteData
 from covidtl.errors import UserError
-from covidtl.paths import CLASSES, POSITIVE_INDEX as POS
+from covidtl.paths import CLASSES, POSITIVE_INDEX as POS, p_covid
 
 
 def _output_dense(network: keras.Model, method: str) -> keras.layers.Dense:
@@ -31,7 +31,7 @@ def _logit_gap(network: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarr
     kernel, bias = (np.asarray(w, np.float64) for w in dense.get_weights())
     z = np.concatenate([np.asarray(features(x[i:i + batch_size], training=False), np.float64) @ kernel + bias
                         for i in range(0, len(x), batch_size)])
-    return z[:, POS] - z[:, 1 - POS]
+    return p_covid(z) - p_covid(z[:, ::-1])  # reversed columns: the other class's logit
 
 
 def platt_fit(gap: np.ndarray, positive: np.ndarray) -> tuple[float, float]:
