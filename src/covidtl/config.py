@@ -369,6 +369,13 @@ class AdaptConfig:
     epochs: PositiveInt
     tent_steps: PositiveInt
     tent_learning_rate: PositiveFloat
+    # `covidtl adapt-curve`: the learning curve over K labelled patient groups per class.
+    split_seed: StrictInt  # halves the site's groups into scoring and adaptation, once per site
+    curve_methods: StrictStr  # "auto" (every method the source model takes) or "adabn,head,..."
+    curve_ks: Annotated[list[NonNegativeInt], _check(len, "{value} must be a non-empty list of K >= 0")]
+    curve_seeds: PositiveInt  # draws (and method seeds) per K
+    curve_resamples: PositiveInt  # two-level bootstrap replicates per interval
+    curve_out: StrictStr
 
 
 @group

@@ -100,16 +100,22 @@ def head_bn(model: keras.Model, site: SiteData, settings: AdaptSettings, seed: i
     return adapted
 
 
-def probe_refit(model: keras.Model, site: SiteData, settings: AdaptSettings, seed: int) -> keras.Model:
-    """For a frozen ImageNet cell with a pooled head (`linear_probe` or `gap`): the linear probe
-    (covidtl.linear_probe: C by patient-grouped folds) refitted on the source training split's
-    pooled features and the labelled site images' together, written into the output Dense(2)."""
-    network = plain_network(model, "probe_refit")
+def check_probe_refit(network: keras.Model) -> keras.layers.Dense:
+    """The output Dense layer of a pooled linear head; refused, before any image is read, without one."""
     dense = _output_dense(network, "probe_refit")
     pooled = [layer for layer in network.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
     if head_layers(network) != [dense] or not pooled:
         raise UserError(f"adapt --method probe_refit: {network.name} has no pooled linear head (train.head "
                         "linear_probe or gap); choose head or recalibrate")
+    return dense
+
+
+def probe_refit(model: keras.Model, site: SiteData, settings: AdaptSettings, seed: int) -> keras.Model:
+    """For a frozen ImageNet cell with a pooled head (`linear_probe` or `gap`): the linear probe
+    (covidtl.linear_probe: C by patient-grouped folds) refitted on the source training split's
+    pooled features and the labelled site images' together, written into the output Dense(2)."""
+    network = plain_network(model, "probe_refit")
+    dense = check_probe_refit(network)
     features = keras.Model(network.input, dense.input)
 
     def read(x: np.ndarray) -> np.ndarray:

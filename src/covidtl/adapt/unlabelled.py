@@ -42,6 +42,14 @@ def channel_statistics(batches) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(np.maximum(squares / count - mean ** 2, 1e-12))
 
 
+def check_standardize(network: keras.Model) -> None:
+    """Refused before any image is read: a network that normalises each image itself undoes the map."""
+    if any(isinstance(layer, Normalize) for layer in network.layers):
+        raise UserError(f"adapt --method standardize: {network.name} normalises each image itself "
+                        "(train.normalize), which undoes any site-wide intensity map; choose adabn, tent, "
+                        "recalibrate, head or head_bn")
+
+
 def standardize(model: keras.Model, site: SiteData, settings: AdaptSettings, seed: int) -> keras.Model:
     """A per-channel affine map before the network: the site pool's preprocessed inputs, per
     channel over all pixels, get the mean and standard deviation of the source model's training
@@ -49,10 +57,7 @@ def standardize(model: keras.Model, site: SiteData, settings: AdaptSettings, see
     trained on. The source statistics are not stored with a model: they are measured again from
     the source's training split (its card's dataset)."""
     network = plain_network(model, "standardize")
-    if any(isinstance(layer, Normalize) for layer in network.layers):
-        raise UserError(f"adapt --method standardize: {network.name} normalises each image itself "
-                        "(train.normalize), which undoes any site-wide intensity map; choose adabn, tent, "
-                        "recalibrate, head or head_bn")
+    check_standardize(network)
     site_mean, site_sd = channel_statistics(batches_of(site.pool, settings.batch_size, np.arange(len(site.pool))))
     source_mean, source_sd = channel_statistics(x for x, _ in site.source.batches(settings.batch_size))
     scale = source_sd / site_sd
