@@ -354,6 +354,31 @@ class EvalConfig:
 
 
 @group
+class AdaptConfig:
+    """`covidtl adapt` (its DVC stage and entry point): the source model, the site and the method's settings."""
+    model: StrictStr  # the source model (a .keras file, a cell folder or an MLflow URI)
+    site: StrictStr  # the site's unlabelled images
+    labelled: StrictStr | None  # K labelled site patients (class folders); None: unlabelled methods only
+    method: StrictStr
+    out: StrictStr
+    seed: StrictInt
+    series: StrictBool  # the site's file numbers are CT series (ingest's patient groups)
+    shared_frame: StrictBool
+    batch_size: PositiveInt
+    learning_rate: PositiveFloat
+    epochs: PositiveInt
+    tent_steps: PositiveInt
+    tent_learning_rate: PositiveFloat
+    # `covidtl adapt-curve`: the learning curve over K labelled patient groups per class.
+    split_seed: StrictInt  # halves the site's groups into scoring and adaptation, once per site
+    curve_methods: StrictStr  # "auto" (every method the source model takes) or "adabn,head,..."
+    curve_ks: Annotated[list[NonNegativeInt], _check(len, "{value} must be a non-empty list of K >= 0")]
+    curve_seeds: PositiveInt  # draws (and method seeds) per K
+    curve_resamples: PositiveInt  # two-level bootstrap replicates per interval
+    curve_out: StrictStr
+
+
+@group
 class Config:
     synth: SynthConfig
     data: DataConfig
@@ -369,6 +394,7 @@ class Config:
     external: ByName[list[ExternalSet]]
     report: ReportConfig
     eval: EvalConfig
+    adapt: AdaptConfig
     # A named set of overrides from `profiles` (params.yaml < profile < -S/CLI options).
     profile: StrictStr
     profiles: ByName[ByName[Any]]

@@ -152,7 +152,9 @@ def _bootstrap(
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
-def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+def percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central `confidence` interval of bootstrap replicates, the undefined (NaN) ones left out;
+    (nan, nan) when fewer than MIN_DEFINED of them are defined."""
     defined = values[np.isfinite(values)]
     if defined.size == 0 or defined.size < MIN_DEFINED * values.size:
         return (math.nan, math.nan)
@@ -178,7 +180,7 @@ def bootstrap_intervals(
     _check_confidence(confidence)
     y, p = covid_probability(y_true, prob)
     values = _bootstrap(y, groups, resamples, seed, lambda w: _metrics(y, p, w, threshold, fill=np.nan))
-    return {name: _percentiles(values[name], confidence) for name in METRICS}
+    return {name: percentile_interval(values[name], confidence) for name in METRICS}
 
 
 # --------------------------------------------------------------------------- paired comparisons
@@ -222,7 +224,7 @@ def paired_difference(
 
     point = float(difference(np.ones((1, y.size)))[metric][0])
     d = _bootstrap(y, groups, resamples, seed, difference)[metric]
-    low, high = _percentiles(d, confidence)
+    low, high = percentile_interval(d, confidence)
     defined = d[np.isfinite(d)]
     p_value = _bootstrap_p(defined) if defined.size >= max(1, MIN_DEFINED * d.size) else math.nan
     return Difference(metric, point, low, high, p_value)
@@ -319,8 +321,28 @@ def reliability(y_true, prob, bins: int = 10) -> Reliability:
     kept = count > 0
     mean_predicted = np.bincount(which, weights=p, minlength=bins)[kept] / count[kept]
     observed = np.bincount(which, weights=(y == POS).astype(float), minlength=bins)[kept] / count[kept]
-    ece = float(np.sum(count[kept] * np.abs(observed - mean_predicted)) / y.size)
+    ece = float(_ece(y, p, np.ones((1, y.size)), bins)[0])
     return Reliability(mean_predicted, observed, count[kept], ece)
+
+
+def _ece(y: np.ndarray, p: np.ndarray, w: np.ndarray, bins: int) -> np.ndarray:
+    """Expected calibration error per row of image weights w (B, n), over `bins` equal-width bins."""
+    which = np.clip((p * bins).astype(int), 0, bins - 1)
+    observed = (y == POS).astype(float)
+    gaps = np.zeros(w.shape[0])
+    for b in range(bins):
+        inside = which == b
+        # A bin's count x |observed - mean predicted| is |sum of observed - sum of predicted|.
+        gaps += np.abs(w[:, inside] @ observed[inside] - w[:, inside] @ p[inside])
+    return _ratio(gaps, w.sum(axis=1), np.nan)
+
+
+def weighted_metrics(y_true, prob, weights: np.ndarray, threshold: float = 0.5, bins: int = 10) -> dict[str, np.ndarray]:
+    """Every metric of METRICS and the ECE per row of image weights (B, n): a bootstrap's
+    replicates at once (NaN where a replicate's ratio is 0/0 or it holds one class)."""
+    y, p = covid_probability(y_true, prob)
+    weights = np.atleast_2d(np.asarray(weights, dtype=float))
+    return {**_metrics(y, p, weights, threshold, fill=np.nan), "ece": _ece(y, p, weights, bins)}
 
 
 # --------------------------------------------------------------------------- operating points

@@ -159,9 +159,10 @@ def config_yaml(cfg: Config) -> str:
 def run_settings(cfg: Config) -> dict[str, Any]:
     """The resolved settings a run trains with: the config without the other profiles' definitions
     (the chosen one's values are in its fields), so adding a profile to params.yaml changes no
-    run's identity."""
+    run's identity; nor `adapt`, which only `covidtl adapt` reads."""
     settings = cfg.to_dict()
     settings.pop("profiles")
+    settings.pop("adapt")
     return settings
 
 

@@ -27,6 +27,7 @@ from covidtl.data import ingest, tables
 from covidtl.data.pipeline import make_dataset, readable_rows
 from covidtl.errors import UserError
 from covidtl.models import wrappers  # noqa: F401 - registers the wrappers' layers for loading
+from covidtl.models import site_layers  # noqa: F401 - registers the adapted models' layers for loading
 from covidtl.models.registry import MODELS, get_spec
 from covidtl.scores import Scored
 from covidtl.train import predict, rows_of

@@ -137,11 +137,11 @@ def main(ctx: click.Context, params_path: str, overrides: tuple[str, ...]) -> No
 def _register() -> None:
     # Each file holds one stage's commands; TensorFlow is imported only inside commands, so
     # `covidtl --help` stays fast.
-    from covidtl.cli import (cv, data, ensemble, explain, external, predict, pretrain, report, results, team,
-                             train, tune, weights)
+    from covidtl.cli import (adapt, adapt_curve, cv, data, ensemble, explain, external, predict, pretrain, report,
+                             results, team, train, tune, weights)
 
     for module in (data, weights, pretrain, train, cv, ensemble, tune, external, report, results, explain, predict,
-                   team):
+                   team, adapt, adapt_curve):
         for command in module.COMMANDS:
             main.add_command(command)
 
