@@ -53,7 +53,7 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
 
     After a kill or Ctrl-C, the same command continues the run from its last completed epoch."""
     from covidtl.cells import Cell
-    from covidtl.pretrained import unavailable_reason
+    from covidtl.weight_records import unavailable_reason
 
     model, init = recipe_from(ctx, model, init)
     reason = unavailable_reason(model, init) if skip_unavailable else None
