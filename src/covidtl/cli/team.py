@@ -50,7 +50,7 @@ def server(backend_store_uri: str, artifacts_destination: str, host: str, port: 
     """Start MLflow's tracking server (runs in PostgreSQL, artifacts served through it).
 
     Clients: export MLFLOW_TRACKING_URI=http://HOST:PORT. Arguments after `--` go to `mlflow server`."""
-    from covidtl.server import check_backend_store, masked, server_command
+    from covidtl.tracking_server import check_backend_store, masked, server_command
 
     check_backend_store(backend_store_uri)
     command = server_command(backend_store_uri, artifacts_destination, host, port, mlflow_args)
