@@ -8,7 +8,7 @@ nothing here trains, tunes or selects. The one owner of external/<dataset>/:
 external/<dataset>/
     sets/<set>/manifest.csv, quarantine.csv, ingest.json   the folder as ingested (paths relative)
     <cell>/<set>/predictions.csv   path (relative to the set's folder), group, actual, predicted, p_covid
-    <cell>/<set>/metrics.json      all_* as covidtl.metrics gives them
+    <cell>/<set>/metrics.json      all_* as covidtl.scores gives them
     results.json                   every set and every cell of the study (ok, skipped, failed,
                                    missing) with its scores; written last: the record
 """

@@ -24,7 +24,7 @@ from covidtl.comparisons import CellPredictions, comparison_table, in_words
 from covidtl.config import Config
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
-from covidtl.metrics import draw_confusion
+from covidtl.confusion import draw_confusion
 from covidtl.scores import with_interval
 
 MODELS_ROOT = "models"  # cells.MODELS_ROOT

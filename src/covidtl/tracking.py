@@ -29,7 +29,7 @@ import yaml
 from covidtl import locks
 from covidtl.config import Config
 from covidtl.files import file_sha256
-from covidtl.metrics import confusion, draw_confusion, report_text
+from covidtl.confusion import confusion, draw_confusion, report_text
 from covidtl.mlflow_store import project_root, tracking_uri
 from covidtl.paths import CLASSES, POSITIVE_INDEX
 
