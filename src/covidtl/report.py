@@ -535,7 +535,7 @@ def gradcam_section(copied: dict[str, Path]) -> list[str]:
         return []
     lines = ["## Grad-CAM samples", "",
              "A seeded sample of each cell's test images — true and false positives and negatives — "
-             "with the Grad-CAM map of the predicted class (red: most weight). At the quick profile's "
+             "with the Grad-CAM map of the predicted class (red: most weight). At the quick defaults' "
              "32 px a backbone's last feature map is 1 x 1, so its map shows no place.", ""]
     lines += [f"- {name}: ![{name}](gradcam/{path.name})" for name, path in copied.items()]
     return lines + [""]
