@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import keras
 import mlflow
 import tensorflow as tf
+from keras.src.backend.tensorflow import trainer
 
 from covidtl.config import Config, TrainConfig
 from covidtl.errors import UserError
@@ -113,8 +114,6 @@ def reduce_scalar_logs_across_workers() -> None:
     `strategy.reduce("MEAN", value, axis=0)`, which fails on a scalar ("Invalid reduction
     dimension 0 for input with 0 dimensions"). Scalars are reduced with axis=None instead.
     """
-    from keras.src.backend.tensorflow import trainer
-
     keras_reduce = trainer.reduce_per_replica
 
     def reduce_per_replica(values, strategy, reduction):

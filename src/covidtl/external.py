@@ -182,8 +182,8 @@ def _score_dataset(cfg: Config, dataset: str, models_root: str | Path, out: Exte
 
 def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], out: ExternalDir,
                 log: bool, say: Callable[[str], None]) -> dict[str, Any]:
-    import keras  # TensorFlow starts here, once per process
-
+    # here, not above: `covidtl external` ingests its sets and finds the cells before TensorFlow loads
+    import keras
     from covidtl.trained import load_trained, log_scored, score_rows
 
     loaded = load_trained(str(cell.dir), cfg)

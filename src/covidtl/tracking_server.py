@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg2
+
 from covidtl.errors import UserError
 
 POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg2")
@@ -33,7 +35,6 @@ def check_backend_store(url: str, timeout_s: int = 5) -> None:
     if scheme not in POSTGRES_SCHEMES:
         raise UserError(f"--backend-store-uri {masked(url)}: not a PostgreSQL URL; give "
                         "postgresql://USER:PASSWORD@HOST:5432/DATABASE")
-    import psycopg2
 
     try:
         psycopg2.connect(url.replace("postgresql+psycopg2://", "postgresql://", 1),

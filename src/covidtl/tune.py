@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import keras
+import matplotlib.pyplot as plt
 import mlflow
 import optuna
 import sqlalchemy
@@ -31,6 +32,7 @@ import sqlalchemy.exc
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from optuna.visualization import matplotlib as vis
 from sqlalchemy.engine import make_url
 
 from covidtl import paths, tracking, weight_records
@@ -662,9 +664,6 @@ def _summarise(
 
 def log_plots(study: optuna.Study) -> None:
     """Optuna's matplotlib plots into the active run; one it cannot draw yet is listed, with why."""
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as vis
-
     plots = {
         "optimization_history": lambda: vis.plot_optimization_history(study),
         "param_importances": lambda: vis.plot_param_importances(study),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from covidtl import weight_records
+
 
 @click.command("weights")
 @click.argument("model")
@@ -13,9 +15,8 @@ import click
               help="If the file is neither in weights/ nor in Keras' cache, try Keras' download.")
 def weights(model: str, init: str, download: bool) -> None:
     """Record MODEL's initial weights for INIT in data/weights/<model>-<init>.json (stage weights@…)."""
-    from covidtl import weight_records
-
-    def fetch():  # TensorFlow loads only here, when no file is on disk
+    def fetch():
+        # here, not above: TensorFlow loads only when no file is on disk (test_weight_records)
         from covidtl.models.registry import get_spec
         from covidtl.models.weights import download_imagenet
 

@@ -11,12 +11,11 @@ from typing import Callable
 
 from covidtl import paths
 from covidtl.config import Config
+from covidtl.data import ingest, split, synth
 
 
 def ensure_split(cfg: Config, dataset: str, say: Callable[[str], None] = print) -> Path:
     """The split table of `dataset`, made first (with its manifest) if it does not exist."""
-    from covidtl.data import ingest, split, synth
-
     table = paths.split_path(cfg, dataset)
     if table.is_file():
         return table

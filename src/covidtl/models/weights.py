@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import h5py
 import keras
 
 from covidtl import weight_records
@@ -113,8 +114,6 @@ def load_weights_file(model: keras.Model, path: str, what: str = "weights file")
 
 def unreadable(file: Path) -> str | None:
     """Why an HDF5 weights file cannot be read whole (a truncated or damaged copy), or None."""
-    import h5py
-
     try:
         with h5py.File(file, "r") as f:
             f.visititems(lambda name, node: node[()] if isinstance(node, h5py.Dataset) else None)
