@@ -96,7 +96,7 @@ def time_model(name: str, size: int, batch: int, steps: int, repeats: int, train
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="params.yaml's quick-profile sizes (train.image_size), 2 steps: a CPU smoke run")
+                        help="params.yaml's quick default sizes (train.image_size), 2 steps: a CPU smoke run")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated registry names")
     parser.add_argument("--batch", type=int, default=None, help="images per device and step (32; quick 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat (10; quick 2)")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from covidtl.cells import Cell
-from covidtl.pretrained import IMAGENET_FILES, unavailable_reason
+from covidtl.weight_records import IMAGENET_FILES, unavailable_reason
 
 
 def test_imagenet_cell_is_unavailable_without_the_cached_file(tmp_path, monkeypatch):

@@ -8,12 +8,15 @@ reads the source, it imports nothing of covidtl.
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tokenize
 import tomllib
 from pathlib import Path
 
@@ -92,11 +95,16 @@ def test_every_ignored_import_says_why():
     assert seen == parsed
 
 
+def layer_modules() -> list[list[str]]:
+    """The layers contract's layers, top to bottom, each as its module names."""
+    (layers,) = [c["layers"] for c in contracts() if c["type"] == "layers"]
+    return [[name.strip() for name in re.split(r"[:|]", layer)] for layer in layers]
+
+
 def test_every_module_has_a_layer():
     """A new module is placed in a layer (else no contract sees it); only the two import-free package
     docstrings (`covidtl`, `covidtl.data`) are outside every layer."""
-    (layers,) = [c["layers"] for c in contracts() if c["type"] == "layers"]
-    placed = [name.strip() for layer in layers for name in re.split(r"[:|]", layer)]
+    placed = [name for layer in layer_modules() for name in layer]
     package = ROOT / "src" / "covidtl"
     outside = set()
     for path in package.rglob("*.py"):
@@ -165,3 +173,107 @@ def test_a_planted_circle_inside_one_layer_is_found(tmp_path):
     with open(src / "covidtl" / "files.py", "a") as f:
         f.write("\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from covidtl.cells import Cell  # planted\n")
     assert ["covidtl.cells", "covidtl.files"] in import_circles(src)
+
+
+# --------------------------------------------------------------------------- imports inside functions
+# An import inside a function hides a dependency from the top of its module, so there is one only
+# where it keeps something slow to load (TensorFlow, pandas ...) out of the CLI's start-up or out of a
+# command that needs none, with a comment saying so.
+
+
+def function_imports(src: Path):
+    """(file relative to `src`, import statement, comment lines, lines of the file's function-level
+    imports) for every import inside a function of covidtl under `src`."""
+    for path in sorted((src / "covidtl").rglob("*.py")):
+        text = path.read_text()
+        with open(path, "rb") as f:
+            comments = {tok.start[0] for tok in tokenize.tokenize(f.readline) if tok.type == tokenize.COMMENT}
+        inside = {node for fn in ast.walk(ast.parse(text)) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))}
+        import_lines = {n for node in inside for n in range(node.lineno, node.end_lineno + 1)}
+        for node in sorted(inside, key=lambda node: node.lineno):
+            yield path.relative_to(src), node, comments, import_lines, text.splitlines()
+
+
+def uncommented_function_imports(src: Path) -> list[str]:
+    """`file:line` of each import inside a function with no comment on its lines, nor on the line
+    just above the run of imports (blank lines within it allowed) that it belongs to."""
+    found = []
+    for file, node, comments, import_lines, lines in function_imports(src):
+        if comments & set(range(node.lineno, node.end_lineno + 1)):
+            continue
+        above = node.lineno - 1
+        while above in import_lines or (above >= 1 and not lines[above - 1].strip()):
+            above -= 1
+        if above not in comments or lines[above - 1].lstrip()[:1] != "#":
+            found.append(f"{file}:{node.lineno}")
+    return found
+
+
+def test_every_import_inside_a_function_says_why():
+    assert uncommented_function_imports(ROOT / "src") == []
+
+
+def test_an_uncommented_import_inside_a_function_is_found(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "covidtl", src / "covidtl", ignore=shutil.ignore_patterns("__pycache__"))
+    planted = src / "covidtl" / "files.py"
+    with open(planted, "a") as f:
+        f.write("\n\ndef _planted():\n    import shlex\n    import json  # planted\n\n\n"
+                "def _kept():\n    # here, not above: planted, with its comment\n    import shlex\n\n    import json\n")
+    line = planted.read_text().splitlines().index("def _planted():") + 2  # its `import shlex`
+    assert uncommented_function_imports(src) == [f"covidtl/files.py:{line}"]
+
+
+# --------------------------------------------------------------------------- old module names
+# Modules renamed so that their names explain them (issue 21.8); each old name is a deprecated alias
+# for one release, in its new module's layer, and nothing in the package imports it.
+ALIASES = {
+    "covidtl.pretrained": "covidtl.weight_records",
+    "covidtl.server": "covidtl.tracking_server",
+    "covidtl.metrics": "covidtl.confusion",
+}
+
+
+@pytest.mark.parametrize("old", ALIASES)
+def test_an_old_module_name_warns_and_is_its_new_module(monkeypatch, old):
+    new = importlib.import_module(ALIASES[old])
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    message = f"{old} is {ALIASES[old]} now; this alias goes in the next release"
+    with pytest.warns(DeprecationWarning, match=f"^{re.escape(message)}$"):
+        module = importlib.import_module(old)
+    assert module is new
+    assert getattr(importlib.import_module("covidtl"), old.rsplit(".", 1)[1]) is new  # from covidtl import old
+
+
+def test_an_old_module_name_shares_its_new_module_s_layer():
+    for old, new in ALIASES.items():
+        (layer,) = [layer for layer in layer_modules() if old in layer]
+        assert new in layer, f"{old} is not in {new}'s layer"
+
+
+def alias_imports(src: Path) -> list[str]:
+    """`file:line` of each import of an old module name in covidtl under `src`."""
+    found = []
+    for path in sorted((src / "covidtl").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            if any(name == old or name.startswith(old + ".") for name in names for old in ALIASES):
+                found.append(f"{path.relative_to(src)}:{node.lineno}")
+    return found
+
+
+def test_nothing_in_the_package_imports_an_old_module_name(tmp_path):
+    assert alias_imports(ROOT / "src") == []
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "covidtl", src / "covidtl", ignore=shutil.ignore_patterns("__pycache__"))
+    planted = src / "covidtl" / "cards.py"
+    with open(planted, "a") as f:
+        f.write("\nfrom covidtl import pretrained  # planted\n")
+    line = planted.read_text().splitlines().index("from covidtl import pretrained  # planted") + 1
+    assert alias_imports(src) == [f"covidtl/cards.py:{line}"]

@@ -1,5 +1,5 @@
 """Test metrics (stats.metrics_at, what every score uses): scikit-learn's definitions, micro averages
-equal accuracy, AUC edge cases; the confusion matrix and report (covidtl.metrics)."""
+equal accuracy, AUC edge cases; the confusion matrix and report (covidtl.confusion)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from covidtl.metrics import confusion, report_text
+from covidtl.confusion import confusion, report_text
 from covidtl.paths import CLASSES
 from covidtl.stats import metrics_at
 

@@ -52,7 +52,7 @@ ONE_OWNER = [
     ("read_predictions", "def", True),
     ("p_covid", "def", True),  # covidtl.paths: p(COVID) out of softmax outputs
     ("store_lock", "def", False),  # covidtl.tracking, through covidtl.locks
-    ("draw_confusion", "def", False),  # covidtl.metrics: ConfusionMatrixDisplay
+    ("draw_confusion", "def", False),  # covidtl.confusion: ConfusionMatrixDisplay
 ]
 
 

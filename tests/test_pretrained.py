@@ -11,7 +11,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from covidtl import pretrained
+from covidtl import weight_records
 from covidtl.cli import main
 
 VGG16 = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -63,9 +63,9 @@ def test_keras_cache_is_the_second_place(tmp_path, monkeypatch):
     cached = tmp_path / "keras" / "models" / VGG16
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"cached")
-    record = pretrained.locate("vgg16", "finetune")
+    record = weight_records.locate("vgg16", "finetune")
     assert record["found_in"] == "keras_cache" and record["path"] == str(cached)
-    assert pretrained.locate("custom_cnn", "imagenet")["status"] == "unavailable"
+    assert weight_records.locate("custom_cnn", "imagenet")["status"] == "unavailable"
 
 
 def test_offline_record_names_the_watched_folder_and_the_skipped_cell_says_the_same(tmp_path, monkeypatch):
@@ -88,4 +88,4 @@ def test_offline_record_names_the_watched_folder_and_the_skipped_cell_says_the_s
     skipped = CliRunner().invoke(main, ["train", "--model", "vgg16", "--init", "imagenet", "--dataset", "ct",
                                         "--skip-unavailable", "--out", str(cell)])
     assert skipped.exit_code == 0, skipped.output
-    assert json.loads((cell / "metrics.json").read_text())["reason"] == pretrained.message(record)
+    assert json.loads((cell / "metrics.json").read_text())["reason"] == weight_records.message(record)

@@ -99,8 +99,8 @@ def test_the_simclr_profile_trains_its_cell_from_its_own_pretraining(tiny_ct, tm
 
 
 def test_train_model_is_checked_against_the_registrys_names():
-    """config.py checks train.model without TensorFlow, against pretrained.IMAGENET_FILES: the same names."""
+    """config.py checks train.model without TensorFlow, against weight_records.IMAGENET_FILES: the same names."""
     from covidtl.models.registry import MODELS
-    from covidtl.pretrained import IMAGENET_FILES
+    from covidtl.weight_records import IMAGENET_FILES
 
     assert list(MODELS) == list(IMAGENET_FILES)

@@ -37,7 +37,7 @@ WEIGHTS = {f"weights@{m}-{i}" for m in TINY["study.models"] for i in TINY["study
 # The cells that start from VGG16's ImageNet file: the paper's frozen cell and the chosen recipe's.
 IMAGENET_CELLS = {"train@vgg16-imagenet-ct", "train_best@vgg16-imagenet-ct"}
 VGG16_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-TINY_VGG16_SIZE = 32  # params.yaml's quick profile
+TINY_VGG16_SIZE = 32  # params.yaml's quick defaults
 
 pytestmark = pytest.mark.timeout(1800)  # per test; the whole file: 3.4 min on 2 cores (8 min at load 9)
 

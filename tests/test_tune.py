@@ -486,7 +486,7 @@ def test_what_a_trial_does_not_read_keeps_the_study(tmp_path):
 
 @pytest.mark.parametrize("init", ["weights-file", "imagenet", "pretrained"])
 def test_the_init_weights_count_by_their_content_not_their_path(init, tmp_path, monkeypatch):
-    from covidtl.pretrained import IMAGENET_FILES
+    from covidtl.weight_records import IMAGENET_FILES
     from covidtl.tune import study_identity
 
     root = make_project(tmp_path)

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from covidtl import paths, pretrained, tracking
+from covidtl import paths, tracking, weight_records
 from covidtl.cells import Cell, read_verdict
 from covidtl.config import Config
 from covidtl.files import atomic_path, atomic_write_text, json_text
@@ -132,7 +132,7 @@ def training_card(plan: Any, fitted: Any, run_id: str, operating: dict[str, Any]
     if frozen is not None:  # which part was frozen and stored, and how many copies each image had
         trained_on["frozen_part"] = {"cut": frozen.parts.cut, "feature_view": frozen.clean_view.digest(),
                                      "feature_copies": plan.cfg.train.feature_copies}
-    provenance = pretrained.provenance(plan.model, plan.build_init)
+    provenance = weight_records.provenance(plan.model, plan.build_init)
     if provenance:  # the exact ImageNet or weights file it started from, and where that came from
         trained_on["init_weights"] = provenance
     return {

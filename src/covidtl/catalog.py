@@ -1,7 +1,7 @@
 """The study's models as facts, free of TensorFlow: per name, its input size, its own
 preprocessing and its ImageNet file.
 
-The one place these facts live: `models/registry.py` adds each network's builder, `pretrained.py`
+The one place these facts live: `models/registry.py` adds each network's builder, `weight_records.py`
 finds the ImageNet files, `data/preprocess.py` maps the preprocessing names to functions, and
 `config.py` checks `train.model` against the names, all from here.
 """

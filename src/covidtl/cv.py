@@ -31,11 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import keras
+import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from scipy import stats as scipy_stats
 from sklearn.model_selection import StratifiedGroupKFold
 
-from covidtl import locks, paths, tracking
+from covidtl import locks, paths, tracking, train
 from covidtl.cells import Cell, cell_name
 from covidtl.config import Config
 # The run folder's record files are cv_records'; read_summary, write and REWRITE keep their names here.
@@ -53,6 +57,7 @@ from covidtl.data import tables
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text, file_sha256, json_text
 from covidtl.inits import Init
+from covidtl.pretrain import check_not_leaking, pretrain as fit_pretrain, resolve_init, reuse_problem
 from covidtl.scores import Scores
 
 # The figures summarised across folds (each fold's test split, at 0.5 and at its operating point).
@@ -123,11 +128,6 @@ def cross_validate(
 
     Run again with the same settings, it reuses every finished fold and continues the one a kill
     cut short (from its epoch checkpoint), inside the same parent MLflow run."""
-    import mlflow
-
-    from covidtl import train
-    from covidtl.pretrain import check_not_leaking, resolve_init
-
     init = Init.of(init)
     cfg = cfg.with_recipe(model, init.text)
     if pretrain:  # the fold's file replaces any file the init names (`pretrained`'s is never read)
@@ -185,9 +185,6 @@ def cv_digest(cfg: Config, model: str, init: Init, dataset: str, lr: float | Non
 def parent_run(out: Path, digest: str, run_name: str):
     """The parent MLflow run: the one cv_state.json names when it ran these settings, else a new
     one, recorded there (so one parent holds each fold once, across kills)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     state_file = out / STATE_FILE
     try:
         state = json.loads(state_file.read_text())
@@ -216,9 +213,6 @@ def run_fold(
 ) -> dict[str, Any]:
     """One fold's figures: read back from its cell when it finished with these settings before,
     else after (pretraining and) training it; a checkpoint of these settings is continued."""
-    from covidtl import train
-    from covidtl.pretrain import pretrain as fit_pretrain, reuse_problem
-
     split_file = tables.write_split_at(cfg, dataset, table, fold.split_file)
     fold_init = pretrained_init(init, fold.dir / PRETRAINED_FILE) if pretrain else init
     plan = train.plan_run(cfg, model, fold_init, dataset, lr=lr, out_dir=fold.cell.dir, split_file=split_file)
@@ -280,8 +274,6 @@ class FoldClock:
         return figures
 
     def callback(self):
-        import keras
-
         return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: self.save())
 
 
@@ -305,8 +297,6 @@ def summarise(cfg: Config, per_fold: pd.DataFrame, pooled: pd.DataFrame, **about
     """Across folds: mean, standard deviation and a t interval of the mean (the folds as the
     sample); pooled: every out-of-fold prediction at once, with group bootstrap intervals; patient:
     one score per group (`patient_scores`); compute: the folds' seconds, summed."""
-    from scipy import stats as scipy_stats
-
     across: dict[str, dict[str, float]] = {}
     for name in FOLD_METRICS:
         values = per_fold[name].dropna().to_numpy(float) if name in per_fold else np.zeros(0)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import keras
 import mlflow
 import tensorflow as tf
+from keras.src.backend.tensorflow import trainer
 
 from covidtl.config import Config, TrainConfig
 from covidtl.errors import UserError
@@ -34,7 +35,7 @@ from covidtl.errors import UserError
 # train.run_eagerly auto: eager up to this many training batches an epoch, graphs above. Eager skips
 # tracing the train and test steps but pays per op on every step; here DenseNet121's trace took
 # ~75 s against ~3.7 s more per eager step, so eager wins below ~20 steps in all: about 8 batches an
-# epoch over the quick profile's 2-3 epochs. The demo's splits are 3 batches (96 images of 32), the
+# epoch over the quick defaults' 2-3 epochs. The demo's splits are 3 batches (96 images of 32), the
 # real CT set's 44 (the custom CNN, 3 epochs: 43 s eager, 18 s in graphs).
 EAGER_MAX_BATCHES = 8
 
@@ -113,8 +114,6 @@ def reduce_scalar_logs_across_workers() -> None:
     `strategy.reduce("MEAN", value, axis=0)`, which fails on a scalar ("Invalid reduction
     dimension 0 for input with 0 dimensions"). Scalars are reduced with axis=None instead.
     """
-    from keras.src.backend.tensorflow import trainer
-
     keras_reduce = trainer.reduce_per_replica
 
     def reduce_per_replica(values, strategy, reduction):

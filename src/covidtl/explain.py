@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 import keras
 import numpy as np
+from PIL import Image
 
 from covidtl.data.images import image_files, measure_or_reason
 from covidtl.files import atomic_path
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 
 def write_png(path: str | Path, rgb: np.ndarray) -> Path:
     """One uint8 RGB array as a PNG, written under a temporary name and then renamed."""
-    from PIL import Image
-
     path = Path(path)
     with atomic_path(path) as tmp:
         Image.fromarray(np.asarray(rgb, dtype="uint8"), "RGB").save(tmp, format="PNG")

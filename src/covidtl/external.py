@@ -8,7 +8,7 @@ nothing here trains, tunes or selects. The one owner of external/<dataset>/:
 external/<dataset>/
     sets/<set>/manifest.csv, quarantine.csv, ingest.json   the folder as ingested (paths relative)
     <cell>/<set>/predictions.csv   path (relative to the set's folder), group, actual, predicted, p_covid
-    <cell>/<set>/metrics.json      all_* as covidtl.metrics gives them
+    <cell>/<set>/metrics.json      all_* as covidtl.scores gives them
     results.json                   every set and every cell of the study (ok, skipped, failed,
                                    missing) with its scores; written last: the record
 """
@@ -183,8 +183,8 @@ def _score_dataset(cfg: Config, dataset: str, models_root: str | Path, out: Exte
 
 def _score_cell(cfg: Config, dataset: str, cell: Cell, sets: list[IngestedSet], out: ExternalDir,
                 log: bool) -> dict[str, Any]:
-    import keras  # TensorFlow starts here, once per process
-
+    # here, not above: `covidtl external` ingests its sets and finds the cells before TensorFlow loads
+    import keras
     from covidtl.trained import load_trained, log_scored, score_rows
 
     loaded = load_trained(str(cell.dir), cfg)

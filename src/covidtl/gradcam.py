@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from matplotlib import colormaps
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global to close
 
 from covidtl.data.pipeline import decode_image
 from covidtl.models.input_layers import BodyCrop
@@ -168,8 +170,6 @@ def grad_cam(model: keras.Model, images, class_index: int | None = None) -> np.n
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet") -> np.ndarray:
     """The map in a colormap blended on the image: uint8 RGB of the image's size."""
-    from matplotlib import colormaps  # here: training imports this module, most runs draw nothing
-
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
@@ -219,8 +219,6 @@ def sample_figure(
     `rows` (a `path` column), `y_true` (class indices) and `prob` are aligned, one per test image;
     a kind with no image gets a row that says so.
     """
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global to close
-
     if not (len(rows) == len(y_true) == len(prob)):
         raise ValueError(f"rows ({len(rows)}), y_true ({len(y_true)}) and prob ({len(prob)}) "
                          "must describe the same images")

@@ -21,16 +21,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import keras
+import mlflow
 import numpy as np
 import pandas as pd
+import tensorflow as tf
+from keras import layers
 
 from covidtl import locks, paths, tracking
 from covidtl.config import Config
-from covidtl.data import tables
+from covidtl.data import cache, tables
+from covidtl.data.pipeline import augment_batch, readable_rows
+from covidtl.distribute import eager_for
 from covidtl.errors import UserError
 from covidtl.files import atomic_path, file_sha256
 from covidtl.inits import PRETRAINED, Init
 from covidtl.models import weights
+from covidtl.models.registry import build_model, get_spec, preprocess_for, trainable_image_size
+from covidtl.optim import steps_per_epoch
 
 # The projection head SimCLR trains and then discards: Dense(PROJECTION_UNITS, relu) -> Dense(OUT).
 PROJECTION_UNITS = 256
@@ -84,10 +92,6 @@ def training_images(cfg: Config, datasets: list[str],
 def encoder_parts(spec, cfg: Config, image_size: int):
     """(what the weights file holds, the body whose features are learnt): the custom CNN's whole
     classifier and its layers up to the head; a backbone's base, twice."""
-    import keras
-
-    from covidtl.models.registry import build_model
-
     if spec.backbone is not None:
         base = spec.backbone(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
         return base, base
@@ -100,9 +104,6 @@ def encoder_parts(spec, cfg: Config, image_size: int):
 
 def simclr_network(body):
     """body -> global average pooling -> the projection head: the network NT-Xent trains."""
-    import keras
-    from keras import layers
-
     x = layers.GlobalAveragePooling2D()(body.output)
     x = layers.Dense(PROJECTION_UNITS, activation="relu")(x)
     z = layers.Dense(PROJECTION_OUT, dtype="float32")(x)
@@ -112,8 +113,6 @@ def simclr_network(body):
 def nt_xent(z, temperature: float):
     """SimCLR's loss: rows i and i + n of z are two views of one image; every other row of the
     2n is a negative. Cross-entropy of cosine similarities / temperature."""
-    import tensorflow as tf
-
     z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=1)
     n2 = tf.shape(z)[0]
     n = n2 // 2
@@ -129,10 +128,6 @@ def nt_xent(z, temperature: float):
 def view(images, cfg: Config, seed):
     """One SimCLR view of a uint8 batch: the pipeline's rotation/zoom/flip, a random crop resized
     back, brightness, contrast and noise; float32 in [0, 255]."""
-    import tensorflow as tf
-
-    from covidtl.data.pipeline import augment_batch
-
     seeds = tf.random.experimental.stateless_split(seed, 6)
     x = tf.cast(augment_batch(images, cfg.augment, seeds[0]), tf.float32)
     n, size = tf.shape(x)[0], x.shape[1]
@@ -154,10 +149,6 @@ def view(images, cfg: Config, seed):
 
 def view_pairs(images: np.ndarray, spec, cfg: Config):
     """Shuffled batches of (view 1, view 2), each preprocessed as training preprocesses its input."""
-    import tensorflow as tf
-
-    from covidtl.models.registry import preprocess_for
-
     batch = min(cfg.pretrain.batch_size, len(images))
     if batch < 2:
         raise UserError("pretrain: fewer than 2 readable training images; add images or datasets")
@@ -200,16 +191,6 @@ def pretrain(
     split_files: dict[str, Path] | None = None, nested: bool = False,
 ) -> PretrainResult:
     """SimCLR on the training splits of `cfg.pretrain.datasets`; one MLflow run (kind=pretrain)."""
-    import keras
-    import mlflow
-    import tensorflow as tf
-
-    from covidtl.data.cache import cached_images
-    from covidtl.data.pipeline import readable_rows
-    from covidtl.distribute import eager_for
-    from covidtl.models.registry import get_spec, trainable_image_size
-    from covidtl.optim import steps_per_epoch
-
     pc = cfg.pretrain
     spec = get_spec(model)
     cfg = cfg.with_recipe(model)
@@ -226,7 +207,7 @@ def pretrain(
         # The same decoded uint8 images training reads (one cache per dataset's training rows).
         parts, kept_rows = [], []
         for name, group in rows.groupby("dataset", sort=False):
-            cached = cached_images(group.reset_index(drop=True), size, cfg)
+            cached = cache.cached_images(group.reset_index(drop=True), size, cfg)
             parts.append(np.asarray(cached.images))
             kept_rows.append(group.reset_index(drop=True)[cached.kept])
         images = np.concatenate(parts)
@@ -306,8 +287,6 @@ def reuse_problem(cfg: Config, model: str, weights_file: str | Path,
                   split_files: dict[str, Path] | None = None) -> str | None:
     """Why `weights_file` is not the file `pretrain` would make now from these params and split
     tables (its record says otherwise, or it is missing); None when it is, and can be reused."""
-    from covidtl.models.registry import get_spec, trainable_image_size
-
     weights_file = Path(weights_file)
     try:
         record = weights.read_pretrain_record(weights_file) if weights_file.is_file() else None

@@ -22,6 +22,8 @@ from typing import Any, Callable
 import mlflow
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from covidtl import cv_records, stats, tracking
 from covidtl.cells import Cell, write_verdict
@@ -306,9 +308,6 @@ def gradcam_summary(model, preprocess, images: np.ndarray, y_true: np.ndarray, p
 def probe_figure(cams: CamSummary, classes: pd.DataFrame, title: str):
     """Per class: a few Grad-CAM overlays and the mean map with the lung box; below, p(COVID) per
     variant and class (median and quartiles)."""
-    from matplotlib.figure import Figure  # matplotlib only where a figure is drawn
-    from matplotlib.patches import Rectangle
-
     labels = [c for c in CLASSES if c in cams.mean_map] or list(dict.fromkeys(classes["class"]))
     cols = max([len(cams.samples.get(c, [])) for c in labels] + [1]) + 1
     fig = Figure(figsize=(2.4 * cols, 2.6 * len(labels) + 3.0), layout="constrained")

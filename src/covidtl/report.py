@@ -10,13 +10,19 @@ experiments the user names (`--with-experiment NAME`), each as its own group; wr
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+import mlflow
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
-from covidtl import paths, tracking
+from covidtl import paths, stats, tracking
 from covidtl.cards import model_card, write_cards
 from covidtl.cells import PAPER_PROFILE, Cell
 from covidtl.inits import init_label
@@ -24,7 +30,7 @@ from covidtl.comparisons import CellPredictions, comparison_table, in_words
 from covidtl.config import Config
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
-from covidtl.metrics import draw_confusion
+from covidtl.confusion import draw_confusion
 from covidtl.scores import with_interval
 
 MODELS_ROOT = "models"  # cells.MODELS_ROOT
@@ -63,8 +69,6 @@ class Report:
 
 
 def _client():
-    import mlflow
-
     mlflow.set_tracking_uri(tracking.tracking_uri())
     return mlflow.MlflowClient()
 
@@ -75,8 +79,6 @@ def _metrics_of(run) -> dict[str, float]:
 
 def workspace_rows(cfg: Config, models_root: str | Path = MODELS_ROOT) -> pd.DataFrame:
     """One row per cell of cfg.study: exactly the run its metrics.json names, or why there is none."""
-    import mlflow
-
     client = _client()
     rows = []
     for dataset in cfg.study.datasets:
@@ -109,8 +111,6 @@ def workspace_rows(cfg: Config, models_root: str | Path = MODELS_ROOT) -> pd.Dat
 
 def experiment_rows(cfg: Config, name: str) -> pd.DataFrame:
     """The newest finished train run per cell of DVC experiment `name` (tag dvc_experiment)."""
-    import mlflow
-
     _client()
     names = [tracking.experiment_name(d) for d in cfg.study.datasets]
     existing = [n for n in names if mlflow.get_experiment_by_name(n) is not None]
@@ -218,8 +218,6 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 def plot_metrics(table: pd.DataFrame, dataset: str, out: Path) -> Path:
     """Paper Fig. 5/6: per-class recall, precision, F1 and accuracy per model, random vs ImageNet."""
-    import matplotlib.pyplot as plt
-
     part = table[table["dataset"] == dataset]
     models = list(dict.fromkeys(part["model"]))
     inits = list(dict.fromkeys(part["init"]))
@@ -269,9 +267,6 @@ def _class_label(column: str) -> str:
 
 def plot_epochs(table: pd.DataFrame, out: Path) -> Path:
     """Paper Fig. 7: epochs each model needed, per dataset and init."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     datasets = list(dict.fromkeys(table["dataset"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
@@ -294,8 +289,6 @@ def plot_epochs(table: pd.DataFrame, out: Path) -> Path:
 
 def plot_confusions(table: pd.DataFrame, dataset: str, out: Path, models_root: Path) -> Path:
     """A grid of test confusion matrices (rows = model, columns = init) from predictions.csv."""
-    import matplotlib.pyplot as plt
-
     part = table[table["dataset"] == dataset].drop_duplicates(["model", "init"])
     models = list(dict.fromkeys(part["model"]))
     inits = list(dict.fromkeys(part["init"]))
@@ -336,8 +329,6 @@ def _confusion(cell: Cell) -> pd.DataFrame | None:
 
 def plot_split_strategies(table: pd.DataFrame, out: Path) -> Path | None:
     """Test accuracy per cell for each group and split strategy, side by side (when there are two)."""
-    import matplotlib.pyplot as plt
-
     ran = table[table["status"] == "ok"].copy()
     ran["shown"] = ran["group"] + " (" + ran["split_strategy"] + ")"
     if ran["shown"].nunique() < 2:
@@ -367,8 +358,6 @@ def build_report(
     experiments: tuple[str, ...] = (),
 ) -> Report:
     """Collect the cells' runs, write every table and figure into cfg.report.out, log them to MLflow."""
-    import matplotlib
-
     matplotlib.use("Agg")
     out = Path(cfg.report.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -431,8 +420,6 @@ def cross_dataset_table(table: pd.DataFrame) -> pd.DataFrame:
 def external_score_counts(cfg: Config) -> dict[str, int]:
     """How many scores were ever taken on each external set's folder: every kind=evaluate run
     tagged with its resolved path (`covidtl external` and `covidtl evaluate --data FOLDER`)."""
-    import mlflow
-
     _client()
     counts = {}
     for sets in cfg.external.values():
@@ -475,8 +462,6 @@ def _cell_of(row: dict | Any, models_root: str | Path = MODELS_ROOT) -> Cell:
 
 def external_scores(dataset: str, cell: str, root: Path = Path(EXTERNAL_ROOT)) -> dict[str, dict]:
     """Each external test set's scores of one cell (`covidtl external`), by set name."""
-    import json
-
     found = {}
     for file in sorted((root / dataset / cell).glob("*/metrics.json")):
         try:
@@ -517,8 +502,6 @@ def comparison_section(comparisons: pd.DataFrame) -> list[str]:
 
 def copy_gradcams(table: pd.DataFrame, models_root: Path, out: Path) -> dict[str, Path]:
     """Each finished cell's Grad-CAM sample (models/<cell>/gradcam.png) into reports/gradcam/."""
-    import shutil
-
     copied = {}
     for row in table[table["status"] == "ok"].itertuples():
         cell = Cell.of(row.model, row.init, row.dataset, models_root)
@@ -535,7 +518,7 @@ def gradcam_section(copied: dict[str, Path]) -> list[str]:
         return []
     lines = ["## Grad-CAM samples", "",
              "A seeded sample of each cell's test images — true and false positives and negatives — "
-             "with the Grad-CAM map of the predicted class (red: most weight). At the quick profile's "
+             "with the Grad-CAM map of the predicted class (red: most weight). At the quick defaults' "
              "32 px a backbone's last feature map is 1 x 1, so its map shows no place.", ""]
     lines += [f"- {name}: ![{name}](gradcam/{path.name})" for name, path in copied.items()]
     return lines + [""]
@@ -543,10 +526,6 @@ def gradcam_section(copied: dict[str, Path]) -> list[str]:
 
 def plot_calibration(cells: list[CellPredictions], dataset: str, out: Path) -> Path:
     """Reliability diagram of every finished cell of a dataset: predicted vs observed COVID rate."""
-    import matplotlib.pyplot as plt
-
-    from covidtl import stats
-
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="perfectly calibrated")
     for cell in cells:
@@ -567,8 +546,6 @@ def plot_calibration(cells: list[CellPredictions], dataset: str, out: Path) -> P
 
 def log_report(table: pd.DataFrame, out: Path) -> str:
     """One `kind=report` run holding the report folder and a count of cells per status."""
-    import mlflow
-
     mlflow.set_tracking_uri(tracking.tracking_uri())
     tracking.set_experiment(REPORT_EXPERIMENT)
     with mlflow.start_run(run_name="report", tags={"kind": "report"}) as run:

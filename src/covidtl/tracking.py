@@ -23,13 +23,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on CI
 import matplotlib.pyplot as plt
 import mlflow
+import mlflow.data
 import numpy as np
 import yaml
+from mlflow.models import infer_signature
+from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
-from covidtl import locks
+from covidtl import locks, stats
 from covidtl.config import Config
 from covidtl.files import file_sha256
-from covidtl.metrics import confusion, draw_confusion, report_text
+from covidtl.confusion import confusion, draw_confusion, report_text
 from covidtl.mlflow_store import project_root, tracking_uri
 from covidtl.paths import CLASSES, POSITIVE_INDEX
 
@@ -183,8 +186,6 @@ def log_split_inputs(
     Name `<dataset>-<split>`, digest of the split table's file, contexts training / validation /
     test, and the manifest's sha256 as a tag: which images trained and tested the run.
     """
-    import mlflow.data
-
     split_digest = file_sha256(split_file)[:16]
     manifest = file_sha256(manifest_file)
     contexts = {"train": "training", "val": "validation", "test": "test"}
@@ -216,8 +217,6 @@ def log_history(history: dict[str, list[float]]) -> None:
 
 def log_evaluation(y_true: np.ndarray, prob: np.ndarray, prefix: str = "test") -> None:
     """Confusion matrix (PNG + JSON) and the classification report of one scored set (at 0.5)."""
-    from covidtl import stats
-
     y_true, p_covid = stats.covid_probability(y_true, prob)
     y_pred = np.where(p_covid >= 0.5, POSITIVE_INDEX, 1 - POSITIVE_INDEX)
     matrix = confusion(y_true, y_pred)
@@ -234,10 +233,6 @@ def log_curves(scores, prefix: str = "test") -> None:
 
 
 def curves_and_calibration_figure(scores, title: str = ""):
-    from sklearn.metrics import auc, precision_recall_curve, roc_curve
-
-    from covidtl import stats
-
     y, p = scores.y_true, scores.p_covid
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     if len(np.unique(y)) == 2:
@@ -305,10 +300,10 @@ def model_tags(model_file: Path, model_uri: str | None) -> dict[str, str]:
 
 def log_keras_model(model, example: np.ndarray) -> str:
     """The model in MLflow's Keras flavour with signature and input example; returns its URI."""
+    # here, not above: the report and the model cards use this module without TensorFlow
     import keras
     import mlflow.keras
     import tensorflow as tf
-    from mlflow.models import infer_signature
 
     # An eager call: predict() would trace a function just for this one example.
     signature = infer_signature(example, np.asarray(model(example, training=False)))
@@ -331,7 +326,7 @@ def _example_dir_fix():
     Known bug (mlflow/mlflow issue 16183, open in 3.17.2): make the folder first, then let MLflow
     write the example as usual.
     """
-    import mlflow.keras.save as keras_save
+    import mlflow.keras.save as keras_save  # here, not above: it loads TensorFlow
 
     original = keras_save._save_example
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import keras
+import matplotlib.pyplot as plt
 import mlflow
 import optuna
 import sqlalchemy
@@ -31,9 +32,10 @@ import sqlalchemy.exc
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from optuna.visualization import matplotlib as vis
 from sqlalchemy.engine import make_url
 
-from covidtl import paths, pretrained, tracking
+from covidtl import paths, tracking, weight_records
 from covidtl.cells import PAPER_PROFILE, cell_name
 from covidtl.config import Config, TuneConfig
 from covidtl.data import tables
@@ -157,7 +159,7 @@ def study_identity(
     if cfg.augment.mode == "offline":  # trials read the stored set; its manifest says which copies it holds
         settings["augment"]["manifest_sha256"] = _sha256(tables.augmented_manifest_path(cfg, dataset),
                                                          f"covidtl augment {dataset}")
-    weights = pretrained.provenance(model, resolve_init(cfg, model, init))
+    weights = weight_records.provenance(model, resolve_init(cfg, model, init))
     if weights is not None:  # a weights file: its content, not its path
         settings["init_sha256"] = weights["sha256"]
     settings.update(model=model, init=init_label(init), dataset=dataset)
@@ -662,9 +664,6 @@ def _summarise(
 
 def log_plots(study: optuna.Study) -> None:
     """Optuna's matplotlib plots into the active run; one it cannot draw yet is listed, with why."""
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as vis
-
     plots = {
         "optimization_history": lambda: vis.plot_optimization_history(study),
         "param_importances": lambda: vis.plot_param_importances(study),

@@ -14,9 +14,16 @@ from typing import Any, Iterator
 
 import click
 
+# Each file holds one stage's commands; TensorFlow is imported only inside commands, so
+# `covidtl --help` stays fast.
+from covidtl.cli import (adapt, adapt_curve, cv, data, ensemble, explain, external, predict, pretrain, report,
+                         results, team, train, tune, weights)
 from covidtl.cli.options import ARGV_KEY
 from covidtl.config import parse_override
+from covidtl.crash import write_crash_log
 from covidtl.errors import UserError
+from covidtl.files import write_problem
+from covidtl.mlflow_store import store_problem
 
 # COVIDTL_DEBUG=1: an unexpected error is raised with its traceback instead of written to a log.
 DEBUG_ENV = "COVIDTL_DEBUG"
@@ -72,8 +79,6 @@ class CovidtlGroup(click.Group):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
         except OSError as exc:
-            from covidtl.files import write_problem
-
             # A full disk or a forbidden folder outside the atomic writers (a folder, a log ...).
             fix = write_problem(exc)
             if fix is None or os.environ.get(DEBUG_ENV) == "1":
@@ -84,8 +89,6 @@ class CovidtlGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - the last resort: a bug, said in one line
-            from covidtl.mlflow_store import store_problem
-
             line = None if os.environ.get(DEBUG_ENV) == "1" else store_problem(exc)
             if line is None:
                 _bug(exc)
@@ -97,7 +100,6 @@ def _bug(exc: BaseException) -> None:
     """Re-raise under COVIDTL_DEBUG=1; otherwise one line saying where the traceback was written."""
     if os.environ.get(DEBUG_ENV) == "1":
         raise exc
-    from covidtl.crash import write_crash_log
 
     log = write_crash_log(exc, sys.argv)
     what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
@@ -135,11 +137,6 @@ def main(ctx: click.Context, params_path: str, overrides: tuple[str, ...]) -> No
 
 
 def _register() -> None:
-    # Each file holds one stage's commands; TensorFlow is imported only inside commands, so
-    # `covidtl --help` stays fast.
-    from covidtl.cli import (adapt, adapt_curve, cv, data, ensemble, explain, external, predict, pretrain, report,
-                             results, team, train, tune, weights)
-
     for module in (data, weights, pretrain, train, cv, ensemble, tune, external, report, results, explain, predict,
                    team, adapt, adapt_curve):
         for command in module.COMMANDS:

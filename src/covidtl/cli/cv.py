@@ -29,11 +29,12 @@ def cv(ctx, model, init, dataset, folds, epochs, lr, out, pretrain, prepare) -> 
     interval across folds and the pooled out-of-fold figures."""
     model, init = recipe_from(ctx, model, init)
     cfg = config_from(ctx, **{"cv.folds": folds, "train.max_epochs": epochs})
-    from covidtl.cv import cross_validate  # TensorFlow loads here, after the cheap checks
+    # here, not above: keeps the CLI's start-up free of them; TensorFlow loads after the cheap checks
+    from covidtl.cv import cross_validate
     from covidtl.scores import with_interval
 
     if prepare:
-        from covidtl.data.prepare import ensure_split
+        from covidtl.data.prepare import ensure_split  # here, not above: keeps the CLI's start-up free of pandas
 
         for name in {dataset, *(cfg.pretrain.datasets if pretrain else [])}:
             ensure_split(cfg, name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from covidtl import paths
 from covidtl.cli.options import config_from
 
 
@@ -12,7 +13,7 @@ from covidtl.cli.options import config_from
 @click.pass_context
 def synth(ctx: click.Context, out: str | None) -> None:
     """Write the embedded synthetic CT-like and X-ray-like datasets and their second sites."""
-    from covidtl.data import synth as module
+    from covidtl.data import synth as module  # here, not above: keeps the CLI's start-up free of numpy and Pillow
 
     cfg = config_from(ctx, **{"synth.out": out})
     counts = module.generate(cfg.synth)
@@ -29,7 +30,7 @@ def synth(ctx: click.Context, out: str | None) -> None:
 @click.pass_context
 def ingest(ctx: click.Context, dataset: str, path: str | None, jobs: int, quiet: bool) -> None:
     """Check every image of DATASET and write its manifest, groups and quarantine report."""
-    from covidtl import paths
+    # here, not above: keeps the CLI's start-up free of pandas and Pillow
     from covidtl.data import ingest as module
     from covidtl.data import tables
 
@@ -63,8 +64,7 @@ def ingest(ctx: click.Context, dataset: str, path: str | None, jobs: int, quiet:
 @click.pass_context
 def split(ctx: click.Context, dataset: str, strategy: str | None, seed: int | None) -> None:
     """Split DATASET's manifest into train/val/test and report what crosses the splits."""
-    from covidtl import paths
-    from covidtl.data import split as module
+    from covidtl.data import split as module  # here, not above: keeps the CLI's start-up free of pandas
 
     cfg = config_from(ctx, **{"split.strategy": strategy, "split.seed": seed})
     _, report = module.run(cfg, dataset)
@@ -93,8 +93,7 @@ COMMANDS: list[click.Command] = [synth, ingest, split]
 @click.pass_context
 def augment(ctx: click.Context, dataset: str, sizes: tuple[int, ...]) -> None:
     """Write the seeded offline augmented copy of DATASET's training split (uint8 arrays + manifest)."""
-    from covidtl import paths
-    from covidtl.data import augment as module
+    from covidtl.data import augment as module  # here, not above: keeps the CLI's start-up free of TensorFlow
 
     cfg = config_from(ctx)
     manifest = module.augment(cfg, dataset, list(sizes) or None)
@@ -122,8 +121,8 @@ def cache() -> None:
 def cache_prune(ctx: click.Context, keep: int, max_gb: float | None) -> None:
     """Remove the least recently used caches beyond KEEP or MAX_GB (a changed manifest, size or
     decode rule leaves its old cache behind), and what killed builds left."""
-    from covidtl.data.cache import budget_bytes, prune
-    from covidtl.data.pipeline import cache_dir
+    # here, not above: pandas loads for this command only, not at the CLI's start-up
+    from covidtl.data.cache import budget_bytes, cache_dir, prune
 
     cfg = config_from(ctx, **{"cache.max_gb": max_gb})
     root = cache_dir(cfg)

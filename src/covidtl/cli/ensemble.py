@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from covidtl.cli.options import config_from
+from covidtl.errors import UserError
+from covidtl.mlflow_store import tracking_uri
 
 
 @click.command()
@@ -18,14 +20,11 @@ from covidtl.cli.options import config_from
 def ensemble(ctx, members, cv_dir, out, log_model) -> None:
     """One model averaging MEMBERs' probabilities (model.keras files, cell folders, MLflow run ids
     or runs:/ URIs) of one dataset, input size and preprocessing; logs a kind=ensemble run."""
-    from covidtl.errors import UserError
-    from covidtl.mlflow_store import tracking_uri
-
     if len(members) + (cv_dir is not None) < 1 or (cv_dir is None and len(members) < 2):
         raise UserError("covidtl ensemble: give at least two members (model.keras, cell folders or "
                         "run ids), or --cv DIR")
     tracking_uri()  # an unreachable tracking server: one line before MLflow and TensorFlow load
-    from covidtl.ensemble import build_ensemble
+    from covidtl.ensemble import build_ensemble  # here, not above: keeps the CLI's start-up free of TensorFlow
 
     result = build_ensemble(config_from(ctx), list(members), out, cv_dir=cv_dir, log_model=log_model)
     m = result.metrics

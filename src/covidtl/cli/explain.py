@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from covidtl.cli.options import config_from, scored_data_options
+from covidtl.errors import UserError
+from covidtl.paths import CLASSES
 
 
 @click.command()
@@ -17,12 +19,13 @@ from covidtl.cli.options import config_from, scored_data_options
 @click.pass_context
 def explain(ctx, inputs, model_uri, out, class_name) -> None:
     """Write a Grad-CAM overlay per image (folders: their images, subfolders too)."""
+    # here, not above: keeps the CLI's start-up free of TensorFlow
     from covidtl.data.images import image_files
     from covidtl.explain import explain_files
     from covidtl.trained import load_trained
-    from covidtl.paths import CLASSES
 
     image_files(inputs)  # a missing path or no image at all fails before the model loads
+    # here, not above: keeps the CLI's start-up free of TensorFlow
     from covidtl.models.registry import get_spec, preprocess_for
 
     loaded = load_trained(model_uri, config_from(ctx))
@@ -58,8 +61,7 @@ def explain(ctx, inputs, model_uri, out, class_name) -> None:
 def probe(ctx, model_uri, data, split, cv_dir, out, samples, no_log) -> None:
     """Shortcut test: score a model with the lungs hidden, only the border or centre kept, shrunk
     and shifted; Grad-CAM weight inside vs outside the lungs; verdict shortcut_risk."""
-    from covidtl.errors import UserError
-    from covidtl.probe import probe as run, probe_cv
+    from covidtl.probe import probe as run, probe_cv  # here, not above: keeps the CLI's start-up free of TensorFlow
 
     if cv_dir is not None:
         if model_uri or data or split != "test":

@@ -18,7 +18,7 @@ from covidtl.cli.options import config_from
 def external(ctx: click.Context, dataset: str, models_root: str, out_root: str, no_log: bool,
              quiet: bool) -> None:
     """Score every trained cell of DATASET on its external test sets (params.yaml `external`)."""
-    from covidtl.external import score_dataset
+    from covidtl.external import score_dataset  # here, not above: keeps the CLI's start-up free of pandas
 
     cfg = config_from(ctx)
     result = score_dataset(cfg, dataset, models_root=models_root, out_root=out_root, log=not no_log,

@@ -6,6 +6,7 @@ command's file imports this module, never the group, so the package has no impor
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 import click
@@ -92,13 +93,12 @@ def scored_data_options(command=None, *, required: bool = True):
 
 def command_line(ctx: click.Context) -> str:
     """The covidtl command line that is running, as a shell would take it back."""
-    import shlex
-
     return shlex.join(["covidtl", *ctx.meta.get(ARGV_KEY, [])])
 
 
 def config_from(ctx: click.Context, **extra: Any) -> Config:
     """The resolved config: params file, then -S overrides, then command options (not None)."""
+    # here, not above: keeps the CLI's start-up free of numpy and Pillow
     from covidtl.data.images import set_pixel_limit
 
     overrides = dict(ctx.obj.get("overrides", {}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from covidtl.cli.options import config_from
+from covidtl.mlflow_store import tracking_uri
 
 
 @click.command()
@@ -16,6 +17,7 @@ from covidtl.cli.options import config_from
 @click.pass_context
 def predict(ctx, inputs, model_uri, out) -> None:
     """p_covid and the label at the model's operating point, per image (folders: subfolders too)."""
+    # here, not above: keeps the CLI's start-up free of TensorFlow
     from covidtl.data.images import image_files
     from covidtl.predict import Predictor, check_out, predict_files, write_predictions
     from covidtl.trained import load_trained
@@ -49,10 +51,8 @@ def predict(ctx, inputs, model_uri, out) -> None:
 @click.pass_context
 def register(ctx, model_path, name, alias) -> None:
     """Log a study cell's model as a servable MLflow model, register it and set an alias."""
-    from covidtl.mlflow_store import tracking_uri
-
     tracking_uri()  # an unreachable tracking server: one line before MLflow and TensorFlow load
-    from covidtl.serving.register import register_model
+    from covidtl.serving.register import register_model  # here, not above: keeps the CLI's start-up free of TensorFlow
 
     result = register_model(config_from(ctx), model_path, name, alias)
     click.echo(f"registered {result.uri} (version {result.version}, run {result.run_id}); serve it "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from covidtl.cli.options import AUTO, AUTO_INT, MODEL_HELP, config_from, model_from
+from covidtl.mlflow_store import tracking_uri
 
 
 @click.command()
@@ -22,15 +23,14 @@ def pretrain(ctx, model, datasets, epochs, out, prepare) -> None:
     names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets and datasets != "auto" else None
     model = model_from(ctx, model)
     cfg = config_from(ctx, **{"pretrain.epochs": epochs, "pretrain.datasets": names})
-    from covidtl.mlflow_store import tracking_uri
 
     tracking_uri()  # an unreachable tracking server: one line now, not after TensorFlow loads
     if prepare:
-        from covidtl.data.prepare import ensure_split
+        from covidtl.data.prepare import ensure_split  # here, not above: keeps the CLI's start-up free of pandas
 
         for name in cfg.pretrain.datasets:
             ensure_split(cfg, name)
-    from covidtl.pretrain import pretrain as run  # TensorFlow loads here
+    from covidtl.pretrain import pretrain as run  # here, not above: keeps the CLI's start-up free of TensorFlow
 
     result = run(cfg, model, out=out)
     click.echo(f"pretrain {model}: {result.images} training images, loss {result.losses[0]:.4f} -> "

@@ -18,7 +18,7 @@ from covidtl.cli.options import config_from
 def report(ctx: click.Context, out: str | None, models_root: str, no_log: bool,
            experiments: tuple[str, ...]) -> None:
     """Compare the study cells' runs (and named experiments): reports/results.{csv,md}, figures."""
-    from covidtl.report import build_report
+    from covidtl.report import build_report  # here, not above: keeps the CLI's start-up free of MLflow and matplotlib
 
     cfg = config_from(ctx, **{"report.out": out})
     result = build_report(cfg, models_root=models_root, log=not no_log, experiments=experiments)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from covidtl.cli.options import config_from
+from covidtl.files import atomic_write_text
 
 
 @click.command("results")
@@ -19,7 +20,7 @@ from covidtl.cli.options import config_from
 def results(ctx, cv_dirs, baselines, readme, out) -> None:
     """Results tables from `covidtl cv` runs (CV_DIR: cv/<dataset>/<cell>; default every run
     under cv.out): one per dataset, with paired comparisons against the baselines."""
-    from covidtl.files import atomic_write_text
+    # here, not above: keeps the CLI's start-up free of pandas
     from covidtl.results import replace_block, results_markdown
 
     text = results_markdown(config_from(ctx), cv_dirs, baselines)

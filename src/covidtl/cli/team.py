@@ -23,7 +23,7 @@ def add(ctx: click.Context, name: str, path: str, series: bool | None, subdir: s
     """Copy PATH to datasets/NAME, `dvc add` it and set data.datasets.NAME.path in params.yaml.
 
     Again with a newer download: the new version replaces the old; commit, then `dvc push`."""
-    from covidtl.data.versioned import add_dataset
+    from covidtl.data.versioned import add_dataset  # here, not above: keeps the CLI's start-up free of numpy and Pillow
 
     added = add_dataset(name, path, ctx.obj.get("params_path") or "params.yaml", series=series, subdir=subdir)
     click.echo(
@@ -50,7 +50,8 @@ def server(backend_store_uri: str, artifacts_destination: str, host: str, port: 
     """Start MLflow's tracking server (runs in PostgreSQL, artifacts served through it).
 
     Clients: export MLFLOW_TRACKING_URI=http://HOST:PORT. Arguments after `--` go to `mlflow server`."""
-    from covidtl.server import check_backend_store, masked, server_command
+    # here, not above: keeps the CLI's start-up free of psycopg2
+    from covidtl.tracking_server import check_backend_store, masked, server_command
 
     check_backend_store(backend_store_uri)
     command = server_command(backend_store_uri, artifacts_destination, host, port, mlflow_args)

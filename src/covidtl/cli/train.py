@@ -7,7 +7,11 @@ from pathlib import Path
 
 import click
 
+from covidtl.cells import Cell
 from covidtl.cli.options import AUTO, AUTO_INT, INIT, INIT_HELP, MODEL_HELP, config_from, recipe_from, scored_data_options
+from covidtl.errors import UserError
+from covidtl.mlflow_store import tracking_uri
+from covidtl.weight_records import unavailable_reason
 
 
 def _rate(value: str | None) -> float | None:
@@ -17,8 +21,6 @@ def _rate(value: str | None) -> float | None:
     try:
         return float(value)
     except ValueError:
-        from covidtl.errors import UserError
-
         raise UserError(f"--lr {value}: not a number; give e.g. 1e-4, or auto") from None
 
 
@@ -52,9 +54,6 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
     """Train MODEL from INIT on DATASET's split; logs one MLflow run and writes the cell's files.
 
     After a kill or Ctrl-C, the same command continues the run from its last completed epoch."""
-    from covidtl.cells import Cell
-    from covidtl.pretrained import unavailable_reason
-
     model, init = recipe_from(ctx, model, init)
     reason = unavailable_reason(model, init) if skip_unavailable else None
     if reason:
@@ -70,18 +69,18 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
         f"train.image_size.{model}": image_size, "train.preprocessing": preprocessing,
         "train.max_train_samples": max_train_samples,
     })
-    from covidtl.mlflow_store import tracking_uri
 
     tracking_uri()  # an unreachable tracking server: one line now, not after MLflow and TensorFlow load
-    # TensorFlow loads here, after the cheap checks.
+    # here, not above: keeps the CLI's start-up free of TensorFlow, which loads after the cheap checks
     from covidtl.train import RunOptions, TrainingInterrupted, plan_run, train as run
 
     if prepare:
-        from covidtl.data.prepare import ensure_split
+        from covidtl.data.prepare import ensure_split  # here, not above: keeps the CLI's start-up free of pandas
 
         ensure_split(cfg, dataset)
     source = None
     if lr is not None and lr.strip().lower() == "tuned":
+        # here, not above: keeps the CLI's start-up free of Optuna
         from covidtl.tune import tuned_learning_rate, tuned_path
 
         rate = tuned_learning_rate(cfg, model, dataset, init)
@@ -116,10 +115,8 @@ def train(ctx, model, init, dataset, epochs, lr, batch_size, seed, image_size, p
 @click.pass_context
 def evaluate(ctx, model_uri, data, split, out, tta) -> None:
     """Score a trained model on a dataset or folder; logs a kind=evaluate MLflow run."""
-    from covidtl.mlflow_store import tracking_uri
-
     tracking_uri()  # an unreachable tracking server: one line before MLflow and TensorFlow load
-    from covidtl.evaluate import evaluate as run
+    from covidtl.evaluate import evaluate as run  # here, not above: keeps the CLI's start-up free of TensorFlow
 
     result = run(config_from(ctx), model_uri, data, split=split, out_dir=out, tta=tta)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()

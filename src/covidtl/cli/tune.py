@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from covidtl.cli.options import AUTO, AUTO_INT, INIT, MODEL_HELP, config_from, model_from
+from covidtl.mlflow_store import tracking_uri
 
 
 @click.command("tune")
@@ -43,10 +44,9 @@ def tune(ctx, model, dataset, trials, total, init, epochs, storage, bounds, enqu
         ctx, **{"tune.trials": trials, "tune.epochs": epochs, "tune.init": None if init is None else init.text,
                 "tune.storage": storage}
     )
-    from covidtl.mlflow_store import tracking_uri
 
     tracking_uri()  # an unreachable tracking server: one line before MLflow and TensorFlow load
-    from covidtl.tune import run_study
+    from covidtl.tune import run_study  # here, not above: keeps the CLI's start-up free of TensorFlow
 
     result = run_study(
         cfg, model, dataset, bounds=tuple(bounds) if bounds else None,

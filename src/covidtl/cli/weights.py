@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from covidtl import weight_records
+
 
 @click.command("weights")
 @click.argument("model")
@@ -13,21 +15,20 @@ import click
               help="If the file is neither in weights/ nor in Keras' cache, try Keras' download.")
 def weights(model: str, init: str, download: bool) -> None:
     """Record MODEL's initial weights for INIT in data/weights/<model>-<init>.json (stage weights@…)."""
-    from covidtl import pretrained
-
-    def fetch():  # TensorFlow loads only here, when no file is on disk
+    def fetch():
+        # here, not above: TensorFlow loads only when no file is on disk (test_weight_records)
         from covidtl.models.registry import get_spec
         from covidtl.models.weights import download_imagenet
 
         return download_imagenet(get_spec(model))
 
-    record = pretrained.locate(model, init, download=fetch if download else None)
-    path = pretrained.write_record(record)
+    record = weight_records.locate(model, init, download=fetch if download else None)
+    path = weight_records.write_record(record)
     if record["status"] == "available":
         click.echo(f"weights {model}-{init}: {record['path']} ({record['found_in']}, "
                    f"sha256 {record['sha256'][:12]}…) -> {path}")
     elif record["status"] == "unavailable":
-        click.echo(f"weights {model}-{init}: UNAVAILABLE: {pretrained.message(record)} -> {path}", err=True)
+        click.echo(f"weights {model}-{init}: UNAVAILABLE: {weight_records.message(record)} -> {path}", err=True)
     else:
         click.echo(f"weights {model}-{init}: {record['reason']} -> {path}")
 

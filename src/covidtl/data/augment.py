@@ -11,18 +11,19 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import tensorflow as tf
+from tqdm import tqdm
 
 from covidtl import catalog, paths
 from covidtl.config import Config
 from covidtl.data import tables
+from covidtl.data.cache import cached_images
+from covidtl.data.pipeline import augment_batch, intensity_on, preprocess_for, readable_rows
+from covidtl.data.preprocess import NamedModel
 from covidtl.errors import UserError
-
-if TYPE_CHECKING:  # annotations only: data.preprocess loads Keras, this module does not
-    from covidtl.data.preprocess import NamedModel
 
 BATCH = 32
 
@@ -40,8 +41,6 @@ def training_rows(cfg: Config, dataset: str) -> pd.DataFrame:
 
 def augment(cfg: Config, dataset: str, sizes: list[int] | None = None) -> pd.DataFrame:
     """Write the augmented set of `dataset` for each size; returns its manifest."""
-    from covidtl.data.pipeline import readable_rows
-
     rows = readable_rows(training_rows(cfg, dataset)).reset_index(drop=True)
     if rows.empty:
         raise UserError(f"{paths.split_path(cfg, dataset)}: no readable training images to augment")
@@ -62,12 +61,6 @@ def augment(cfg: Config, dataset: str, sizes: list[int] | None = None) -> pd.Dat
 
 def _write_size(cfg: Config, rows: pd.DataFrame, size: int, total: int, out: Path) -> pd.DataFrame:
     """Copy-major order (every image once, then again...), so a cap keeps the copies balanced."""
-    import tensorflow as tf
-    from tqdm import tqdm
-
-    from covidtl.data.cache import cached_images
-    from covidtl.data.pipeline import augment_batch
-
     # The same decoded uint8 images training reads (built here if training has not yet).
     cached = cached_images(rows, size, cfg)
     originals = cached.images
@@ -96,8 +89,6 @@ def _write_size(cfg: Config, rows: pd.DataFrame, size: int, total: int, out: Pat
 
 def load_offline_dataset(cfg: Config, dataset: str, image_size: int):
     """The stored set at `image_size` as an unbatched, shuffled tf.data.Dataset of (uint8 image, label index)."""
-    import tensorflow as tf
-
     out = paths.augmented_dir(cfg, dataset)
     manifest = tables.read_augmented_manifest(cfg, dataset)
     rows = manifest[manifest["size"] == image_size]
@@ -126,11 +117,6 @@ def load_offline_dataset(cfg: Config, dataset: str, image_size: int):
 
 def make_offline_dataset(cfg: Config, dataset: str, spec: NamedModel, image_size: int) -> tf.data.Dataset:
     """augment.mode=offline: the stored augmented training set (`covidtl augment`), batched."""
-    # Here, not above: this module loads without TensorFlow (the CLI's start-up).
-    import tensorflow as tf
-
-    from covidtl.data.pipeline import intensity_on, preprocess_for
-
     if intensity_on(cfg.augment.intensity):
         logging.getLogger(__name__).warning("augment.intensity is applied online only: the offline set %s is read as stored", dataset)
     preprocess = preprocess_for(spec, cfg.train.preprocessing)

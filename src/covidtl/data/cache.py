@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from covidtl import locks
+from covidtl.data.images import load_rgb
 from covidtl.files import atomic_path, file_sha256
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def cache_dir(cfg: Config) -> Path:
 
 def resize_rgb(image, image_size: int):
     """uint8 RGB (h, w, 3) -> float32 RGB in [0, 255] at image_size x image_size (bilinear)."""
-    import tensorflow as tf  # here, not above: this module loads without TensorFlow (CLI start-up)
+    import tensorflow as tf  # here, not above: `covidtl cache prune` loads this module without TensorFlow
 
     image = tf.image.resize(tf.ensure_shape(image, (None, None, 3)), (image_size, image_size))
     image.set_shape((image_size, image_size, 3))
@@ -132,7 +133,7 @@ def _checked(npy: Path, index: Path) -> tuple[dict | None, str | None]:
 def build(table: pd.DataFrame, image_size: int, npy: Path, index: Path) -> dict:
     """Decode every row in parallel into a temporary file, then rename; the index (returned) is
     written last, so a killed build leaves no cache that looks complete."""
-    import tensorflow as tf
+    import tensorflow as tf  # here, not above: `covidtl cache prune` loads this module without TensorFlow
 
     paths = table["path"].astype(str).tolist()
     log.info("caching %d images at %d px in %s", len(paths), image_size, npy)
@@ -169,8 +170,6 @@ def build(table: pd.DataFrame, image_size: int, npy: Path, index: Path) -> dict:
 
 
 def _try_load(path) -> tuple[np.ndarray, np.bool_]:
-    from covidtl.data.images import load_rgb
-
     name = os.fsdecode(np.asarray(path).item())
     try:
         return np.asarray(load_rgb(name), dtype=np.uint8), np.bool_(True)

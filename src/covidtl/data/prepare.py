@@ -11,14 +11,13 @@ from pathlib import Path
 
 from covidtl import paths
 from covidtl.config import Config
+from covidtl.data import ingest, split, synth
 
 log = logging.getLogger(__name__)
 
 
 def ensure_split(cfg: Config, dataset: str) -> Path:
     """The split table of `dataset`, made first (with its manifest) if it does not exist."""
-    from covidtl.data import ingest, split, synth
-
     table = paths.split_path(cfg, dataset)
     if table.is_file():
         return table

@@ -13,6 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ruamel.yaml import YAML
+
+from covidtl.data.images import special_file
 from covidtl.errors import UserError
 from covidtl.files import atomic_path
 
@@ -81,8 +84,6 @@ def _replace_with_copy(source: Path, folder: Path) -> int:
 def _copy_regular(src: str, dst: str) -> str:
     """copyfile, not copy2: the source may be read-only (a shared download), the copy must not be.
     A FIFO, socket or device (or a link to one, /dev/zero) is refused unopened: it would hang or never end."""
-    from covidtl.data.images import special_file
-
     kind = special_file(src)
     if kind is not None:
         raise UserError(f"{src}: not a regular file ({kind}); `data add` copies only regular files: "
@@ -93,8 +94,6 @@ def _copy_regular(src: str, dst: str) -> str:
 def set_dataset_path(params_file: Path, name: str, path: str, series: bool | None = None,
                      subdir: str | None = None) -> None:
     """data.datasets.<name>.path = path in params.yaml, keeping its comments and order."""
-    from ruamel.yaml import YAML
-
     yaml = YAML()  # round trip: the file's comments are its documentation
     yaml.preserve_quotes = True
     yaml.width = 100

@@ -120,8 +120,8 @@ def freeze_batchnorm(base: keras.Model) -> None:
             layer.trainable = False
 
 
-# Heads on globally pooled features: `gap` trains Dense(2) with Adam, `linear_probe` fits it as an
-# L2-regularised logistic regression (covidtl.linear_probe).
+# Heads on globally pooled features: `gap` trains Dense(2) with the run's optimizer (covidtl.optim),
+# `linear_probe` fits it as an L2-regularised logistic regression (covidtl.linear_probe).
 POOLED_HEADS = ("gap", "linear_probe")
 FROZEN_INITS = "imagenet or a weights file (its base frozen)"
 

@@ -1,7 +1,7 @@
 """Where initial weights come from: the ImageNet file the weights stage recorded, or a user's file
 (`covidtl pretrain`'s with its record beside it).
 
-ImageNet files are the ones keras.applications downloads; `covidtl.pretrained` finds them
+ImageNet files are the ones keras.applications downloads; `covidtl.weight_records` finds them
 (`weights/`, then Keras' cache `$KERAS_HOME/models`) and records which file, with its sha256.
 Training loads the recorded file after checking its hash; without a record (a run outside DVC) it
 looks the same way and downloads through Keras. Offline and uncached, loading fails in seconds
@@ -18,10 +18,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import h5py
 import keras
 
-from covidtl import pretrained
-from covidtl.pretrained import pretrain_record_path
+from covidtl import weight_records
+from covidtl.weight_records import pretrain_record_path
 from covidtl.errors import UserError
 from covidtl.files import atomic_write_text
 
@@ -45,18 +46,18 @@ DOWNLOAD_TIMEOUT_S = 10
 
 def imagenet_weights_path(spec: ImageNetModel) -> Path:
     """Where Keras keeps (and downloads) `spec`'s ImageNet file."""
-    return pretrained.imagenet_weights_path(spec.name)  # the one table of Keras' file names
+    return weight_records.imagenet_weights_path(spec.name)  # the one table of Keras' file names
 
 
 def load_imagenet(base: keras.Model, spec: ImageNetModel) -> None:
     """Load `spec`'s ImageNet weights into `base`: the recorded file, else found or downloaded."""
-    path = pretrained.recorded_imagenet_file(spec.name)
+    path = weight_records.recorded_imagenet_file(spec.name)
     if path is None:
-        record = pretrained.locate(spec.name, "imagenet", download=lambda: download_imagenet(spec))
+        record = weight_records.locate(spec.name, "imagenet", download=lambda: download_imagenet(spec))
         if record["status"] != "available":
             raise UserError(
                 f"init=imagenet: {spec.name}: {record['reason']}; put "
-                f"{spec.imagenet_file} in {pretrained.WEIGHTS_DIR}/ or {pretrained.keras_cache_dir()} "
+                f"{spec.imagenet_file} in {weight_records.WEIGHTS_DIR}/ or {weight_records.keras_cache_dir()} "
                 "(or point KERAS_HOME at a folder whose models/ holds it) and run again"
             )
         path = Path(record["path"])
@@ -113,8 +114,6 @@ def load_weights_file(model: keras.Model, path: str, what: str = "weights file")
 
 def unreadable(file: Path) -> str | None:
     """Why an HDF5 weights file cannot be read whole (a truncated or damaged copy), or None."""
-    import h5py
-
     try:
         with h5py.File(file, "r") as f:
             f.visititems(lambda name, node: node[()] if isinstance(node, h5py.Dataset) else None)

@@ -16,6 +16,8 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from covidtl.data.images import bytes_reason
+from covidtl.predict import Predictor
+from covidtl.trained import PYFUNC_CARD_KEY, PYFUNC_WRAPPER_KEY, load_model_files
 
 IMAGE_COLUMN = "image"
 SIGNATURE = ModelSignature(
@@ -29,9 +31,6 @@ class ImageModel(mlflow.pyfunc.PythonModel):
     """Loads the .keras file and card logged beside it (`covidtl register`) with the one loader."""
 
     def load_context(self, context) -> None:
-        from covidtl.predict import Predictor
-        from covidtl.trained import PYFUNC_CARD_KEY, PYFUNC_WRAPPER_KEY, load_model_files
-
         loaded = load_model_files(context.artifacts[PYFUNC_WRAPPER_KEY],
                                   context.artifacts[PYFUNC_CARD_KEY])
         self.predictor = Predictor(loaded)

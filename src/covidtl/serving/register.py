@@ -14,12 +14,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import mlflow
+import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
 from covidtl import tracking
 from covidtl.config import Config
 from covidtl.errors import UserError
+from covidtl.serving.model import SIGNATURE
 from covidtl.trained import PYFUNC_CARD_KEY, PYFUNC_WRAPPER_KEY, load_model_files, model_files
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -76,11 +79,6 @@ def register_model(cfg: Config, model_path: str | Path, name: str, alias: str = 
 
 def log_pyfunc(model_file: Path, card_file: Path, registered_name: str | None = None):
     """The image-file pyfunc (models-from-code) with the .keras file and card as its artifacts."""
-    import keras
-    import tensorflow as tf
-
-    from covidtl.serving.model import SIGNATURE
-
     # Pinned requirements: MLflow would otherwise load the model in a subprocess to infer them.
     requirements = [f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}",
                     f"mlflow=={mlflow.__version__}", "covidtl"]

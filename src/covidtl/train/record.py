@@ -14,7 +14,7 @@ import keras
 import mlflow
 import numpy as np
 
-from covidtl import paths, pretrained, tracking
+from covidtl import paths, tracking, weight_records
 from covidtl.cards import training_card
 from covidtl.cells import EPOCH_METRICS, cell_name
 from covidtl.config import Config
@@ -47,7 +47,7 @@ def log_plan(plan: Plan) -> None:
         "val_images": len(plan.rows("val")), "test_images": len(plan.rows("test")),
         **plan.run_on,
     })
-    provenance = pretrained.provenance(plan.model, plan.build_init)
+    provenance = weight_records.provenance(plan.model, plan.build_init)
     if provenance:  # the exact file it started from, whatever its path
         mlflow.log_params({"init_file": provenance["file"], "init_sha256": provenance["sha256"]})
         mlflow.set_tag("init_source", provenance["source"])
