@@ -10,7 +10,7 @@ from covidtl.cli.options import AUTO_INT, config_from, is_auto
 
 
 def _list_methods() -> None:
-    from covidtl.adapt.methods import METHODS
+    from covidtl.adapt.methods import METHODS  # here, not above: keeps the CLI's start-up free of TensorFlow
 
     click.echo(f"{'method':<12} {'labels':<7} {'batchnorm':<10} summary")
     for m in METHODS.values():
@@ -44,7 +44,7 @@ def adapt(ctx, model_uri, site, labelled, method, out, seed, exclude, log_model,
     cfg = config_from(ctx)
     a = cfg.adapt
     labelled = a.labelled if is_auto(labelled) else labelled
-    from covidtl.adapt.run import adapt as run_adapt
+    from covidtl.adapt.run import adapt as run_adapt  # here, not above: TensorFlow loads here
 
     result = run_adapt(
         cfg, a.model if is_auto(model_uri) else model_uri, a.method if is_auto(method) else method,

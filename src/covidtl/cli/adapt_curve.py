@@ -42,6 +42,7 @@ def adapt_curve(ctx, model_uri, site, methods, ks, seeds, split_seed, out, home)
     """Adapt a model to a site with K = 0, 1, 2, ... labelled patient groups per class, scored on a fixed half."""
     cfg = config_from(ctx)
     a = cfg.adapt
+    # here, not above: keeps the CLI's start-up free of TensorFlow
     from covidtl.adapt.curve import CurveRequest, adapt_curve as run_curve
 
     request = CurveRequest(
