@@ -63,13 +63,20 @@ PLANTS = {
 }
 
 
+def planted_copy(tmp_path: Path, module: str, code: str) -> tuple[Path, Path]:
+    """A copy of the package under tmp_path/src with `code` appended to covidtl/<module>: (src, that file)."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "covidtl", src / "covidtl", ignore=shutil.ignore_patterns("__pycache__"))
+    planted = src / "covidtl" / module
+    with open(planted, "a") as f:
+        f.write(code)
+    return src, planted
+
+
 @pytest.mark.parametrize("plant", PLANTS, ids=list(PLANTS))
 def test_a_planted_import_breaks_its_contract(tmp_path, plant):
     module, code, contract_id, edge = PLANTS[plant]
-    src = tmp_path / "src"
-    shutil.copytree(ROOT / "src" / "covidtl", src / "covidtl", ignore=shutil.ignore_patterns("__pycache__"))
-    with open(src / "covidtl" / module, "a") as f:
-        f.write(code)
+    src, _ = planted_copy(tmp_path, module, code)
     done = lint(src)
     assert done.returncode == 1, done.stdout + done.stderr
     name = {c["id"]: c["name"] for c in contracts()}[contract_id]
@@ -168,10 +175,8 @@ def test_the_package_has_no_import_circle():
 
 def test_a_planted_circle_inside_one_layer_is_found(tmp_path):
     # files and locks share the foundation layer, so the layers contract allows both directions
-    src = tmp_path / "src"
-    shutil.copytree(ROOT / "src" / "covidtl", src / "covidtl", ignore=shutil.ignore_patterns("__pycache__"))
-    with open(src / "covidtl" / "files.py", "a") as f:
-        f.write("\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from covidtl.cells import Cell  # planted\n")
+    src, _ = planted_copy(tmp_path, "files.py",
+                          "\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from covidtl.cells import Cell  # planted\n")
     assert ["covidtl.cells", "covidtl.files"] in import_circles(src)
 
 
@@ -215,18 +220,15 @@ def test_every_import_inside_a_function_says_why():
 
 
 def test_an_uncommented_import_inside_a_function_is_found(tmp_path):
-    src = tmp_path / "src"
-    shutil.copytree(ROOT / "src" / "covidtl", src / "covidtl", ignore=shutil.ignore_patterns("__pycache__"))
-    planted = src / "covidtl" / "files.py"
-    with open(planted, "a") as f:
-        f.write("\n\ndef _planted():\n    import shlex\n    import json  # planted\n\n\n"
-                "def _kept():\n    # here, not above: planted, with its comment\n    import shlex\n\n    import json\n")
+    src, planted = planted_copy(
+        tmp_path, "files.py", "\n\ndef _planted():\n    import shlex\n    import json  # planted\n\n\n"
+        "def _kept():\n    # here, not above: planted, with its comment\n    import shlex\n\n    import json\n")
     line = planted.read_text().splitlines().index("def _planted():") + 2  # its `import shlex`
     assert uncommented_function_imports(src) == [f"covidtl/files.py:{line}"]
 
 
 # --------------------------------------------------------------------------- old module names
-# Modules renamed so that their names explain them (issue 21.8); each old name is a deprecated alias
+# Modules renamed so that their names explain them; each old name is a deprecated alias
 # for one release, in its new module's layer, and nothing in the package imports it.
 ALIASES = {
     "covidtl.pretrained": "covidtl.weight_records",
@@ -270,10 +272,6 @@ def alias_imports(src: Path) -> list[str]:
 
 def test_nothing_in_the_package_imports_an_old_module_name(tmp_path):
     assert alias_imports(ROOT / "src") == []
-    src = tmp_path / "src"
-    shutil.copytree(ROOT / "src" / "covidtl", src / "covidtl", ignore=shutil.ignore_patterns("__pycache__"))
-    planted = src / "covidtl" / "cards.py"
-    with open(planted, "a") as f:
-        f.write("\nfrom covidtl import pretrained  # planted\n")
+    src, planted = planted_copy(tmp_path, "cards.py", "\nfrom covidtl import pretrained  # planted\n")
     line = planted.read_text().splitlines().index("from covidtl import pretrained  # planted") + 1
     assert alias_imports(src) == [f"covidtl/cards.py:{line}"]

@@ -53,7 +53,7 @@ def visible_gpus() -> int:
 def resolve_precision(setting: str, gpus: int) -> str:
     """auto: float16 compute on a GPU (its tensor cores), float32 on a CPU.
 
-    On this project's 2-core CPU mixed_bfloat16 gave no clear gain (issue 11): auto keeps float32
+    On this project's 2-core CPU mixed_bfloat16 gave no clear gain (docs/performance.md): auto keeps float32
     there; `mixed_bfloat16` remains a choice for CPUs with AMX and for TPUs.
     """
     if setting == "auto":

@@ -85,7 +85,7 @@ def split(ctx: click.Context, dataset: str, strategy: str | None, seed: int | No
 COMMANDS: list[click.Command] = [synth, ingest, split]
 
 
-# --- augment: owned by the study pipeline (issue 4); keep this block when editing the commands above ---
+# --- augment: the paper's offline augmented copy of a dataset (dvc.yaml's offline study) ---
 @click.command("augment")
 @click.argument("dataset")
 @click.option("--size", "sizes", type=int, multiple=True,
@@ -104,7 +104,7 @@ def augment(ctx: click.Context, dataset: str, sizes: tuple[int, ...]) -> None:
 COMMANDS.append(augment)
 
 
-# --- cache prune: owned by the performance work (issue 11) ---
+# --- cache prune: the decode and feature caches kept within cache.max_gb ---
 @click.group("cache")
 def cache() -> None:
     """The decoded-image and feature caches under data.workdir/cache."""
