@@ -28,6 +28,9 @@ TINY = {
     "synth.slices_per_patient": 5,
     "synth.size": 128,
     "synth.site2_images_per_class": 4,
+    # One patient group per class at 4 slices of 5 per patient: each image its own group, so the
+    # adapt_curve stage can halve the site (as tests/test_adapt_curve.py does).
+    "adapt.series": False,
     "study.models": ["custom_cnn"],
     "study.inits": ["random"],
     "study.datasets": ["ct"],
