@@ -14,8 +14,9 @@ import pytest
 from click.testing import CliRunner
 from scipy.stats import rankdata
 
-from covidtl.adapt import network
-from covidtl.adapt.methods import METHODS
+from covidtl.adapt import network, tuning
+from covidtl.adapt.features import BodyFeatures, model_p_covid
+from covidtl.adapt.methods import METHODS, adapted_by
 from covidtl.adapt.settings import AdaptSettings
 from covidtl.adapt.site import Labelled, SiteData, SourceSplit
 from covidtl.adapt.unlabelled import channel_statistics
@@ -171,6 +172,63 @@ def test_probe_refit_refits_a_frozen_cells_read_out_only():
     model, data = tiny_frozen_cell(), site()
     adapted = applied("probe_refit", model, data)
     assert changed(model, adapted) == {"probabilities"}
+
+
+def with_features(data: SiteData, model: keras.Model) -> SiteData:
+    return dataclasses.replace(data, features=BodyFeatures(model, SETTINGS.batch_size))
+
+
+@pytest.mark.parametrize("method", ["head", "recalibrate", "probe_refit"])
+def test_a_method_on_stored_base_features_gives_the_model_the_whole_network_gives(method):
+    """The curve's memo of the source's base (covidtl.adapt.features) changes speed, not results."""
+    model, data = tiny_frozen_cell(), site()
+    whole = METHODS[method].apply(model, data, SETTINGS, 0)
+    stored = with_features(data, model)
+    memo = METHODS[method].apply(model, stored, SETTINGS, 0)
+    assert stored.features.computed > 0  # the memo was read: this is not the whole network twice
+    for a, b in zip(whole.get_weights(), memo.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    x = data.labelled.x
+    np.testing.assert_allclose(model_p_covid(memo, x, 8, stored.features), model_p_covid(whole, x, 8), atol=1e-5)
+
+
+def test_stored_features_are_computed_once_per_image_and_refused_for_a_changed_base():
+    model, data = tiny_bn_net(), site()
+    features = BodyFeatures(model, 8)
+    first = features.of(data.pool)
+    again = features.of(np.concatenate([data.pool[5:9], data.pool[:3]]))  # the same images, drawn again
+    assert features.computed == len(data.pool)
+    np.testing.assert_array_equal(again, np.concatenate([first[5:9], first[:3]]))
+    assert features.fits(model) and features.fits(network.copy_of(model))
+    adapted = applied("adabn", model, data)  # its BatchNorm statistics (weights before the head) moved
+    assert not features.fits(adapted)
+    np.testing.assert_allclose(model_p_covid(adapted, data.pool, 8, features), model_p_covid(adapted, data.pool, 8))
+
+
+def test_head_tunes_its_rate_and_epochs_inside_the_labelled_groups_only():
+    model, data = tiny_frozen_cell(), site(labelled=24)
+    settings = dataclasses.replace(SETTINGS, tune_learning_rates=(1e-4, 1e-1), tune_epochs=(1, 4), tune_folds=3)
+    seen = []
+
+    def spy(net, part, candidate, seed):
+        seen.append((set(part.labelled.groups), candidate.learning_rate, candidate.epochs))
+        return METHODS["head"].apply(net, part, candidate, seed)
+    choice = tuning.choose(spy, model, data, settings, 0, "head")
+    assert choice.tuned and len(choice.scores) == 4
+    best = min(choice.scores.values())
+    assert choice.scores[f"lr={choice.settings.learning_rate:g},epochs={choice.settings.epochs}"] == best
+    groups = set(data.labelled.groups)
+    assert len(seen) == 4 * 3 and all(trained < groups for trained, _, _ in seen)  # a group held out each fold
+    folds = tuning.grouped_folds(data.labelled, 3, 0)
+    for train, held in folds:
+        assert not set(data.labelled.groups[train]) & set(data.labelled.groups[held])
+    # One group per class (K = 1): no grouped fold trains on both classes; the committed settings stand.
+    one = dataclasses.replace(data, labelled=Labelled(data.labelled.x[:4], data.labelled.y[:4],
+                                                      np.array(["a", "b", "a", "b"])))
+    fallback = tuning.choose(spy, model, one, settings, 0, "head")
+    assert not fallback.tuned and fallback.settings == settings
+    adapted, chosen = adapted_by(METHODS["head"], model, data, settings, 0)
+    assert chosen.settings == choice.settings and changed(model, adapted) == {"probabilities"}
 
 
 def test_batchnorm_methods_refuse_a_network_without_it(tmp_path):

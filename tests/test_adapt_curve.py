@@ -19,7 +19,9 @@ from test_adapt import invoke, study  # noqa: F401 - the saved custom CNN and th
 
 # Every image its own group (10 per class: 5 score, 5 adapt), so K = 1, 2 fit; few steps and resamples.
 FAST = ["-S", "adapt.series=false", "-S", "adapt.curve_resamples=100", "-S", "adapt.epochs=1",
-        "-S", "adapt.tent_steps=2", "-S", "adapt.batch_size=8"]
+        "-S", "adapt.tent_steps=2", "-S", "adapt.batch_size=8",
+        # head and head_bn tune inside K (two candidates, one epoch each): K = 2 tunes, K = 1 cannot
+        "-S", "adapt.tune_learning_rates=[1.0e-3,1.0e-2]", "-S", "adapt.tune_epochs=[1]"]
 CURVE = ["adapt-curve", "--model-uri", "models/cnn", "--site", "site2", "--k", "0,1,2", "--seeds", "2",
          "--split-seed", "3"]
 
@@ -69,6 +71,13 @@ def test_the_curve_writes_its_halves_table_and_plot(curve):
     about = json.loads((folder / "curve.json").read_text())
     assert set(about["skipped"]) == {"standardize", "probe_refit"} and about["split_seed"] == 3
     assert len(about["points"]) == len(table) and (folder / "curve.png").stat().st_size > 1000
+    # The tuned methods' choices per seed: K = 1 holds one group per class, too few to fold.
+    tuned = table[table["method"].isin(["head", "head_bn"])].set_index(["method", "k"])["chosen"]
+    assert all(c == "0.0001x1 (default), 0.0001x1 (default)" for c in tuned.xs(1, level="k"))
+    assert all(len(c.split(", ")) == 2 and "default" not in c for c in tuned.xs(2, level="k"))
+    shown = (folder / "curve.md").read_text().splitlines()
+    assert len(shown) == 2 + len(table) and shown[0].startswith("| method")
+    assert f"{table['roc_auc'][0]:.3f} [{table['roc_auc_low'][0]:.3f}, {table['roc_auc_high'][0]:.3f}]" in shown[2]
 
 
 def test_the_curve_is_one_parent_run_with_a_nested_run_per_method_k_and_seed(curve):
@@ -79,10 +88,12 @@ def test_the_curve_is_one_parent_run_with_a_nested_run_per_method_k_and_seed(cur
     assert parent.data.tags["kind"] == "adapt" and parent.data.tags["adapt_kind"] == "curve"
     assert parent.data.params["split_seed"] == "3" and parent.data.params["skipped"] == "standardize,probe_refit"
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"curve.csv", "curve.json", "curve.png", "halves.csv"} <= artifacts
+    assert {"curve.csv", "curve.json", "curve.md", "curve.png", "halves.csv"} <= artifacts
     nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert len(nested) == 1 + 1 + 2 + 3 * 2 * 2  # source, adabn, tent x2, three labelled methods x K x seeds
     assert all(r.data.tags["kind"] == "adapt" and "scoring_roc_auc" in r.data.metrics for r in nested)
+    tuned = {r.data.params["tuned"] for r in nested if r.data.params["method"] == "head" and r.data.params["k"] == "2"}
+    assert tuned == {"True"}
 
 
 def test_no_scoring_half_image_is_decoded_while_adapting(curve):

@@ -369,6 +369,10 @@ class AdaptConfig:
     epochs: PositiveInt
     tent_steps: PositiveInt
     tent_learning_rate: PositiveFloat
+    # head / head_bn tuned inside K (covidtl.adapt.tuning): a grid of rates and epochs, grouped folds
+    tune_learning_rates: list[PositiveFloat]  # either list empty: no tuning (learning_rate, epochs)
+    tune_epochs: list[PositiveInt]
+    tune_folds: Annotated[StrictInt, _check(lambda v: v >= 2, "{value} must be at least 2")]
     # `covidtl adapt-curve`: the learning curve over K labelled patient groups per class.
     split_seed: StrictInt  # halves the site's groups into scoring and adaptation, once per site
     curve_methods: StrictStr  # "auto" (every method the source model takes) or "adabn,head,..."

@@ -23,12 +23,15 @@ from covidtl import paths, tracking
 from covidtl.adapt.curve_files import CurveDir
 from covidtl.adapt.curve_plot import SOURCE, curve_figure
 from covidtl.adapt.held_out import ScoringSet
-from covidtl.adapt.methods import METHODS, Method, check_method, get_method
+from covidtl.adapt.features import BodyFeatures
+from covidtl.adapt.methods import METHODS, Method, adapted_by, check_method, get_method
+from covidtl.adapt.network import head_layers
 from covidtl.adapt.protocol import (CURVE_METRICS, Halves, SeedScores, curve_point, draw_labelled, refuse_leaks,
                                     split_halves)
 from covidtl.adapt.record import EXPERIMENT
 from covidtl.adapt.run import operating_point
 from covidtl.adapt.settings import AdaptSettings
+from covidtl.adapt.tuning import Choice
 from covidtl.adapt.site import Labelled, SiteData, check_sizes, site_data, site_rows, source_split
 from covidtl.config import Config
 from covidtl.data import tables
@@ -135,6 +138,8 @@ def adapt_curve(cfg: Config, request: CurveRequest) -> Curve:
     needs_source = next((m for m in methods if m.needs_source), None)
     pool = site_data(cfg, loaded, halves.adaptation, None,
                      source=source_split(cfg, loaded, needs_source.name) if needs_source else None)
+    features = BodyFeatures(loaded.model, size) if head_layers(loaded.model) else None
+    pool = dataclasses.replace(pool, features=features)
     scoring = ScoringSet.decode(cfg, loaded, halves.scoring, "scoring half", size)
     home_set = ScoringSet.decode(cfg, loaded, home, f"home test split of {loaded.dataset}", size) \
         if home is not None else None
@@ -143,23 +148,28 @@ def adapt_curve(cfg: Config, request: CurveRequest) -> Curve:
              halves.adaptation["group"].nunique(), ", ".join(m.name for m in methods))
 
     def run_point(method: Method | None, k: int, seeds: range) -> dict:
-        scores, home_scores = [], []
+        scores, home_scores, chosen = [], [], []
         for seed in seeds:
             data = pool if k == 0 else with_labelled(pool, halves.adaptation, draws[(k, seed)])
-            model = loaded.model if method is None else method.apply(loaded.model, data, settings, seed)
+            model, choice = (loaded.model, None) if method is None else adapted_by(method, loaded.model, data,
+                                                                                 settings, seed)
             threshold = operating_point(model, data, loaded, settings.operating_point, size)["threshold"]
-            p = scoring.p_covid(model, size)
+            p = scoring.p_covid(model, size, features)
             metrics = {f"scoring_{m}": v for m, v in scoring.metrics(p, threshold).items()}
+            if choice is not None:
+                chosen.append(f"{choice.settings.learning_rate:g}x{choice.settings.epochs}"
+                              + ("" if choice.tuned else " (default)"))
             if home_set is not None:
-                at_home = home_set.metrics(home_set.p_covid(model, size), threshold)
+                at_home = home_set.metrics(home_set.p_covid(model, size, features), threshold)
                 home_scores.append([at_home[m] for m in HOME_METRICS])
                 metrics.update({f"home_{m}": at_home[m] for m in HOME_METRICS})
             name = SOURCE if method is None else method.name
-            log_seed_run(name, k, seed, threshold, metrics, 0 if k == 0 else len(draws[(k, seed)]))
+            log_seed_run(name, k, seed, threshold, metrics, 0 if k == 0 else len(draws[(k, seed)]), choice)
             scores.append(SeedScores(p, threshold))
         point = curve_point(k, scoring.y, scoring.groups, scores, resamples=cfg.adapt.curve_resamples,
                             confidence=cfg.eval.confidence, seed=cfg.eval.seed)
-        row = {"method": SOURCE if method is None else method.name, "k": k, "seeds": point.seeds}
+        row = {"method": SOURCE if method is None else method.name, "k": k, "seeds": point.seeds,
+               "chosen": ", ".join(chosen)}  # a tuned method's rate x epochs per seed
         for m in CURVE_METRICS:
             row.update({m: point.mean[m], f"{m}_low": point.interval[m][0], f"{m}_high": point.interval[m][1]})
         home_mean = np.mean(home_scores, axis=0) if home_scores else [np.nan] * len(HOME_METRICS)
@@ -193,9 +203,13 @@ def adapt_curve(cfg: Config, request: CurveRequest) -> Curve:
     return Curve(folder, parent.info.run_id, table, skipped)
 
 
-def log_seed_run(method: str, k: int, seed: int, threshold: float, metrics: dict, labelled: int) -> None:
-    """One nested run per (method, K, seed): its scores on the scoring half (and at home)."""
+def log_seed_run(method: str, k: int, seed: int, threshold: float, metrics: dict, labelled: int,
+                 choice: Choice | None = None) -> None:
+    """One nested run per (method, K, seed): its scores on the scoring half (and at home), and
+    the settings a tuned method chose inside K."""
     with mlflow.start_run(run_name=f"{method}-k{k}-seed{seed}", nested=True):
-        mlflow.set_tags({"kind": "adapt", "adapt_kind": "curve_point", "method": method})
-        mlflow.log_params({"method": method, "k": k, "seed": seed, "labelled_images": labelled})
+        mlflow.set_tags({"kind": "adapt", "adapt_kind": "curve_point", "method": method,
+                         **({"tuning": choice.why[:5000]} if choice is not None else {})})
+        mlflow.log_params({"method": method, "k": k, "seed": seed, "labelled_images": labelled,
+                           **(choice.as_params() if choice is not None else {})})
         tracking.log_metrics({**metrics, "threshold": threshold})

@@ -6,6 +6,7 @@ adapted/curve/
     curve.csv    one row per (method, K): seeds, each metric's seed mean and interval, home metrics
     curve.json   what ran (source model, site, seeds, methods and those skipped, with why) and the rows
     curve.png    AUC and balanced accuracy against K, one line per method
+    curve.md     curve.csv as a Markdown table, each metric with its interval (for a README or a note)
 
 Each file is written under a temporary name and renamed (covidtl.files).
 """
@@ -46,6 +47,10 @@ class CurveDir:
     def plot_file(self) -> Path:
         return self.dir / "curve.png"
 
+    @property
+    def markdown_file(self) -> Path:
+        return self.dir / "curve.md"
+
     def fix_halves(self, halves: Halves, site: str | Path) -> None:
         """halves.csv written, or the earlier one checked: the halves are fixed once per site, so a
         second run must split the same images by the same seed into the same halves."""
@@ -72,14 +77,35 @@ class CurveDir:
         return table
 
     def write(self, rows: list[dict[str, Any]], about: dict[str, Any], figure) -> None:
-        """curve.csv, curve.json and curve.png: one row per (method, K)."""
+        """curve.csv, curve.json, curve.md and curve.png: one row per (method, K)."""
         atomic_write_text(self.table_file, pd.DataFrame(rows).to_csv(index=False))
+        atomic_write_text(self.markdown_file, markdown_table(pd.DataFrame(rows)) + "\n")
         atomic_write_text(self.json_file, json_text({**about, "points": rows}))
         with atomic_path(self.plot_file) as tmp:
             figure.savefig(tmp, dpi=80)
 
     def files(self) -> list[Path]:
-        return [self.halves_file, self.table_file, self.json_file, self.plot_file]
+        return [self.halves_file, self.table_file, self.json_file, self.markdown_file, self.plot_file]
+
+
+# curve.csv's metric columns as the Markdown table shows them: the mean [low, high] over seeds.
+SHOWN_METRICS = {"roc_auc": "AUC [95% CI]", "balanced_accuracy": "balanced accuracy", "ece": "ECE",
+                 "brier": "Brier"}
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """One row per (method, K): each metric as mean [low, high], home metrics as means, and the
+    settings a tuned method chose per seed."""
+    shown = table[["method", "k", "seeds"]].copy()
+    for metric, title in SHOWN_METRICS.items():
+        shown[title] = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
+                        zip(table[metric], table[f"{metric}_low"], table[f"{metric}_high"])]
+    for metric in ("home_roc_auc", "home_balanced_accuracy"):
+        shown[metric.replace("_", " ").replace("roc auc", "AUC")] = [
+            "" if pd.isna(v) else f"{v:.3f}" for v in table[metric]]
+    if "chosen" in table.columns:
+        shown["chosen inside K"] = table["chosen"].fillna("").astype(str)
+    return shown.rename(columns={"k": "K"}).to_markdown(index=False, disable_numparse=True)
 
 
 def halves_table(halves: Halves, site: Path) -> pd.DataFrame:

@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 
 from covidtl import stats
+from covidtl.adapt.features import BodyFeatures, model_p_covid
 from covidtl.adapt.protocol import CURVE_METRICS
 from covidtl.data.pipeline import make_dataset
 from covidtl.errors import UserError
 from covidtl.models.registry import get_spec
-from covidtl.paths import p_covid
 from covidtl.trained import LoadedModel, scoring_config
 
 
@@ -42,10 +42,10 @@ class ScoringSet:
                             "not be decoded; run `covidtl ingest` on their folder to find and quarantine them")
         return cls(name, np.concatenate(xs), np.concatenate(ys), rows["group"].astype(str).to_numpy())
 
-    def p_covid(self, model: keras.Model, batch_size: int) -> np.ndarray:
-        """p(COVID) of each image by `model`, in inference mode (BatchNorm on its moving statistics)."""
-        return np.concatenate([np.asarray(p_covid(model(self.x[i:i + batch_size], training=False)))
-                               for i in range(0, len(self.x), batch_size)]).astype(np.float64)
+    def p_covid(self, model: keras.Model, batch_size: int, features: BodyFeatures | None = None) -> np.ndarray:
+        """p(COVID) of each image by `model`, in inference mode (BatchNorm on its moving statistics);
+        on the source's stored base features where `model`'s base is the source's own."""
+        return model_p_covid(model, self.x, batch_size, features)
 
     def metrics(self, p: np.ndarray, threshold: float) -> dict[str, float]:
         """AUC, balanced accuracy at `threshold`, ECE and Brier score of one model's p(COVID)."""

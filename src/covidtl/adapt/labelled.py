@@ -8,6 +8,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from covidtl import linear_probe
+from covidtl.adapt.features import BodyFeatures
 from covidtl.adapt.network import (batchnorm_layers, copy_of, head_layers, optimise, plain_network,
                                    population_statistics, shuffled, train_only, trainable_as)
 from covidtl.adapt.settings import AdaptSettings
@@ -24,12 +25,15 @@ def _output_dense(network: keras.Model, method: str) -> keras.layers.Dense:
     return last
 
 
-def _logit_gap(network: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
+def _logit_gap(network: keras.Model, x: np.ndarray, batch_size: int, features: BodyFeatures | None) -> np.ndarray:
     """The output layer's COVID logit minus the other's (the log-odds of p(COVID)), per image."""
     dense = _output_dense(network, "recalibrate")
-    features = keras.Model(network.input, dense.input)  # the logits from its weights: no softmax to undo
+    if features is not None and features.fits(network):  # the base's output stored: only the head runs
+        inputs, x = features.tail(network, upto=dense), features.of(x)
+    else:
+        inputs = keras.Model(network.input, dense.input)  # the logits from its weights: no softmax to undo
     kernel, bias = (np.asarray(w, np.float64) for w in dense.get_weights())
-    z = np.concatenate([np.asarray(features(x[i:i + batch_size], training=False), np.float64) @ kernel + bias
+    z = np.concatenate([np.asarray(inputs(x[i:i + batch_size], training=False), np.float64) @ kernel + bias
                         for i in range(0, len(x), batch_size)])
     return p_covid(z) - p_covid(z[:, ::-1])  # reversed columns: the other class's logit
 
@@ -50,7 +54,8 @@ def recalibrate(model: keras.Model, site: SiteData, settings: AdaptSettings, see
     probabilities and ranks every image as before. (The threshold is chosen after any labelled
     method, on the same images: `run.operating_point`.)"""
     network = plain_network(model, "recalibrate")
-    a, c = platt_fit(_logit_gap(network, site.labelled.x, settings.batch_size), site.labelled.y == POS)
+    a, c = platt_fit(_logit_gap(network, site.labelled.x, settings.batch_size, site.features),
+                    site.labelled.y == POS)
     adapted = copy_of(network)
     dense = _output_dense(adapted, "recalibrate")
     kernel, bias = dense.get_weights()
@@ -61,20 +66,23 @@ def recalibrate(model: keras.Model, site: SiteData, settings: AdaptSettings, see
 
 
 def _fine_tune(model: keras.Model, labelled: Labelled, settings: AdaptSettings, seed: int,
-               trains) -> keras.Model:
+               trains, features: BodyFeatures | None = None) -> keras.Model:
+    """A copy of `model` with the layers `trains` accepts fitted by Adam on the labelled images;
+    where only head layers train and `features` holds the source's base, on its stored output."""
     adapted = copy_of(model)
     train_only(adapted, trains)
+    net, x = (features.tail(adapted), features.of(labelled.x)) if features is not None else (adapted, labelled.x)
     keras.utils.set_random_seed(seed)
     targets = np.eye(len(CLASSES), dtype=np.float32)[labelled.y]
     loss = keras.losses.CategoricalCrossentropy()
 
     def batches():
         for epoch in range(settings.epochs):
-            order = shuffled(len(labelled.x), seed + epoch)
+            order = shuffled(len(x), seed + epoch)
             for start in range(0, len(order), settings.batch_size):
                 rows = order[start:start + settings.batch_size]
-                yield labelled.x[rows], targets[rows]
-    optimise(adapted, lambda p, t: loss(t, p), batches(), settings.learning_rate)
+                yield x[rows], targets[rows]
+    optimise(net, lambda p, t: loss(t, p), batches(), settings.learning_rate)
     return adapted
 
 
@@ -83,7 +91,8 @@ def head(model: keras.Model, site: SiteData, settings: AdaptSettings, seed: int)
     with Adam; every other layer is frozen (BatchNorm in inference mode, its statistics kept)."""
     network = plain_network(model, "head")
     names = {layer.name for layer in head_layers(network)}
-    adapted = _fine_tune(network, site.labelled, settings, seed, lambda layer: layer.name in names)
+    stored = site.features if site.features is not None and site.features.fits(network) else None
+    adapted = _fine_tune(network, site.labelled, settings, seed, lambda layer: layer.name in names, stored)
     trainable_as(adapted, network)
     return adapted
 
@@ -116,11 +125,19 @@ def probe_refit(model: keras.Model, site: SiteData, settings: AdaptSettings, see
     pooled features and the labelled site images' together, written into the output Dense(2)."""
     network = plain_network(model, "probe_refit")
     dense = check_probe_refit(network)
-    features = keras.Model(network.input, dense.input)
+    if site.features is not None and site.features.fits(network):  # its base's output stored: read once
+        pooled = site.features.tail(network, upto=dense)
+        source_features, source_y = site.features.source(site.source, settings.batch_size)
+        source_x, source_y = [np.asarray(pooled(source_features), np.float64)], [source_y]
 
-    def read(x: np.ndarray) -> np.ndarray:
-        return np.asarray(features(x, training=False), np.float64)
-    source_x, source_y = zip(*((read(x), y) for x, y in site.source.batches(settings.batch_size)))
+        def read(x: np.ndarray) -> np.ndarray:
+            return np.asarray(pooled(site.features.of(x)), np.float64)
+    else:
+        pooled = keras.Model(network.input, dense.input)
+
+        def read(x: np.ndarray) -> np.ndarray:
+            return np.asarray(pooled(x, training=False), np.float64)
+        source_x, source_y = zip(*((read(x), y) for x, y in site.source.batches(settings.batch_size)))
     x = np.concatenate([*source_x, read(site.labelled.x)])
     y = np.concatenate([*source_y, site.labelled.y])
     groups = np.concatenate([site.source.groups, [f"site:{g}" for g in site.labelled.groups]])

@@ -12,7 +12,7 @@ from typing import Callable
 
 import keras
 
-from covidtl.adapt import labelled, unlabelled
+from covidtl.adapt import labelled, tuning, unlabelled
 from covidtl.adapt.network import batchnorm_layers, plain_network
 from covidtl.adapt.settings import AdaptSettings
 from covidtl.adapt.site import SiteData
@@ -29,6 +29,7 @@ class Method:
     needs_source: bool = False  # reads the source model's training split (its card's dataset)
     seeded: bool = True  # the result moves with the seed (shuffled steps, a draw, folds); adabn's does not
     check: Callable[[keras.Model], object] | None = None  # its refusal of a network's shape, before any image
+    tuned: bool = False  # its learning rate and epochs chosen inside K (covidtl.adapt.tuning)
 
 
 _METHODS = (
@@ -42,9 +43,9 @@ _METHODS = (
     Method("recalibrate", True, False, "temperature and bias of the log-odds (Platt, slope > 0) and the "
            "threshold, fitted on labelled site images; no ranking changes", labelled.recalibrate),
     Method("head", True, False, "the head's Dense layers fine-tuned on labelled site images, all else "
-           "frozen", labelled.head),
+           "frozen", labelled.head, tuned=True),
     Method("head_bn", True, True, "the head and the BatchNorm layers fine-tuned on labelled site images",
-           labelled.head_bn),
+           labelled.head_bn, tuned=True),
     Method("probe_refit", True, False, "a frozen cell's linear probe refitted on source and site "
            "features together", labelled.probe_refit, needs_source=True,
            check=labelled.check_probe_refit),
@@ -72,3 +73,12 @@ def check_method(method: Method, model: keras.Model, model_uri: str, has_labels:
                         f"({', '.join(m.name for m in _METHODS if not m.needs_labels)})")
     if method.check is not None:
         method.check(model)
+
+
+def adapted_by(method: Method, model: keras.Model, site: SiteData, settings: AdaptSettings,
+               seed: int) -> tuple[keras.Model, tuning.Choice | None]:
+    """`method` applied, with its settings first chosen inside K where it tunes them."""
+    if not (method.tuned and site.labelled is not None):
+        return method.apply(model, site, settings, seed), None
+    choice = tuning.choose(method.apply, model, site, settings, seed, method.name)
+    return method.apply(model, site, choice.settings, seed), choice

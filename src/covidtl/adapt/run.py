@@ -16,12 +16,12 @@ import keras
 import numpy as np
 
 from covidtl import stats
-from covidtl.adapt.methods import check_method, get_method
+from covidtl.adapt.features import model_p_covid
+from covidtl.adapt.methods import adapted_by, check_method, get_method
 from covidtl.adapt.record import AdaptedDir, adapted_card, log_adapt_run
 from covidtl.adapt.settings import AdaptSettings
 from covidtl.adapt.site import SiteData, relative_paths, site_data, site_rows, source_split
 from covidtl.config import Config
-from covidtl.paths import p_covid
 from covidtl.trained import LoadedModel, load_trained
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,7 @@ def operating_point(adapted: keras.Model, site: SiteData, source: LoadedModel, r
     if site.labelled is None:
         threshold = source.operating_threshold if source.operating_threshold is not None else 0.5
         return {"rule": "source model's", "threshold": float(threshold), "chosen_on": "source model"}
-    x = site.labelled.x
-    p = np.concatenate([np.asarray(p_covid(adapted(x[i:i + batch_size], training=False)))
-                        for i in range(0, len(x), batch_size)])
+    p = model_p_covid(adapted, site.labelled.x, batch_size, site.features)
     return {"rule": rule, "threshold": stats.operating_point(site.labelled.y, p, rule),
             "chosen_on": "labelled site images"}
 
@@ -70,7 +68,9 @@ def adapt(cfg: Config, model_uri: str, method_name: str, site: str, labelled: st
     data = site_data(cfg, source, pool, rows, exclude, split)
     log.info("adapt %s: %s on %d unlabelled and %d labelled site images", model_uri, method.name,
              len(data.pool), 0 if data.labelled is None else len(data.labelled.y))
-    adapted = method.apply(source.model, data, settings, seed)
+    adapted, choice = adapted_by(method, source.model, data, settings, seed)
+    if choice is not None:
+        settings = choice.settings  # what the model was fitted with, on the card and the run
     operating = operating_point(adapted, data, source, settings.operating_point, settings.batch_size)
 
     folder = AdaptedDir(Path(out))
@@ -78,12 +78,14 @@ def adapt(cfg: Config, model_uri: str, method_name: str, site: str, labelled: st
     counts = {"pool_images": len(data.pool), "labelled_images": 0 if rows is None else len(rows),
               "labelled_groups": 0 if rows is None else int(rows["group"].nunique())}
     params = {"source_model": model_uri, "site": str(site), "labelled": str(labelled), "method": method.name,
-              "seed": seed, **counts, **{f"adapt.{k}": v for k, v in settings.as_dict().items()}}
+              "seed": seed, **counts, **{f"adapt.{k}": v for k, v in settings.as_dict().items()},
+              **({"tuned": choice.tuned, "tuning": choice.why} if choice is not None else {})}
     with tempfile.TemporaryDirectory(prefix="covidtl-adapt-") as work:  # the run first: its id is on the card
         images_file = Path(work) / folder.images_file.name
         images.to_csv(images_file, index=False)
         run_id, logged = log_adapt_run(adapted, params, images_file, log_model, data.pool[:1])
     site_about = {"folder": str(site), "labelled": labelled, **counts}
-    folder.write(adapted, adapted_card(source, model_uri, method.name, settings.as_dict(), seed, site_about,
+    used = {**settings.as_dict(), **({"tuning": choice.why} if choice is not None else {})}
+    folder.write(adapted, adapted_card(source, model_uri, method.name, used, seed, site_about,
                                        operating, run_id), images)
     return Adapted(folder, run_id, logged, operating["threshold"], len(images))

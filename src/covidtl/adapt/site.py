@@ -21,6 +21,7 @@ import pandas as pd
 import tensorflow as tf
 
 from covidtl import paths
+from covidtl.adapt.features import BodyFeatures
 from covidtl.config import Config, DatasetConfig
 from covidtl.data import ingest, tables
 from covidtl.data.images import IMAGE_SUFFIXES, measure_or_reason
@@ -56,6 +57,7 @@ class SiteData:
     labelled: Labelled | None
     images: pd.DataFrame  # path, sha256, role (pool | labelled), label, group: the record
     source: SourceSplit | None = None
+    features: BodyFeatures | None = None  # the source model's base features, read once per image
 
 
 def site_rows(cfg: Config, folder: str | Path, workdir: Path, option: str = "--site",
