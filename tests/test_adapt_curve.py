@@ -144,3 +144,13 @@ def test_an_earlier_halves_table_is_kept_only_for_the_same_site_and_seed(tmp_pat
     other = rows.assign(sha256=rows["sha256"] + "x")  # the same names, other images
     with pytest.raises(UserError, match="its halves are not those of"):
         folder.fix_halves(split_halves(other, 1), tmp_path)
+
+
+def test_the_plot_shows_the_home_cost_where_the_curve_scored_at_home():
+    from covidtl.adapt.curve_plot import curve_figure
+
+    metrics = {f"{m}{end}": [0.6, 0.62] for m in ("roc_auc", "balanced_accuracy") for end in ("", "_low", "_high")}
+    table = pd.DataFrame({"method": ["source", "head"], "k": [0, 1], **metrics})
+    assert len(curve_figure(table.assign(home_roc_auc=[float("nan")] * 2), "no home").axes) == 2
+    with_home = curve_figure(table.assign(home_roc_auc=[0.95, 0.31]), "home")
+    assert len(with_home.axes) == 3 and list(with_home.axes[2].lines[1].get_ydata()) == [0.31]
